@@ -1,0 +1,187 @@
+"""Sweep configuration: one frozen dataclass tree, loaded from YAML, overridden with dotted keys.
+
+    config = load_config("local", ["train.max_steps=50", "search.num_samples=4"])
+
+Everything is checked here, before Ray starts: unknown keys, wrong types, values out of range and the
+search space; all problems are collected and raised once as a ConfigError that names each key.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import re
+from dataclasses import field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, check_value, contains
+from trainable.settings import (
+    STRICT,
+    DataSettings,
+    LoraSettings,
+    ModelSettings,
+    ReportSettings,
+    TrainSettings,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-4 as a string (it wants 1.0e-4); learning rates are written that way."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+.0123456789")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem, one per line."""
+
+
+@dataclass(frozen=True, config=STRICT)
+class SearchSettings:
+    num_samples: Annotated[int, Field(ge=1)] = 1  # trials in the sweep
+    space: dict[str, dict[str, list[Any]]] = field(default_factory=lambda: dict(DEFAULT_SPACE))
+    # Evaluate QLoRA's recipe (sweeps.space.QLORA_RECIPE, restricted to the searched keys) first.
+    start_with_qlora_recipe: bool = True
+    initial_points: list[dict[str, Any]] = field(default_factory=list)  # more hand-picked first trials
+    seed: int = 0  # Optuna's TPE sampler
+    # ASHA stops trials whose eval loss trails at a rung; "auto" turns it on for sweeps of 2+ trials.
+    scheduler: Literal["auto", "asha", "none"] = "auto"
+    grace_period: Annotated[int, Field(ge=1)] = 2  # evaluations every trial gets before it may be stopped
+    reduction_factor: Annotated[int, Field(ge=2)] = 3
+    # Trials at once; None: as many as the cluster's resources allow (one GPU, or cpus_per_trial, each).
+    max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
+    cpus_per_trial: Annotated[int, Field(ge=1)] = 2
+    gpus_per_trial: Literal["auto", 0, 1] = "auto"  # auto: 1 if the cluster has GPUs, else CPU trials
+    max_failures: Annotated[int, Field(ge=0)] = 2  # retries of a crashed trial, from its last checkpoint
+    # Optuna's study storage (an RDB URL); default: a SQLite file in the experiment folder.
+    study_storage: str | None = None
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, config=STRICT)
+class SweepConfig:
+    name: str
+    # A local folder (relative to the current directory) or a URI pyarrow understands (s3://, gs://).
+    storage_path: str = "experiments"
+    experiment: str | None = None  # the experiment's folder name; default: <name>-<UTC timestamp>
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
+
+    @property
+    def initial_points(self) -> list[dict[str, Any]]:
+        recipe = {k: v for k, v in QLORA_RECIPE.items() if k in self.search.space}
+        first = [recipe] if self.search.start_with_qlora_recipe and recipe else []
+        return (first + list(self.search.initial_points))[: self.search.num_samples]
+
+    def experiment_name(self, now: datetime.datetime | None = None) -> str:
+        stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%d-%H%M%S")
+        return self.experiment or f"{self.name}-{stamp}"
+
+    def storage_uri(self) -> str:
+        """storage_path made absolute: Ray workers run in other directories."""
+        if "://" in self.storage_path:
+            return self.storage_path
+        return str(Path(self.storage_path).expanduser().resolve())
+
+
+def find_config(name_or_path: str) -> Path:
+    """A config file by path, or by name in sweeps/configs/ ("local" -> sweeps/configs/local.yaml)."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--config: no file {path}")
+        return path.resolve()
+    named = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not named.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"--config: no config named {name_or_path!r}; known: {known}, or give a YAML path")
+    return named
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in nested dicts; the value is parsed as YAML ("50" -> 50, "[8, 16]" -> list)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.max_steps=50")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = parse_yaml(raw) if raw.strip() else ""
+
+
+def load_config(name_or_path: str = "local", overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    path = find_config(name_or_path)
+    try:
+        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    search = data.setdefault("search", {})
+    if isinstance(search, dict) and "space" not in search:
+        # Spelled out so that an override of one parameter (search.space.r.choice=[8]) keeps the others.
+        search["space"] = copy.deepcopy(DEFAULT_SPACE)
+    for override in overrides:
+        apply_override(data, override)
+    return validate_config(data, origin=str(path))
+
+
+def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepConfig:
+    try:
+        config = TypeAdapter(SweepConfig).validate_python(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+            problems.append(f"{loc}: {e['msg']}{got}")
+        raise ConfigError(_format(origin, problems)) from None
+    problems = check_space(config.search.space)
+    bad_params = {p.split(":")[0].split(".")[2] for p in problems}
+    train = config.train
+    if train.eval_every > train.max_steps:
+        problems.append(
+            f"train.eval_every: {train.eval_every} is more than train.max_steps={train.max_steps}; "
+            "a trial would report once, at the end, and the scheduler could not compare trials"
+        )
+    for i, point in enumerate(config.initial_points):
+        for name, value in point.items():
+            key = f"search.initial_points[{i}].{name}"
+            if name not in config.search.space:
+                problems.append(f"{key}: not in search.space ({', '.join(config.search.space)})")
+            elif name in bad_params:
+                continue
+            elif not contains(config.search.space, name, value):
+                problems.append(f"{key}: {value!r} lies outside search.space.{name}")
+            else:
+                problems += [f"{key}: {p}" for p in check_value(name, value)]
+    if config.search.scheduler == "asha" and config.search.num_samples < 2:
+        problems.append("search.scheduler: asha needs search.num_samples >= 2; use 'auto' or 'none'")
+    if problems:
+        raise ConfigError(_format(origin, problems))
+    return config
+
+
+def _format(origin: str, problems: list[str]) -> str:
+    return f"{origin}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)

@@ -1,0 +1,94 @@
+"""The sweep's results table: one row per trial, written as results.parquet into the experiment folder."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+import pandas as pd
+
+from sweeps.config import SweepConfig
+from trainable.settings import HYPERPARAMETERS, METRIC
+
+
+def trial_status(error: Any, last_step: int, max_steps: int, best_loss: float) -> str:
+    if error is not None:
+        return "error"
+    if not math.isfinite(best_loss):
+        return "failed"  # never reported a finite eval loss
+    return "completed" if last_step >= max_steps else "stopped"  # stopped: by the scheduler, early
+
+
+def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
+    """One row per trial of a Tune ResultGrid: hyperparameters, metrics, adapter path, status."""
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        metrics = result.metrics or {}
+        losses = history[METRIC].dropna() if history is not None and METRIC in history else pd.Series([], dtype=float)
+        best_loss = float(losses.min()) if len(losses) else math.nan
+        best = result.get_best_checkpoint(METRIC, "min") if len(losses) else None
+        last_step = int(metrics.get("step", 0) or 0)
+        lora = {name: result.config.get(name, getattr(config.lora, name)) for name in HYPERPARAMETERS}
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
+                "status": trial_status(result.error, last_step, config.train.max_steps, best_loss),
+                **lora,
+                "best_eval_loss": best_loss,
+                "final_eval_loss": float(losses.iloc[-1]) if len(losses) else math.nan,
+                "base_eval_loss": float(metrics.get("base_eval_loss", math.nan)),
+                "train_loss": float(metrics.get("train_loss", math.nan)),
+                "steps": last_step,
+                "tokens": int(metrics.get("tokens", 0) or 0),
+                "tokens_per_s": float(metrics.get("tokens_per_s", math.nan)),
+                "peak_memory_gib": float(metrics.get("peak_memory_gib", math.nan)),
+                "wall_time_s": float(metrics.get("time_total_s", math.nan)),
+                "eval_history": [float(x) for x in losses],
+                "adapter_path": best.path if best is not None else None,
+                "trial_path": result.path,
+                "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:2000],
+            }
+        )
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values("best_eval_loss", na_position="last", kind="stable").reset_index(drop=True)
+        table.insert(0, "rank", range(1, len(table) + 1))
+    return table
+
+
+def write_bytes(experiment_uri: str, name: str, data: bytes) -> str:
+    """Write a file into the experiment folder (local or a pyarrow filesystem URI), under a temporary
+    name first so that no reader ever sees half a file."""
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(experiment_uri)
+    filesystem.create_dir(root, recursive=True)
+    final = f"{root.rstrip('/')}/{name}"
+    staging = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    with filesystem.open_output_stream(staging) as out:
+        out.write(data)
+    filesystem.move(staging, final)
+    return final if "://" not in experiment_uri else f"{experiment_uri.rstrip('/')}/{name}"
+
+
+def write_table(table: pd.DataFrame, experiment_uri: str, name: str) -> str:
+    import io
+
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    return write_bytes(experiment_uri, name, buffer.getvalue())
+
+
+def format_summary(table: pd.DataFrame, path: str, *, top: int = 10) -> str:
+    if table.empty:
+        return f"no trials ran; {path}"
+    columns = ["rank", "status", *HYPERPARAMETERS[:5], "best_eval_loss", "base_eval_loss", "steps", "tokens_per_s"]
+    shown = table[columns].head(top).to_string(index=False, float_format=lambda x: f"{x:.4g}")
+    best = table.iloc[0]
+    return (
+        f"\n{len(table)} trial(s); best eval_loss {best['best_eval_loss']:.4f} "
+        f"(base model {best['base_eval_loss']:.4f})\n{shown}\n\n"
+        f"results: {path}\nbest adapter: {best['adapter_path']}\n"
+    )

@@ -1,0 +1,239 @@
+"""The sweep driver.
+
+    python -m sweeps.run                                   # one trial of the embedded model, CPU or GPU
+    python -m sweeps.run --config llama2-7b search.num_samples=64
+    python -m sweeps.run --config path/to/my.yaml train.max_steps=50
+
+Checks the config, model and data first (nothing starts on bad input), tokenizes the data once, then runs
+Ray Tune with Optuna's TPE over the search space, ASHA stopping trials that trail, one GPU (or a few CPU
+cores) per trial. Writes results.parquet (one row per trial) into the experiment folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from sweeps.config import ConfigError, SweepConfig, load_config
+from sweeps.results import collect_results, format_summary, write_table
+from sweeps.space import to_tune_space
+from trainable.data import DataError, choose_chat_template, load_splits, tokenize_examples
+from trainable.model import load_module_names, load_tokenizer, resolve_model, resolve_target_modules
+from trainable.settings import METRIC, MODE
+from trainable.train import TrialSettings, train_trial
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A checked sweep, ready for Ray: the config plus what was resolved from it."""
+
+    config: SweepConfig
+    experiment: str
+    storage_uri: str
+    trial: TrialSettings
+    summary: dict[str, Any]  # what was resolved (model path, data counts, template), saved as sweep.json
+
+    @property
+    def experiment_uri(self) -> str:
+        return f"{self.storage_uri.rstrip('/')}/{self.experiment}"
+
+
+def prepare_sweep(config: SweepConfig) -> SweepPlan:
+    """Resolve the model, check every target_modules value against it, load and tokenize the data.
+
+    Raises ConfigError or DataError naming the key, file or line; nothing has started yet when it does.
+    """
+    model_path = resolve_model(config.model.name_or_path)
+    available = load_module_names(model_path, config.model)
+    problems = []
+    targets = {("lora.target_modules", config.lora.target_modules)}
+    space_targets = config.search.space.get("target_modules", {}).get("choice", [])
+    targets |= {("search.space.target_modules", t) for t in space_targets}
+    targets |= {(f"search.initial_points[{i}].target_modules", p["target_modules"])
+                for i, p in enumerate(config.initial_points) if "target_modules" in p}  # fmt: skip
+    for key, spec in sorted(targets):
+        try:
+            resolve_target_modules(spec, available)
+        except ValueError as err:
+            problems.append(f"{key}: {err}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+    tokenizer = load_tokenizer(model_path, config.model)
+    template = choose_chat_template(tokenizer, config.data.chat_template)
+    splits = load_splits(config.data)
+    max_length = config.data.max_length
+    train = tokenize_examples(splits.train, tokenizer, template=template, max_length=max_length)
+    evals = tokenize_examples(splits.eval, tokenizer, template=template, max_length=max_length)
+    if len(train.input_ids) < 8 or not evals.input_ids:
+        raise DataError(
+            f"data: after cutting to data.max_length={max_length}, {len(train.input_ids)} training and "
+            f"{len(evals.input_ids)} eval examples keep a trained token; raise data.max_length"
+        )
+    cpus = config.search.cpus_per_trial
+    trial = TrialSettings(
+        model_path=model_path,
+        model=config.model,
+        train=config.train,
+        lora=config.lora,
+        train_data=train.as_columns(),
+        eval_data=evals.as_columns(),
+        cpus=cpus,
+    )
+    summary = {
+        "model_path": model_path,
+        "chat_template": template,
+        "linear_modules": sorted(available),
+        "data": {
+            "train_examples": len(train.input_ids),
+            "eval_examples": len(evals.input_ids),
+            "test_examples": len(splits.test),
+            "train_tokens": train.tokens,
+            "truncated": {"train": train.truncated, "eval": evals.truncated},
+            "dropped": {"train": train.dropped, "eval": evals.dropped},
+        },
+    }
+    return SweepPlan(config, config.experiment_name(), config.storage_uri(), trial, summary)
+
+
+def build_tuner(plan: SweepPlan) -> Any:  # ray.tune.Tuner
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    config, search = plan.config, plan.config.search
+    gpus = search.gpus_per_trial
+    if gpus == "auto":
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    study_storage = search.study_storage or f"sqlite:///{local_experiment_dir(plan)}/optuna.db"
+    searcher = OptunaSearch(
+        points_to_evaluate=config.initial_points or None,
+        sampler=optuna.samplers.TPESampler(seed=search.seed),
+        study_name=plan.experiment,
+        storage=optuna.storages.RDBStorage(study_storage),
+    )
+    reports = math.ceil(config.train.max_steps / config.train.eval_every)
+    use_asha = search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)
+    scheduler = (
+        ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=min(search.grace_period, reports),
+                      reduction_factor=search.reduction_factor)  # fmt: skip
+        if use_asha
+        else None
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, settings=plan.trial), {"cpu": search.cpus_per_trial, "gpu": gpus}
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune_space(search.space),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=search.num_samples,
+            max_concurrent_trials=search.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.experiment,
+            storage_path=plan.storage_uri,
+            callbacks=build_loggers(search.loggers),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+            ),
+            failure_config=tune.FailureConfig(max_failures=search.max_failures),
+        ),
+    )
+
+
+def build_loggers(names: list[str]) -> list[Any]:
+    callbacks: list[Any] = []
+    if "tensorboard" in names:
+        from ray.tune.logger import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())
+    if "mlflow" in names:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(MLflowLoggerCallback(experiment_name="qlora-sweeps"))
+    if "wandb" in names:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project="qlora-sweeps"))
+    return callbacks
+
+
+def local_experiment_dir(plan: SweepPlan) -> str:
+    """A local folder for files that need a real filesystem (the SQLite study): the experiment folder
+    itself when storage is local."""
+    import os
+
+    path = plan.experiment_uri if "://" not in plan.storage_uri else os.path.join(
+        os.path.expanduser("~/.cache/qlora-sweeps/studies"), plan.experiment
+    )
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def run_sweep(plan: SweepPlan) -> str:
+    """Run the sweep; returns the path of results.parquet."""
+    import ray
+
+    ray.init(ignore_reinit_error=True)
+    summary = {"config": dataclasses.asdict(plan.config), **plan.summary}
+    write_table_json(plan.experiment_uri, "sweep.json", summary)
+    grid = build_tuner(plan).fit()
+    table = collect_results(grid, plan.config)
+    path = write_table(table, plan.experiment_uri, "results.parquet")
+    print(format_summary(table, path), flush=True)
+    if plan.config.report.enabled:
+        # A separate process: the report reads only the experiment's files, as it does on a laptop.
+        subprocess.run([sys.executable, "-m", "analysis.report", plan.experiment_uri], check=False)
+    return path
+
+
+def write_table_json(experiment_uri: str, name: str, data: dict[str, Any]) -> None:
+    from sweeps.results import write_bytes
+
+    write_bytes(experiment_uri, name, json.dumps(data, indent=2, default=str).encode())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="local", help="a name in sweeps/configs/ or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        plan = prepare_sweep(config)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    data = plan.summary["data"]
+    print(
+        f"experiment {plan.experiment_uri}\n"
+        f"model {plan.summary['model_path']}\n"
+        f"data: {data['train_examples']} train / {data['eval_examples']} eval examples, "
+        f"{data['truncated']['train']} train and {data['truncated']['eval']} eval cut at "
+        f"data.max_length={config.data.max_length}, {data['dropped']['train'] + data['dropped']['eval']} dropped "
+        "(nothing left to learn after the cut)",
+        flush=True,
+    )
+    run_sweep(plan)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

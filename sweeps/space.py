@@ -1,0 +1,98 @@
+"""The search space, as data: which LoRA hyperparameters a sweep varies and over what range.
+
+A parameter is a one-key mapping: {"choice": [...]}, {"uniform": [low, high]}, {"loguniform": [low, high]}
+or {"randint": [low, high]} (high exclusive). YAML files may replace the whole space under `search.space`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pydantic import ValidationError
+
+from trainable.settings import HYPERPARAMETERS, LoraSettings
+
+DEFAULT_SPACE: dict[str, dict[str, list[Any]]] = {
+    # QLoRA (Dettmers et al. 2023, sec. 4) saw little difference across r once every linear layer is
+    # adapted; 8..64 spans the ranks people ship, and 4-bit weights make 64 affordable.
+    "r": {"choice": [8, 16, 32, 64]},
+    # The update is scaled by alpha / r: 16 with r=64 is the paper's small scale, 2r the common large one.
+    "lora_alpha": {"choice": [8, 16, 32, 64, 128]},
+    # Attention-only (the original LoRA choice) against all linear layers (QLoRA's finding that it matters).
+    "target_modules": {"choice": ["qv", "attention", "all-linear"]},
+    # LoRA learning rates that work sit between 1e-5 and 1e-3; 2e-4 is the paper's value for 7B.
+    "learning_rate": {"loguniform": [2e-5, 1e-3]},
+    # The paper used 0.1 up to 13B and 0.05 above.
+    "lora_dropout": {"choice": [0.0, 0.05, 0.1]},
+}
+
+# The QLoRA paper's recipe for 7B-13B models; a sweep evaluates it first, so the search has to beat it.
+QLORA_RECIPE: dict[str, Any] = {
+    "r": 64,
+    "lora_alpha": 16,
+    "target_modules": "all-linear",
+    "learning_rate": 2e-4,
+    "lora_dropout": 0.1,
+}
+
+KINDS = ("choice", "uniform", "loguniform", "randint")
+
+
+def check_space(space: dict[str, Any]) -> list[str]:
+    """Problems with a search space, each naming its key; empty when the space is usable."""
+    problems = []
+    for name, spec in space.items():
+        key = f"search.space.{name}"
+        if name not in HYPERPARAMETERS:
+            problems.append(f"{key}: not a hyperparameter; searchable are {', '.join(HYPERPARAMETERS)}")
+            continue
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            problems.append(f"{key}: must be one of {{choice: [...]}}, {{uniform|loguniform|randint: [low, high]}}; got {spec!r}")
+            continue
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            problems.append(f"{key}.{kind}: must be a non-empty list, got {values!r}")
+            continue
+        if kind != "choice":
+            if len(values) != 2 or not all(isinstance(v, int | float) for v in values) or values[0] >= values[1]:
+                problems.append(f"{key}.{kind}: must be [low, high] numbers with low < high, got {values!r}")
+                continue
+            if kind == "loguniform" and values[0] <= 0:
+                problems.append(f"{key}.loguniform: low must be > 0, got {values[0]}")
+                continue
+            values = [values[0], values[1] - 1 if kind == "randint" else values[1]]
+        problems += [f"{key}: {problem}" for value in values for problem in check_value(name, value)]
+    return problems
+
+
+def check_value(name: str, value: Any) -> list[str]:
+    """Why `value` is not valid for hyperparameter `name` (LoraSettings' rules), or nothing."""
+    try:
+        dataclasses.replace(LoraSettings(), **{name: value})
+    except ValidationError as err:
+        return [f"value {value!r}: {e['msg']}" for e in err.errors()]
+    except TypeError as err:  # pydantic dataclasses raise this for some non-coercible values
+        return [f"value {value!r}: {err}"]
+    return []
+
+
+def contains(space: dict[str, Any], name: str, value: Any) -> bool:
+    kind, values = next(iter(space[name].items()))
+    if kind == "choice":
+        return value in values
+    high_ok = value < values[1] if kind == "randint" else value <= values[1]
+    return isinstance(value, int | float) and values[0] <= value and high_ok
+
+
+def to_tune_space(space: dict[str, Any]) -> dict[str, Any]:
+    """The space as Ray Tune domains, which OptunaSearch turns into Optuna distributions."""
+    from ray import tune
+
+    makers = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform,
+              "randint": tune.randint}  # fmt: skip
+    domains = {}
+    for name, spec in space.items():
+        kind, values = next(iter(spec.items()))
+        domains[name] = makers[kind](values) if kind == "choice" else makers[kind](*values)
+    return domains

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sweeps.config import CONFIG_DIR, ConfigError, apply_override, load_config
+from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, to_tune_space
+
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_bundled_config_loads_and_starts_with_its_command(path: Path) -> None:
+    config = load_config(str(path))
+    assert config.name == path.stem
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# python -m sweeps.run --config " + path.stem)
+    assert config.initial_points, "every bundled sweep evaluates a known point first"
+
+
+def test_local_is_the_default_and_a_single_trial() -> None:
+    config = load_config()
+    assert config.model.name_or_path == "smollm2"
+    assert config.search.num_samples == 1
+    assert config.model.quantization == "nf4" and config.model.double_quant
+
+
+def test_llama2_config_starts_with_the_qlora_recipe() -> None:
+    config = load_config("llama2-7b")
+    assert config.initial_points[0] == QLORA_RECIPE
+    assert config.search.gpus_per_trial == 1
+
+
+def test_dotted_overrides_are_typed() -> None:
+    config = load_config("local", ["train.max_steps=50", "search.space.r.choice=[8, 16]", "lora.learning_rate=1e-4"])
+    assert config.train.max_steps == 50
+    assert config.search.space["r"] == {"choice": [8, 16]}
+    assert config.search.space["lora_alpha"] == DEFAULT_SPACE["lora_alpha"]
+    assert config.lora.learning_rate == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.max_stepz=5", "train.max_stepz"),
+        ("lora.r=0", "lora.r"),
+        ("model.quantization=int3", "model.quantization"),
+        ("search.space.rank.choice=[8]", "search.space.rank"),
+        ("search.space.r.choice=[0, 8]", "search.space.r"),
+        ("search.space.learning_rate.loguniform=[0, 1e-3]", "search.space.learning_rate"),
+        ("train.eval_every=1000", "train.eval_every"),
+        ("search.scheduler=asha", "search.scheduler"),
+        ("data.max_length=2", "data.max_length"),
+        ("search.initial_points=[{r: 12}]", "search.initial_points[0].r"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override: str, named: str) -> None:
+    overrides = [override, "search.start_with_qlora_recipe=false"] if "initial" in override else [override]
+    with pytest.raises(ConfigError) as err:
+        load_config("local", overrides)
+    assert named in str(err.value)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("local", ["lora.r=0", "lora.lora_dropout=2", "train.batch_size=0"])
+    message = str(err.value)
+    assert "3 problem(s)" in message
+    assert all(key in message for key in ("lora.r", "lora.lora_dropout", "train.batch_size"))
+
+
+def test_unknown_config_name_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="local"):
+        load_config("no-such-sweep")
+
+
+def test_override_needs_key_and_value() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override({}, "train.max_steps")
+
+
+def test_default_space_is_valid_and_holds_the_recipe() -> None:
+    assert check_space(DEFAULT_SPACE) == []
+    domains = to_tune_space(DEFAULT_SPACE)
+    assert set(domains) == set(DEFAULT_SPACE)
+    assert QLORA_RECIPE["r"] in DEFAULT_SPACE["r"]["choice"]

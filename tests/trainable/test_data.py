@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from trainable.data import (
+    DEFAULT_CHAT_TEMPLATE,
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    choose_chat_template,
+    load_splits,
+    prompt_text,
+    tokenize_examples,
+)
+from trainable.settings import DataSettings
+
+ALPACA = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_path: Path):
+    return AutoTokenizer.from_pretrained(tokenizer_path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bundled_set_has_fixed_splits() -> None:
+    splits = load_splits(DataSettings(max_eval_examples=None))
+    assert (len(splits.train), len(splits.eval), len(splits.test)) == (1000, 100, 100)
+    assert splits.eval[0].task and splits.eval[0].check in {"exact", "json", "free"}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_local_files_in_every_format_hold_out_an_eval_split(tmp_path: Path, suffix: str) -> None:
+    import pandas as pd
+
+    path = tmp_path / f"data{suffix}"
+    frame = pd.DataFrame(ALPACA)
+    {".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     ".json": lambda: frame.to_json(path, orient="records"),
+     ".parquet": lambda: frame.to_parquet(path),
+     ".csv": lambda: frame.to_csv(path, index=False)}[suffix]()  # fmt: skip
+    splits = load_splits(DataSettings(source=str(path), eval_fraction=0.1))
+    assert len(splits.train) == 18 and len(splits.eval) == 2
+    assert splits.train[0].messages[-1]["role"] == "assistant"
+    assert {e.reference for e in splits.train + splits.eval} == {str(i + 1) for i in range(20)}
+
+
+def test_chat_and_sharegpt_rows_become_the_same_conversation(tmp_path: Path) -> None:
+    chat = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(10)]  # fmt: skip
+    share = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+             for i in range(10)]  # fmt: skip
+    a = load_splits(DataSettings(source=str(write_jsonl(tmp_path / "chat.jsonl", chat))))
+    b = load_splits(DataSettings(source=str(write_jsonl(tmp_path / "share.jsonl", share))))
+    assert [e.messages for e in a.train] == [e.messages for e in b.train]
+
+
+def test_renamed_columns(tmp_path: Path) -> None:
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(10)]
+    settings = DataSettings(source=str(write_jsonl(tmp_path / "qa.jsonl", rows)), format="alpaca",
+                            columns={"instruction": "question", "output": "answer"})  # fmt: skip
+    splits = load_splits(settings)
+    assert splits.train[0].messages[0]["content"].startswith("q")
+
+
+def test_malformed_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ALPACA[0]) + "\n" + "{not json\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        load_splits(DataSettings(source=str(path)))
+
+
+def test_missing_column_is_named_with_its_line(tmp_path: Path) -> None:
+    rows = [*ALPACA[:5], {"instruction": "x", "output": ""}, *ALPACA[5:]]
+    with pytest.raises(DataError, match=r"rows\.jsonl:6.*output"):
+        load_splits(DataSettings(source=str(write_jsonl(tmp_path / "rows.jsonl", rows))))
+
+
+def test_too_small_data_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="too few"):
+        load_splits(DataSettings(source=str(write_jsonl(tmp_path / "few.jsonl", ALPACA[:3]))))
+
+
+def test_loss_only_on_the_answer(tokenizer) -> None:
+    example = Example(messages=[{"role": "user", "content": "What is 2 + 2?"},
+                                {"role": "assistant", "content": "4"}])  # fmt: skip
+    template = choose_chat_template(tokenizer, "auto")
+    out = tokenize_examples([example], tokenizer, template=template, max_length=256)
+    ids, labels = out.input_ids[0], out.labels[0]
+    trained = tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
+    assert trained.startswith("4") and tokenizer.eos_token in trained or "<|im_end|>" in trained
+    assert "2 + 2" not in trained
+    assert tokenizer.decode(ids).startswith(prompt_text(example, tokenizer, template))
+
+
+def test_default_template_for_models_without_one(tokenizer) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = None
+    assert choose_chat_template(tokenizer, "auto") == DEFAULT_CHAT_TEMPLATE
+    with pytest.raises(DataError, match="chat_template"):
+        choose_chat_template(tokenizer, "model")
+    example = Example(messages=[{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}])
+    out = tokenize_examples([example], tokenizer, template=DEFAULT_CHAT_TEMPLATE, max_length=64)
+    text = tokenizer.decode(out.input_ids[0])
+    assert "### Instruction:\nSay hi" in text and "### Response:\nhi" in text
+
+
+def test_truncation_is_counted_and_empty_examples_dropped(tokenizer) -> None:
+    long_answer = Example(messages=[{"role": "user", "content": "Count"},
+                                    {"role": "assistant", "content": " ".join(["one"] * 200)}])  # fmt: skip
+    long_prompt = Example(messages=[{"role": "user", "content": " ".join(["word"] * 200)},
+                                    {"role": "assistant", "content": "ok"}])  # fmt: skip
+    template = choose_chat_template(tokenizer, "auto")
+    out = tokenize_examples([long_answer, long_prompt], tokenizer, template=template, max_length=64)
+    assert out.truncated == 2 and out.dropped == 1
+    assert len(out.input_ids) == 1 and len(out.input_ids[0]) == 64

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from trainable.model import (
+    TARGET_PRESETS,
+    build_lora_model,
+    keep_4bit_trainable_on_cpu,
+    linear_module_names,
+    load_base_model,
+    load_module_names,
+    resolve_target_modules,
+)
+from trainable.settings import LoraSettings, ModelSettings
+
+LLAMA_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_module_names_come_from_the_config_alone(tiny_llama: Path) -> None:
+    assert load_module_names(str(tiny_llama), ModelSettings()) == LLAMA_LINEAR
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("all-linear", sorted(LLAMA_LINEAR)), ("qv", ["q_proj", "v_proj"]), ("mlp", list(TARGET_PRESETS["mlp"])),
+     ("k_proj, o_proj", ["k_proj", "o_proj"])],
+)  # fmt: skip
+def test_target_presets_and_names(spec: str, expected: list[str]) -> None:
+    assert resolve_target_modules(spec, LLAMA_LINEAR) == expected
+
+
+def test_unknown_target_lists_what_the_model_has() -> None:
+    with pytest.raises(ValueError, match=r"query_key_value.*down_proj, gate_proj"):
+        resolve_target_modules("query_key_value", LLAMA_LINEAR)
+
+
+def test_base_is_nf4_with_double_quant_and_lora_sits_exactly_on_targets(tiny_llama: Path) -> None:
+    model = load_base_model(str(tiny_llama), ModelSettings(), device="cpu")
+    linears = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_LINEAR}
+    assert len(linears) == 2 * 7
+    for module in linears.values():
+        assert isinstance(module, bnb.nn.Linear4bit)
+        assert module.weight.quant_state.quant_type == "nf4"
+        assert module.weight.quant_state.nested  # double quantization: the absmax constants are quantized
+        assert module.weight.dtype == torch.uint8
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+
+    peft_model = build_lora_model(model, LoraSettings(r=4, target_modules="qv"), gradient_checkpointing=True)
+    adapted = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == {"q_proj", "v_proj"}
+    assert len(adapted) == 2 * 2
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_bias_setting_trains_biases(tiny_llama: Path) -> None:
+    model = load_base_model(str(tiny_llama), ModelSettings(quantization="none"), device="cpu")
+    # Llama has no biases in its projections; 'all' must then train exactly the LoRA weights still.
+    peft_model = build_lora_model(model, LoraSettings(r=4, bias="all"), gradient_checkpointing=False)
+    assert all("lora_" in n or "bias" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+
+
+def test_evaluation_does_not_freeze_4bit_training(tiny_llama: Path) -> None:
+    """An eval pass under no_grad must leave LoRA gradients alive (see keep_4bit_trainable_on_cpu)."""
+    model = load_base_model(str(tiny_llama), ModelSettings(), device="cpu")
+    model = build_lora_model(model, LoraSettings(r=4), gradient_checkpointing=False)
+    ids = torch.randint(0, 1000, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_cpu_repacking_switch_is_turned_off(tiny_llama: Path) -> None:
+    model = load_base_model(str(tiny_llama), ModelSettings(), device="cpu")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    keep_4bit_trainable_on_cpu(model)  # idempotent
+    assert linear_module_names(model) == LLAMA_LINEAR

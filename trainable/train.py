@@ -1,0 +1,182 @@
+"""One trial: quantized base + LoRA with the trial's hyperparameters, trained with trl, reported to Tune.
+
+A plain function trainable rather than a Ray Train TorchTrainer: a trial is one process on one GPU, so
+the extra worker actor, its placement group and its process group would buy nothing; Tune's function API
+gives the same report/checkpoint/restore calls. A trial that must span GPUs later can wrap this function
+in a TorchTrainer without changing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, set_seed
+
+from trainable.model import build_lora_model, load_base_model, load_tokenizer
+from trainable.settings import METRIC, LoraSettings, ModelSettings, TrainSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSettings:
+    """Everything a trial needs besides its hyperparameters, resolved by the driver (absolute paths,
+    tokenized data) so that trials on any node of a cluster see the same inputs."""
+
+    model_path: str
+    model: ModelSettings
+    train: TrainSettings
+    lora: LoraSettings  # values of the hyperparameters the sweep does not search
+    train_data: dict[str, list[list[int]]]  # input_ids and labels, tokenized once by the driver
+    eval_data: dict[str, list[list[int]]]
+    cpus: int = 1
+
+
+def trial_lora(hparams: dict[str, Any], defaults: LoraSettings) -> LoraSettings:
+    """The trial's LoRA settings: the searched values over the configured defaults."""
+    return dataclasses.replace(defaults, **hparams)
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class TuneReporter(TrainerCallback):
+    """Reports each evaluation to Tune with the checkpoint saved right after it (adapter + optimizer)."""
+
+    def __init__(self, *, device: str, base_eval_loss: float | None) -> None:
+        self.device = device
+        self.base_eval_loss = base_eval_loss
+        self.train_losses: list[float] = []
+        self.last_eval: dict[str, float] = {}
+        self.train_seconds = 0.0
+        self._step_start = 0.0
+        self._tokens_at_start: int | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._step_start = time.perf_counter()
+        if self._tokens_at_start is None:
+            self._tokens_at_start = state.num_input_tokens_seen  # non-zero when resumed
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.train_seconds += time.perf_counter() - self._step_start
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if logs and "loss" in logs:
+            self.train_losses.append(float(logs["loss"]))
+            self.last_grad_norm = float(logs.get("grad_norm", math.nan))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # type: ignore[no-untyped-def]
+        self.last_eval = dict(metrics or {})
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        from ray import tune
+
+        checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)
+        metrics = {
+            METRIC: float(self.last_eval.get("eval_loss", math.nan)),
+            "train_loss": sum(self.train_losses) / len(self.train_losses) if self.train_losses else math.nan,
+            "grad_norm": getattr(self, "last_grad_norm", math.nan),
+            "step": state.global_step,
+            "tokens": int(state.num_input_tokens_seen),
+            "tokens_per_s": tokens / self.train_seconds if self.train_seconds else 0.0,
+            "peak_memory_gib": peak_memory_gib(self.device),
+            "base_eval_loss": self.base_eval_loss if self.base_eval_loss is not None else math.nan,
+        }
+        self.train_losses = []
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+
+def build_trainer(model: Any, tokenizer: Any, settings: TrialSettings, lora: LoraSettings, output_dir: str,
+                  *, device: str, callbacks: list[Any]) -> Any:  # fmt: skip
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    train = settings.train
+    optimizer = train.optimizer
+    if optimizer == "auto":
+        # Paged optimizer states move to CPU RAM under memory pressure instead of failing (QLoRA).
+        optimizer = "paged_adamw_32bit" if device == "cuda" else "adamw_torch"
+    args = SFTConfig(
+        output_dir=output_dir,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum_steps,
+        learning_rate=lora.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=optimizer,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=settings.model.compute_dtype == "bfloat16",
+        fp16=settings.model.compute_dtype == "float16",
+        use_cpu=device == "cpu",
+        eval_strategy="steps",
+        eval_steps=train.eval_every,
+        save_strategy="steps",
+        save_steps=train.eval_every,
+        save_total_limit=1,  # Tune has copied each checkpoint to storage by the time the next is saved
+        logging_steps=max(1, min(10, train.eval_every)),
+        include_num_input_tokens_seen="non_padding",
+        prediction_loss_only=True,  # eval_loss is all we need; gathering logits costs most of an eval pass
+        gradient_checkpointing=False,  # already set up by build_lora_model, with the right kwargs
+        max_length=None,  # the driver already cut examples to data.max_length and counted the cuts
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        # Batches of similar lengths: less padding to compute on (the examples vary 2x in length).
+        train_sampling_strategy="group_by_length",
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(settings.train_data),
+        eval_dataset=Dataset.from_dict(settings.eval_data),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
+    """Tune's trainable: train one adapter with `hparams` (a subset of LoraSettings' fields)."""
+    from ray import tune
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(settings.cpus)
+    lora = trial_lora(hparams, settings.lora)
+    set_seed(settings.train.seed)
+    tokenizer = load_tokenizer(settings.model_path, settings.model)
+    model = load_base_model(settings.model_path, settings.model, device=device)
+    model = build_lora_model(model, lora, gradient_checkpointing=settings.model.gradient_checkpointing)
+
+    output_dir = tempfile.mkdtemp(prefix="trial-")
+    try:
+        resume_from = None
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:  # a retried or resumed trial continues where its last report left it
+            with checkpoint.as_directory() as ckpt:
+                resume_from = str(Path(output_dir) / Path(ckpt).name)
+                shutil.copytree(ckpt, resume_from)
+        reporter = TuneReporter(device=device, base_eval_loss=None)
+        trainer = build_trainer(model, tokenizer, settings, lora, output_dir, device=device, callbacks=[reporter])
+        if resume_from is None:
+            # The base model's loss on the same eval data: the bar every adapter has to clear.
+            reporter.base_eval_loss = trainer.evaluate()["eval_loss"]
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
