@@ -136,8 +136,6 @@ def build_trainer(model: Any, tokenizer: Any, settings: TrialSettings, lora: Lor
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        # Batches of similar lengths: less padding to compute on (the examples vary 2x in length).
-        train_sampling_strategy="group_by_length",
     )
     return SFTTrainer(
         model=model,

@@ -5,6 +5,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from bitsandbytes.functional import has_avx512bf16
 
 from trainable.model import (
     TARGET_PRESETS,
@@ -64,18 +65,39 @@ def test_bias_setting_trains_biases(tiny_llama: Path) -> None:
     assert all("lora_" in n or "bias" in n for n, p in peft_model.named_parameters() if p.requires_grad)
 
 
+def lora_grads_after_an_eval_pass(model: torch.nn.Module) -> list[torch.Tensor | None]:
+    ids = torch.randint(0, 1000, (2, 16))
+    model.eval()
+    # bf16 autocast, as the trainer runs on CPUs with bf16 support.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    # lora_B: lora_A's gradient is zero by construction while B is still at its zero init.
+    return [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+
+
 def test_evaluation_does_not_freeze_4bit_training(tiny_llama: Path) -> None:
     """An eval pass under no_grad must leave LoRA gradients alive (see keep_4bit_trainable_on_cpu)."""
     model = load_base_model(str(tiny_llama), ModelSettings(), device="cpu")
     model = build_lora_model(model, LoraSettings(r=4), gradient_checkpointing=False)
-    ids = torch.randint(0, 1000, (2, 16))
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=ids)
-    model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    grads = lora_grads_after_an_eval_pass(model)
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.skipif(not has_avx512bf16(), reason="the repacking only happens on CPUs with AVX512-BF16")
+def test_without_the_switch_an_eval_pass_freezes_training(tiny_llama: Path) -> None:
+    """The control: bitsandbytes' default behaviour zeroes the LoRA gradients, which is why the switch exists."""
+    model = load_base_model(str(tiny_llama), ModelSettings(), device="cpu")
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = True
+    model = build_lora_model(model, LoraSettings(r=4), gradient_checkpointing=True)
+    grads = lora_grads_after_an_eval_pass(model)
+    frozen = [g for g in grads if g is None or g.abs().sum() == 0]
+    assert len(frozen) >= len(grads) // 2
 
 
 def test_cpu_repacking_switch_is_turned_off(tiny_llama: Path) -> None:
@@ -84,3 +106,34 @@ def test_cpu_repacking_switch_is_turned_off(tiny_llama: Path) -> None:
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
     keep_4bit_trainable_on_cpu(model)  # idempotent
     assert linear_module_names(model) == LLAMA_LINEAR
+
+
+def test_training_changes_lora_weights_and_leaves_the_base_alone(tiny_llama: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from trainable.data import choose_chat_template, load_splits, tokenize_examples
+    from trainable.model import load_tokenizer
+    from trainable.settings import DataSettings, TrainSettings
+    from trainable.train import TrialSettings, build_trainer
+
+    settings = ModelSettings(gradient_checkpointing=False)
+    tokenizer = load_tokenizer(str(tiny_llama), settings)
+    splits = load_splits(DataSettings(max_train_examples=32, max_eval_examples=4))
+    template = choose_chat_template(tokenizer, "auto")
+    columns = {name: tokenize_examples(getattr(splits, name), tokenizer, template=template, max_length=128).as_columns()
+               for name in ("train", "eval")}  # fmt: skip
+    lora = LoraSettings(r=4, learning_rate=1e-2)
+    trial = TrialSettings(model_path=str(tiny_llama), model=settings, train=TrainSettings(max_steps=3, eval_every=3,
+                          batch_size=4), lora=lora, train_data=columns["train"], eval_data=columns["eval"])  # fmt: skip
+    model = build_lora_model(load_base_model(str(tiny_llama), settings, device="cpu"), lora, gradient_checkpointing=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = build_trainer(model, tokenizer, trial, lora, str(tmp_path), device="cpu", callbacks=[])
+    trainer.evaluate()  # an eval pass first, as every trial does
+    trainer.train()
+    after = dict(model.named_parameters())
+    lora_names = [n for n in before if "lora_" in n]
+    base_names = [n for n in before if "lora_" not in n]
+    assert lora_names and base_names
+    assert all(not torch.equal(before[n], after[n]) for n in lora_names if "lora_B" in n)
+    assert all(torch.equal(before[n], after[n].detach()) for n in base_names)
+    assert dataclasses.asdict(trial.lora) == dataclasses.asdict(lora)

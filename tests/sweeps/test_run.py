@@ -1,0 +1,112 @@
+"""End to end through the real entry point: `python -m sweeps.run` on a tiny random Llama."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from trainable.settings import HYPERPARAMETERS
+
+FIRST = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "learning_rate": 5e-3}
+
+
+def tiny_sweep_config(tmp_path: Path, model: Path, **search: object) -> Path:
+    config = {
+        "name": "tiny",
+        "storage_path": str(tmp_path / "experiments"),
+        "experiment": "tiny-test",
+        "model": {"name_or_path": str(model), "gradient_checkpointing": False},
+        "data": {"max_length": 128, "max_train_examples": 96, "max_eval_examples": 8},
+        "train": {"max_steps": 8, "batch_size": 4, "eval_every": 2, "warmup_ratio": 0.0},
+        "search": {
+            "num_samples": 3,
+            "cpus_per_trial": 1,
+            "scheduler": "none",
+            "start_with_qlora_recipe": False,
+            "initial_points": [FIRST],
+            "space": {
+                "r": {"choice": [4, 8]},
+                "lora_alpha": {"choice": [8, 16]},
+                "target_modules": {"choice": ["qv", "all-linear"]},
+                "learning_rate": {"loguniform": [1e-3, 1e-2]},
+            },
+            **search,
+        },
+        "report": {"enabled": False},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_driver(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sweeps.run", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> tuple[Path, str]:
+    tmp = tmp_path_factory.mktemp("sweep")
+    done = run_driver("--config", str(tiny_sweep_config(tmp, tiny_llama)), cwd=tmp)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return tmp / "experiments" / "tiny-test", done.stdout
+
+
+def test_results_table_has_every_trial_with_config_and_metrics(tiny_sweep: tuple[Path, str]) -> None:
+    experiment, stdout = tiny_sweep
+    table = pd.read_parquet(experiment / "results.parquet")
+    assert len(table) == 3 and set(table["status"]) == {"completed"}
+    assert set(HYPERPARAMETERS) <= set(table.columns)
+    for column in ("best_eval_loss", "final_eval_loss", "base_eval_loss", "tokens_per_s", "wall_time_s"):
+        assert table[column].notna().all(), column
+    assert (table["steps"] == 8).all() and (table["tokens"] > 0).all()
+    assert list(table["rank"]) == [1, 2, 3]
+    assert table["best_eval_loss"].is_monotonic_increasing
+    assert (table["best_eval_loss"] < table["base_eval_loss"]).all()
+    assert str(experiment / "results.parquet") in stdout
+
+
+def test_learning_continues_after_every_evaluation(tiny_sweep: tuple[Path, str]) -> None:
+    """With frozen LoRA gradients after an eval pass, eval loss would stop moving after the first one."""
+    table = pd.read_parquet(tiny_sweep[0] / "results.parquet")
+    first = table[(table["learning_rate"] == FIRST["learning_rate"]) & (table["r"] == FIRST["r"])].iloc[0]
+    history = list(first["eval_history"])
+    assert len(history) == 4
+    assert all(later < earlier for earlier, later in zip(history, history[1:], strict=False)), history
+    assert first["base_eval_loss"] > history[0]
+
+
+def test_adapters_load_with_peft_on_their_targets(tiny_sweep: tuple[Path, str], tiny_llama: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    table = pd.read_parquet(tiny_sweep[0] / "results.parquet")
+    for row in table.itertuples():
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        model = PeftModel.from_pretrained(base, row.adapter_path)
+        adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+        expected = {"q_proj", "v_proj"} if row.target_modules == "qv" else {
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # fmt: skip
+        assert adapted == expected
+        assert model.peft_config["default"].r == row.r
+
+
+def test_optuna_study_holds_every_trial(tiny_sweep: tuple[Path, str]) -> None:
+    import optuna
+
+    study = optuna.load_study(study_name="tiny-test", storage=f"sqlite:///{tiny_sweep[0] / 'optuna.db'}")
+    assert len(study.trials) == 3
+    assert study.trials[0].params["r"] == FIRST["r"]  # the initial point ran first
+
+
+def test_bad_config_fails_before_ray_starts(tmp_path: Path, tiny_llama: Path) -> None:
+    config = tiny_sweep_config(tmp_path, tiny_llama)
+    done = run_driver("--config", str(config), "lora.target_modules=qkv_proj", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "lora.target_modules" in done.stderr and "qkv_proj" in done.stderr and "down_proj" in done.stderr
+    assert not (tmp_path / "experiments").exists()
