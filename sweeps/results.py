@@ -11,13 +11,17 @@ import pandas as pd
 from sweeps.config import SweepConfig
 from trainable.settings import HYPERPARAMETERS, METRIC
 
+RANKED = ("completed", "stopped")  # statuses that may be ranked; oom, failed and error trials come last
 
-def trial_status(error: Any, last_step: int, max_steps: int, best_loss: float) -> str:
+
+def trial_status(metrics: dict[str, Any], error: Any, max_steps: int, best_loss: float) -> str:
     if error is not None:
-        return "error"
-    if not math.isfinite(best_loss):
-        return "failed"  # never reported a finite eval loss
-    return "completed" if last_step >= max_steps else "stopped"  # stopped: by the scheduler, early
+        return "error"  # crashed, and out of retries
+    if metrics.get("oom"):
+        return "oom"
+    if metrics.get("diverged") or not math.isfinite(best_loss):
+        return "failed"  # NaN/inf loss, or never a finite eval loss
+    return "completed" if int(metrics.get("step", 0) or 0) >= max_steps else "stopped"  # early, by ASHA
 
 
 def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
@@ -26,7 +30,11 @@ def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
     for result in grid:
         history = result.metrics_dataframe
         metrics = result.metrics or {}
-        losses = history[METRIC].dropna() if history is not None and METRIC in history else pd.Series([], dtype=float)
+        losses = (
+            history[METRIC].dropna()
+            if history is not None and METRIC in history
+            else pd.Series([], dtype=float)
+        )
         best_loss = float(losses.min()) if len(losses) else math.nan
         best = result.get_best_checkpoint(METRIC, "min") if len(losses) else None
         last_step = int(metrics.get("step", 0) or 0)
@@ -34,7 +42,7 @@ def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
         rows.append(
             {
                 "trial_id": metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
-                "status": trial_status(result.error, last_step, config.train.max_steps, best_loss),
+                "status": trial_status(metrics, result.error, config.train.max_steps, best_loss),
                 **lora,
                 "best_eval_loss": best_loss,
                 "final_eval_loss": float(losses.iloc[-1]) if len(losses) else math.nan,
@@ -45,15 +53,23 @@ def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
                 "tokens_per_s": float(metrics.get("tokens_per_s", math.nan)),
                 "peak_memory_gib": float(metrics.get("peak_memory_gib", math.nan)),
                 "wall_time_s": float(metrics.get("time_total_s", math.nan)),
+                "retries": int(metrics.get("retries", 0) or 0),
+                "restored_from_step": int(metrics.get("restored_from_step", 0) or 0),
                 "eval_history": [float(x) for x in losses],
                 "adapter_path": best.path if best is not None else None,
                 "trial_path": result.path,
-                "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:2000],
+                "error": None
+                if result.error is None
+                else f"{type(result.error).__name__}: {result.error}"[:2000],
             }
         )
     table = pd.DataFrame(rows)
     if len(table):
-        table = table.sort_values("best_eval_loss", na_position="last", kind="stable").reset_index(drop=True)
+        # Trials that failed, ran out of memory or crashed never rank above one that finished, whatever
+        # eval loss they reported before failing.
+        table["_unranked"] = ~table["status"].isin(RANKED)
+        table = table.sort_values(["_unranked", "best_eval_loss"], na_position="last", kind="stable")
+        table = table.drop(columns="_unranked").reset_index(drop=True)
         table.insert(0, "rank", range(1, len(table) + 1))
     return table
 
@@ -84,7 +100,15 @@ def write_table(table: pd.DataFrame, experiment_uri: str, name: str) -> str:
 def format_summary(table: pd.DataFrame, path: str, *, top: int = 10) -> str:
     if table.empty:
         return f"no trials ran; {path}"
-    columns = ["rank", "status", *HYPERPARAMETERS[:5], "best_eval_loss", "base_eval_loss", "steps", "tokens_per_s"]
+    columns = [
+        "rank",
+        "status",
+        *HYPERPARAMETERS[:5],
+        "best_eval_loss",
+        "base_eval_loss",
+        "steps",
+        "tokens_per_s",
+    ]
     shown = table[columns].head(top).to_string(index=False, float_format=lambda x: f"{x:.4g}")
     best = table.iloc[0]
     return (

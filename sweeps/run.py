@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 from sweeps.config import ConfigError, SweepConfig, load_config
 from sweeps.results import collect_results, format_summary, write_table
 from sweeps.space import to_tune_space
+from sweeps.study import StudyMirror
 from trainable.data import DataError, choose_chat_template, load_splits, tokenize_examples
 from trainable.model import load_module_names, load_tokenizer, resolve_model, resolve_target_modules
 from trainable.settings import METRIC, MODE
@@ -55,8 +57,11 @@ def prepare_sweep(config: SweepConfig) -> SweepPlan:
     targets = {("lora.target_modules", config.lora.target_modules)}
     space_targets = config.search.space.get("target_modules", {}).get("choice", [])
     targets |= {("search.space.target_modules", t) for t in space_targets}
-    targets |= {(f"search.initial_points[{i}].target_modules", p["target_modules"])
-                for i, p in enumerate(config.initial_points) if "target_modules" in p}  # fmt: skip
+    targets |= {
+        (f"search.initial_points[{i}].target_modules", p["target_modules"])
+        for i, p in enumerate(config.initial_points)
+        if "target_modules" in p
+    }
     for key, spec in sorted(targets):
         try:
             resolve_target_modules(spec, available)
@@ -87,6 +92,7 @@ def prepare_sweep(config: SweepConfig) -> SweepPlan:
         cpus=cpus,
     )
     summary = {
+        "fingerprint": fingerprint(config, model_path, trial),
         "model_path": model_path,
         "chat_template": template,
         "linear_modules": sorted(available),
@@ -102,7 +108,64 @@ def prepare_sweep(config: SweepConfig) -> SweepPlan:
     return SweepPlan(config, config.experiment_name(), config.storage_uri(), trial, summary)
 
 
-def build_tuner(plan: SweepPlan) -> Any:  # ray.tune.Tuner
+def fingerprint(config: SweepConfig, model_path: str, trial: TrialSettings) -> dict[str, str]:
+    """Hashes of what a resumed sweep must share with the interrupted one, part by part."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {
+        "model": digest([model_path, dataclasses.asdict(config.model)]),
+        "data": digest([trial.train_data, trial.eval_data]),
+        "search space": digest([config.search.space, config.initial_points, config.search.num_samples]),
+        "training settings": digest([dataclasses.asdict(config.train), dataclasses.asdict(config.lora)]),
+    }
+
+
+def find_experiment(config: SweepConfig, wanted: str) -> str:
+    """The experiment to resume: the named folder (a name or a full path/URI), or the newest of this config."""
+    from pyarrow import fs
+
+    if "/" in wanted:
+        return wanted.rstrip("/")
+    storage = config.storage_uri()
+    if wanted == "latest" and config.experiment:
+        wanted = config.experiment
+    if wanted != "latest":
+        return f"{storage.rstrip('/')}/{wanted}"
+    filesystem, root = fs.FileSystem.from_uri(storage)
+    infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == fs.FileType.Directory and i.base_name.startswith(f"{config.name}-")
+    )
+    if not names:
+        raise ConfigError(f"--resume: no experiment of config {config.name!r} under {storage}")
+    return f"{storage.rstrip('/')}/{names[-1]}"
+
+
+def check_resumable(plan: SweepPlan) -> None:
+    """Refuse to resume an experiment with another model, data, search space or training settings."""
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(plan.experiment_uri)
+    try:
+        with filesystem.open_input_stream(f"{root}/sweep.json") as f:
+            saved = json.loads(f.read())
+    except (FileNotFoundError, OSError) as err:
+        raise ConfigError(f"--resume: {plan.experiment_uri} holds no sweep.json; nothing to resume") from err
+    changed = [
+        part for part, value in plan.summary["fingerprint"].items() if saved["fingerprint"].get(part) != value
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume: the {', '.join(changed)} differ from those of {plan.experiment_uri}; a resumed sweep "
+            "must be the same sweep. Rerun with the original config and overrides, or start a new experiment."
+        )
+
+
+def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tuner
     import optuna
     import ray
     from ray import tune
@@ -117,20 +180,32 @@ def build_tuner(plan: SweepPlan) -> Any:  # ray.tune.Tuner
     searcher = OptunaSearch(
         points_to_evaluate=config.initial_points or None,
         sampler=optuna.samplers.TPESampler(seed=search.seed),
+    )
+    mirror = StudyMirror(
+        storage=study_storage,
         study_name=plan.experiment,
-        storage=optuna.storages.RDBStorage(study_storage),
+        space=to_tune_space(search.space),
+        max_steps=config.train.max_steps,
     )
     reports = math.ceil(config.train.max_steps / config.train.eval_every)
     use_asha = search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)
     scheduler = (
-        ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=min(search.grace_period, reports),
-                      reduction_factor=search.reduction_factor)  # fmt: skip
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=reports,
+            grace_period=min(search.grace_period, reports),
+            reduction_factor=search.reduction_factor,
+        )
         if use_asha
         else None
     )
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, settings=plan.trial), {"cpu": search.cpus_per_trial, "gpu": gpus}
     )
+    if resume:
+        # Finished trials stay as they are; unfinished and crashed ones continue from their last checkpoint;
+        # the searcher is restored from the experiment's state, the RDB study only gains the trials that end.
+        return tune.Tuner.restore(plan.experiment_uri, trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,
         param_space=to_tune_space(search.space),
@@ -145,7 +220,7 @@ def build_tuner(plan: SweepPlan) -> Any:  # ray.tune.Tuner
         run_config=tune.RunConfig(
             name=plan.experiment,
             storage_path=plan.storage_uri,
-            callbacks=build_loggers(search.loggers),
+            callbacks=[mirror, *build_loggers(search.loggers)],
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
             ),
@@ -176,21 +251,24 @@ def local_experiment_dir(plan: SweepPlan) -> str:
     itself when storage is local."""
     import os
 
-    path = plan.experiment_uri if "://" not in plan.storage_uri else os.path.join(
-        os.path.expanduser("~/.cache/qlora-sweeps/studies"), plan.experiment
+    path = (
+        plan.experiment_uri
+        if "://" not in plan.storage_uri
+        else os.path.join(os.path.expanduser("~/.cache/qlora-sweeps/studies"), plan.experiment)
     )
     os.makedirs(path, exist_ok=True)
     return path
 
 
-def run_sweep(plan: SweepPlan) -> str:
-    """Run the sweep; returns the path of results.parquet."""
+def run_sweep(plan: SweepPlan, *, resume: bool = False) -> str:
+    """Run (or resume) the sweep; returns the path of results.parquet."""
     import ray
 
     ray.init(ignore_reinit_error=True)
-    summary = {"config": dataclasses.asdict(plan.config), **plan.summary}
-    write_table_json(plan.experiment_uri, "sweep.json", summary)
-    grid = build_tuner(plan).fit()
+    if not resume:
+        summary = {"config": dataclasses.asdict(plan.config), **plan.summary}
+        write_table_json(plan.experiment_uri, "sweep.json", summary)
+    grid = build_tuner(plan, resume=resume).fit()
     table = collect_results(grid, plan.config)
     path = write_table(table, plan.experiment_uri, "results.parquet")
     print(format_summary(table, path), flush=True)
@@ -209,6 +287,13 @@ def write_table_json(experiment_uri: str, name: str, data: dict[str, Any]) -> No
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="local", help="a name in sweeps/configs/ or a YAML path")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="EXPERIMENT",
+        help="continue an interrupted sweep: the newest of this config, or a name, folder or URI",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
     return parser.parse_args(argv)
 
@@ -218,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         plan = prepare_sweep(config)
+        if args.resume:
+            uri = find_experiment(config, args.resume)
+            storage, _, name = uri.rpartition("/")
+            plan = dataclasses.replace(plan, experiment=name, storage_uri=storage)
+            check_resumable(plan)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -231,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "(nothing left to learn after the cut)",
         flush=True,
     )
-    run_sweep(plan)
+    run_sweep(plan, resume=bool(args.resume))
     return 0
 
 

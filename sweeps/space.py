@@ -48,14 +48,20 @@ def check_space(space: dict[str, Any]) -> list[str]:
             problems.append(f"{key}: not a hyperparameter; searchable are {', '.join(HYPERPARAMETERS)}")
             continue
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
-            problems.append(f"{key}: must be one of {{choice: [...]}}, {{uniform|loguniform|randint: [low, high]}}; got {spec!r}")
+            problems.append(
+                f"{key}: must be one of {{choice: [...]}}, {{uniform|loguniform|randint: [low, high]}}; got {spec!r}"
+            )
             continue
         kind, values = next(iter(spec.items()))
         if not isinstance(values, list) or not values:
             problems.append(f"{key}.{kind}: must be a non-empty list, got {values!r}")
             continue
         if kind != "choice":
-            if len(values) != 2 or not all(isinstance(v, int | float) for v in values) or values[0] >= values[1]:
+            if (
+                len(values) != 2
+                or not all(isinstance(v, int | float) for v in values)
+                or values[0] >= values[1]
+            ):
                 problems.append(f"{key}.{kind}: must be [low, high] numbers with low < high, got {values!r}")
                 continue
             if kind == "loguniform" and values[0] <= 0:
@@ -89,8 +95,12 @@ def to_tune_space(space: dict[str, Any]) -> dict[str, Any]:
     """The space as Ray Tune domains, which OptunaSearch turns into Optuna distributions."""
     from ray import tune
 
-    makers = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform,
-              "randint": tune.randint}  # fmt: skip
+    makers = {
+        "choice": tune.choice,
+        "uniform": tune.uniform,
+        "loguniform": tune.loguniform,
+        "randint": tune.randint,
+    }
     domains = {}
     for name, spec in space.items():
         kind, values = next(iter(spec.items()))

@@ -9,7 +9,9 @@ in a TorchTrainer without changing it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import resource
 import shutil
 import tempfile
@@ -20,8 +22,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, set_seed
 
+from trainable.faults import InjectFaults, faults_for
 from trainable.model import build_lora_model, load_base_model, load_tokenizer
 from trainable.settings import METRIC, LoraSettings, ModelSettings, TrainSettings
+
+TRIAL_STATE = "trial_state.json"  # kept in each checkpoint: retries so far, the base model's eval loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +57,14 @@ def peak_memory_gib(device: str) -> float:
 class TuneReporter(TrainerCallback):
     """Reports each evaluation to Tune with the checkpoint saved right after it (adapter + optimizer)."""
 
-    def __init__(self, *, device: str, base_eval_loss: float | None) -> None:
+    def __init__(
+        self, *, device: str, base_eval_loss: float | None, retries: int, restored_from_step: int
+    ) -> None:
         self.device = device
         self.base_eval_loss = base_eval_loss
+        self.retries = retries  # how often this trial was restarted from a checkpoint
+        self.restored_from_step = restored_from_step
+        self.diverged = False  # a NaN or infinite loss was seen
         self.train_losses: list[float] = []
         self.last_eval: dict[str, float] = {}
         self.train_seconds = 0.0
@@ -73,14 +83,28 @@ class TuneReporter(TrainerCallback):
         if logs and "loss" in logs:
             self.train_losses.append(float(logs["loss"]))
             self.last_grad_norm = float(logs.get("grad_norm", math.nan))
+            if not math.isfinite(self.train_losses[-1]):
+                self.diverged = True
+                control.should_training_stop = True  # further steps only spread NaN
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # type: ignore[no-untyped-def]
         self.last_eval = dict(metrics or {})
+        if not math.isfinite(self.last_eval.get("eval_loss", 0.0)):
+            self.diverged = True
+            control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         from ray import tune
 
+        if self.diverged:
+            return  # no checkpoint of NaN weights; train_trial reports the failure
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        (checkpoint_dir / TRIAL_STATE).write_text(
+            json.dumps({"retries": self.retries, "base_eval_loss": self.base_eval_loss})
+        )
+        tune.report(self.metrics(state), checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+    def metrics(self, state: Any, **extra: float) -> dict[str, float]:
         tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)
         metrics = {
             METRIC: float(self.last_eval.get("eval_loss", math.nan)),
@@ -90,14 +114,30 @@ class TuneReporter(TrainerCallback):
             "tokens": int(state.num_input_tokens_seen),
             "tokens_per_s": tokens / self.train_seconds if self.train_seconds else 0.0,
             "peak_memory_gib": peak_memory_gib(self.device),
+            # The GPU Tune gave this trial (Ray sets CUDA_VISIBLE_DEVICES to it) and how many the trial sees.
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "visible_gpus": torch.cuda.device_count(),
             "base_eval_loss": self.base_eval_loss if self.base_eval_loss is not None else math.nan,
+            "retries": self.retries,
+            "restored_from_step": self.restored_from_step,
+            "oom": 0,
+            "diverged": int(self.diverged),
+            **extra,
         }
         self.train_losses = []
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        return metrics
 
 
-def build_trainer(model: Any, tokenizer: Any, settings: TrialSettings, lora: LoraSettings, output_dir: str,
-                  *, device: str, callbacks: list[Any]) -> Any:  # fmt: skip
+def build_trainer(
+    model: Any,
+    tokenizer: Any,
+    settings: TrialSettings,
+    lora: LoraSettings,
+    output_dir: str,
+    *,
+    device: str,
+    callbacks: list[Any],
+) -> Any:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -106,6 +146,19 @@ def build_trainer(model: Any, tokenizer: Any, settings: TrialSettings, lora: Lor
     if optimizer == "auto":
         # Paged optimizer states move to CPU RAM under memory pressure instead of failing (QLoRA).
         optimizer = "paged_adamw_32bit" if device == "cuda" else "adamw_torch"
+    # --- speed (trainable/fast.py, docs/speed.md): the CUDA fast path; CPU trials keep the plain path.
+    padding_free = False
+    if device == "cuda" and settings.model.fused_kernels:
+        from trainable.fast import apply_fast_path
+
+        longest = max(len(ids) for ids in settings.train_data["input_ids"])
+        fast = apply_fast_path(
+            model,
+            activation_memory_gib=settings.model.activation_memory_gib,
+            tokens_per_batch=train.batch_size * longest,
+        )
+        padding_free = fast.skipped is None and train.padding_free
+    # --- end speed
     args = SFTConfig(
         output_dir=output_dir,
         max_steps=train.max_steps,
@@ -129,7 +182,8 @@ def build_trainer(model: Any, tokenizer: Any, settings: TrialSettings, lora: Lor
         save_steps=train.eval_every,
         save_total_limit=1,  # Tune has copied each checkpoint to storage by the time the next is saved
         logging_steps=max(1, min(10, train.eval_every)),
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",  # padding-free: all are real
+        padding_free=padding_free,
         prediction_loss_only=True,  # eval_loss is all we need; gathering logits costs most of an eval pass
         gradient_checkpointing=False,  # already set up by build_lora_model, with the right kwargs
         max_length=None,  # the driver already cut examples to data.max_length and counted the cuts
@@ -148,7 +202,12 @@ def build_trainer(model: Any, tokenizer: Any, settings: TrialSettings, lora: Lor
 
 
 def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
-    """Tune's trainable: train one adapter with `hparams` (a subset of LoraSettings' fields)."""
+    """Tune's trainable: train one adapter with `hparams` (a subset of LoraSettings' fields).
+
+    A crash (the process dies, an exception) is retried by Tune from the last checkpoint. Two failures are
+    final and reported instead of raised, so that Tune does not retry them: CUDA out of memory (status
+    'oom'; the same config would run out again) and a NaN/inf loss (status 'failed').
+    """
     from ray import tune
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,25 +215,36 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
         torch.set_num_threads(settings.cpus)
     lora = trial_lora(hparams, settings.lora)
     set_seed(settings.train.seed)
-    tokenizer = load_tokenizer(settings.model_path, settings.model)
-    model = load_base_model(settings.model_path, settings.model, device=device)
-    model = build_lora_model(model, lora, gradient_checkpointing=settings.model.gradient_checkpointing)
-
     output_dir = tempfile.mkdtemp(prefix="trial-")
+    reporter = TuneReporter(device=device, base_eval_loss=None, retries=0, restored_from_step=0)
     try:
         resume_from = None
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:  # a retried or resumed trial continues where its last report left it
             with checkpoint.as_directory() as ckpt:
-                resume_from = str(Path(output_dir) / Path(ckpt).name)
+                step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
+                resume_from = str(Path(output_dir) / f"checkpoint-{step}")  # the layout the trainer expects
                 shutil.copytree(ckpt, resume_from)
-        reporter = TuneReporter(device=device, base_eval_loss=None)
-        trainer = build_trainer(model, tokenizer, settings, lora, output_dir, device=device, callbacks=[reporter])
+            previous = json.loads((Path(resume_from) / TRIAL_STATE).read_text())
+            reporter.retries = previous["retries"] + 1
+            reporter.base_eval_loss = previous["base_eval_loss"]
+            reporter.restored_from_step = step
+        tokenizer = load_tokenizer(settings.model_path, settings.model)
+        model = load_base_model(settings.model_path, settings.model, device=device)
+        model = build_lora_model(model, lora, gradient_checkpointing=settings.model.gradient_checkpointing)
+        callbacks = [reporter, InjectFaults(faults_for(hparams), retries=reporter.retries)]
+        trainer = build_trainer(
+            model, tokenizer, settings, lora, output_dir, device=device, callbacks=callbacks
+        )
         if resume_from is None:
             # The base model's loss on the same eval data: the bar every adapter has to clear.
             reporter.base_eval_loss = trainer.evaluate()["eval_loss"]
         trainer.train(resume_from_checkpoint=resume_from)
+        if reporter.diverged:
+            tune.report(reporter.metrics(trainer.state, **{METRIC: math.nan}))
+    except torch.cuda.OutOfMemoryError:
+        tune.report({METRIC: math.nan, "oom": 1, "retries": reporter.retries, "diverged": 0})
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
         if device == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # the next trial on this worker starts with the GPU's memory free

@@ -33,7 +33,9 @@ def test_llama2_config_starts_with_the_qlora_recipe() -> None:
 
 
 def test_dotted_overrides_are_typed() -> None:
-    config = load_config("local", ["train.max_steps=50", "search.space.r.choice=[8, 16]", "lora.learning_rate=1e-4"])
+    config = load_config(
+        "local", ["train.max_steps=50", "search.space.r.choice=[8, 16]", "lora.learning_rate=1e-4"]
+    )
     assert config.train.max_steps == 50
     assert config.search.space["r"] == {"choice": [8, 16]}
     assert config.search.space["lora_alpha"] == DEFAULT_SPACE["lora_alpha"]
