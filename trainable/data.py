@@ -31,10 +31,21 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "bot": "assistant", "model": "assistant", "system": "system"}  # fmt: skip
-_FORMAT_COLUMNS = {"alpaca": ("instruction", "output"), "chat": ("messages",),
-                   "sharegpt": ("conversations",), "text": ("text",)}  # fmt: skip
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+_FORMAT_COLUMNS = {
+    "alpaca": ("instruction", "output"),
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "text": ("text",),
+}
 _SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
@@ -47,6 +58,7 @@ class Example:
     messages: list[dict[str, str]]
     task: str | None = None  # the bundled set's task name, for per-task scores
     check: str | None = None  # how an answer is checked: "exact", "json" or "free"
+    origin: str = ""  # file:line (or hub:name:row) for error messages
 
     @property
     def reference(self) -> str:
@@ -126,8 +138,10 @@ def detect_format(row: dict[str, Any], columns: dict[str, str]) -> str:
 
 def to_example(row: dict[str, Any], fmt: str, settings: DataSettings, where: str) -> Example:
     """One record as a conversation; `where` names the file and line for error messages."""
-    col = {k: settings.columns.get(k, k) for k in ("instruction", "input", "output", "messages",
-                                                    "conversations", "text")}  # fmt: skip
+    col = {
+        k: settings.columns.get(k, k)
+        for k in ("instruction", "input", "output", "messages", "conversations", "text")
+    }
     missing = [col[c] for c in _FORMAT_COLUMNS[fmt] if row.get(col[c]) in (None, "")]
     if missing:
         raise DataError(f"{where}: missing or empty column(s) {', '.join(missing)} for format {fmt!r}")
@@ -136,8 +150,11 @@ def to_example(row: dict[str, Any], fmt: str, settings: DataSettings, where: str
         prompt = str(row[col["instruction"]])
         if row.get(col["input"]):
             prompt += "\n\n" + str(row[col["input"]])
-        messages = [*system, {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": str(row[col["output"]])}]  # fmt: skip
+        messages = [
+            *system,
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": str(row[col["output"]])},
+        ]
     elif fmt == "text":
         messages = [{"role": "text", "content": str(row[col["text"]])}]
     else:
@@ -156,7 +173,7 @@ def to_example(row: dict[str, Any], fmt: str, settings: DataSettings, where: str
             messages.append({"role": role, "content": turn[content_key]})
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: the conversation has no assistant turn to learn from")
-    return Example(messages=messages, task=row.get("task"), check=row.get("check"))
+    return Example(messages=messages, task=row.get("task"), check=row.get("check"), origin=where)
 
 
 def to_examples(rows: Sequence[dict[str, Any]], settings: DataSettings, origin: str) -> list[Example]:
@@ -178,7 +195,11 @@ def load_splits(settings: DataSettings) -> Splits:
                 name: [(n, r) for n, r in numbered if r.get("split") == name]
                 for name in (settings.train_split, settings.eval_split, settings.test_split)
             }
-            train, held, test = parts[settings.train_split], parts[settings.eval_split], parts[settings.test_split]
+            train, held, test = (
+                parts[settings.train_split],
+                parts[settings.eval_split],
+                parts[settings.test_split],
+            )
         else:
             train, held, test = numbered, [], []
         if not held:
@@ -187,22 +208,29 @@ def load_splits(settings: DataSettings) -> Splits:
         def convert(part: list[tuple[int, dict[str, Any]]]) -> list[Example]:
             if not part:
                 return []
-            fmt = detect_format(part[0][1], settings.columns) if settings.format == "auto" else settings.format
+            fmt = (
+                detect_format(part[0][1], settings.columns) if settings.format == "auto" else settings.format
+            )
             return [to_example(r, fmt, settings, f"{path}:{n}") for n, r in part]
 
         splits = Splits(convert(train), convert(held), convert(test))
     else:
         train_rows = _hub_records(settings, settings.train_split)
         if train_rows is None:
-            raise DataError(f"data.train_split: hub dataset {settings.source!r} has no split {settings.train_split!r}")
+            raise DataError(
+                f"data.train_split: hub dataset {settings.source!r} has no split {settings.train_split!r}"
+            )
         eval_rows = _hub_records(settings, settings.eval_split)
         test_rows = _hub_records(settings, settings.test_split) or []
         if eval_rows is None:
             kept, held = _hold_out(list(enumerate(train_rows, start=1)), settings)
             train_rows, eval_rows = [r for _, r in kept], [r for _, r in held]
         origin = f"hub:{settings.source}"
-        splits = Splits(to_examples(train_rows, settings, origin), to_examples(eval_rows, settings, origin),
-                        to_examples(test_rows, settings, origin))  # fmt: skip
+        splits = Splits(
+            to_examples(train_rows, settings, origin),
+            to_examples(eval_rows, settings, origin),
+            to_examples(test_rows, settings, origin),
+        )
     rng = random.Random(settings.seed)
     train = splits.train
     if settings.max_train_examples is not None and len(train) > settings.max_train_examples:
@@ -235,7 +263,9 @@ def choose_chat_template(tokenizer: Any, setting: str) -> str:
     own = getattr(tokenizer, "chat_template", None)
     if setting == "model":
         if not own:
-            raise DataError("data.chat_template is 'model' but the tokenizer has no chat template; use 'auto'")
+            raise DataError(
+                "data.chat_template is 'model' but the tokenizer has no chat template; use 'auto'"
+            )
         return own
     if setting == "default" or not own:
         return DEFAULT_CHAT_TEMPLATE
@@ -287,13 +317,24 @@ class Tokenized:
         return {"input_ids": self.input_ids, "labels": self.labels}
 
 
-def tokenize_examples(examples: Iterable[Example], tokenizer: Any, *, template: str, max_length: int) -> Tokenized:
+def tokenize_examples(
+    examples: Iterable[Example], tokenizer: Any, *, template: str, max_length: int
+) -> Tokenized:
     """Token ids and labels (-100 outside assistant turns), cut to max_length from the end."""
     all_ids, all_labels, truncated, dropped = [], [], 0, 0
     for example in examples:
         ids: list[int] = []
         labels: list[int] = []
-        for text, trained in render_segments(example.messages, tokenizer, template):
+        try:
+            segments = render_segments(example.messages, tokenizer, template)
+        except DataError as err:
+            raise DataError(f"{example.origin}: {err}") from None
+        except Exception as err:  # the template's own error (jinja raise_exception, a missing variable)
+            raise DataError(
+                f"{example.origin}: the chat template cannot render this conversation ({err}); check the "
+                "roles it allows, or set data.chat_template to 'default'"
+            ) from None
+        for text, trained in segments:
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from transformers import TrainerCallback, set_seed
 
@@ -65,6 +66,11 @@ class TuneReporter(TrainerCallback):
         self.retries = retries  # how often this trial was restarted from a checkpoint
         self.restored_from_step = restored_from_step
         self.diverged = False  # a NaN or infinite loss was seen
+        # Where the trial ran, to check Tune's placement: the Ray node and the GPUs it was given.
+        context = ray.get_runtime_context()
+        self.node_id = context.get_node_id()
+        self.gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
+        self.started_at = time.time()
         self.train_losses: list[float] = []
         self.last_eval: dict[str, float] = {}
         self.train_seconds = 0.0
@@ -122,6 +128,9 @@ class TuneReporter(TrainerCallback):
             "restored_from_step": self.restored_from_step,
             "oom": 0,
             "diverged": int(self.diverged),
+            "node_id": self.node_id,
+            "gpu_ids": self.gpu_ids,
+            "started_at": self.started_at,
             **extra,
         }
         self.train_losses = []

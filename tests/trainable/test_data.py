@@ -43,10 +43,12 @@ def test_local_files_in_every_format_hold_out_an_eval_split(tmp_path: Path, suff
 
     path = tmp_path / f"data{suffix}"
     frame = pd.DataFrame(ALPACA)
-    {".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
-     ".json": lambda: frame.to_json(path, orient="records"),
-     ".parquet": lambda: frame.to_parquet(path),
-     ".csv": lambda: frame.to_csv(path, index=False)}[suffix]()  # fmt: skip
+    {
+        ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+        ".json": lambda: frame.to_json(path, orient="records"),
+        ".parquet": lambda: frame.to_parquet(path),
+        ".csv": lambda: frame.to_csv(path, index=False),
+    }[suffix]()
     splits = load_splits(DataSettings(source=str(path), eval_fraction=0.1))
     assert len(splits.train) == 18 and len(splits.eval) == 2
     assert splits.train[0].messages[-1]["role"] == "assistant"
@@ -54,10 +56,14 @@ def test_local_files_in_every_format_hold_out_an_eval_split(tmp_path: Path, suff
 
 
 def test_chat_and_sharegpt_rows_become_the_same_conversation(tmp_path: Path) -> None:
-    chat = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(10)]  # fmt: skip
-    share = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
-             for i in range(10)]  # fmt: skip
+    chat = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(10)
+    ]
+    share = [
+        {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+        for i in range(10)
+    ]
     a = load_splits(DataSettings(source=str(write_jsonl(tmp_path / "chat.jsonl", chat))))
     b = load_splits(DataSettings(source=str(write_jsonl(tmp_path / "share.jsonl", share))))
     assert [e.messages for e in a.train] == [e.messages for e in b.train]
@@ -65,8 +71,11 @@ def test_chat_and_sharegpt_rows_become_the_same_conversation(tmp_path: Path) -> 
 
 def test_renamed_columns(tmp_path: Path) -> None:
     rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(10)]
-    settings = DataSettings(source=str(write_jsonl(tmp_path / "qa.jsonl", rows)), format="alpaca",
-                            columns={"instruction": "question", "output": "answer"})  # fmt: skip
+    settings = DataSettings(
+        source=str(write_jsonl(tmp_path / "qa.jsonl", rows)),
+        format="alpaca",
+        columns={"instruction": "question", "output": "answer"},
+    )
     splits = load_splits(settings)
     assert splits.train[0].messages[0]["content"].startswith("q")
 
@@ -90,13 +99,14 @@ def test_too_small_data_is_refused(tmp_path: Path) -> None:
 
 
 def test_loss_only_on_the_answer(tokenizer) -> None:
-    example = Example(messages=[{"role": "user", "content": "What is 2 + 2?"},
-                                {"role": "assistant", "content": "4"}])  # fmt: skip
+    example = Example(
+        messages=[{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    )
     template = choose_chat_template(tokenizer, "auto")
     out = tokenize_examples([example], tokenizer, template=template, max_length=256)
     ids, labels = out.input_ids[0], out.labels[0]
     trained = tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
-    assert trained.startswith("4") and tokenizer.eos_token in trained or "<|im_end|>" in trained
+    assert (trained.startswith("4") and tokenizer.eos_token in trained) or "<|im_end|>" in trained
     assert "2 + 2" not in trained
     assert tokenizer.decode(ids).startswith(prompt_text(example, tokenizer, template))
 
@@ -107,17 +117,27 @@ def test_default_template_for_models_without_one(tokenizer) -> None:
     assert choose_chat_template(tokenizer, "auto") == DEFAULT_CHAT_TEMPLATE
     with pytest.raises(DataError, match="chat_template"):
         choose_chat_template(tokenizer, "model")
-    example = Example(messages=[{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}])
+    example = Example(
+        messages=[{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    )
     out = tokenize_examples([example], tokenizer, template=DEFAULT_CHAT_TEMPLATE, max_length=64)
     text = tokenizer.decode(out.input_ids[0])
     assert "### Instruction:\nSay hi" in text and "### Response:\nhi" in text
 
 
 def test_truncation_is_counted_and_empty_examples_dropped(tokenizer) -> None:
-    long_answer = Example(messages=[{"role": "user", "content": "Count"},
-                                    {"role": "assistant", "content": " ".join(["one"] * 200)}])  # fmt: skip
-    long_prompt = Example(messages=[{"role": "user", "content": " ".join(["word"] * 200)},
-                                    {"role": "assistant", "content": "ok"}])  # fmt: skip
+    long_answer = Example(
+        messages=[
+            {"role": "user", "content": "Count"},
+            {"role": "assistant", "content": " ".join(["one"] * 200)},
+        ]
+    )
+    long_prompt = Example(
+        messages=[
+            {"role": "user", "content": " ".join(["word"] * 200)},
+            {"role": "assistant", "content": "ok"},
+        ]
+    )
     template = choose_chat_template(tokenizer, "auto")
     out = tokenize_examples([long_answer, long_prompt], tokenizer, template=template, max_length=64)
     assert out.truncated == 2 and out.dropped == 1

@@ -27,9 +27,13 @@ def test_module_names_come_from_the_config_alone(tiny_llama: Path) -> None:
 
 @pytest.mark.parametrize(
     ("spec", "expected"),
-    [("all-linear", sorted(LLAMA_LINEAR)), ("qv", ["q_proj", "v_proj"]), ("mlp", list(TARGET_PRESETS["mlp"])),
-     ("k_proj, o_proj", ["k_proj", "o_proj"])],
-)  # fmt: skip
+    [
+        ("all-linear", sorted(LLAMA_LINEAR)),
+        ("qv", ["q_proj", "v_proj"]),
+        ("mlp", list(TARGET_PRESETS["mlp"])),
+        ("k_proj, o_proj", ["k_proj", "o_proj"]),
+    ],
+)
 def test_target_presets_and_names(spec: str, expected: list[str]) -> None:
     assert resolve_target_modules(spec, LLAMA_LINEAR) == expected
 
@@ -120,12 +124,24 @@ def test_training_changes_lora_weights_and_leaves_the_base_alone(tiny_llama: Pat
     tokenizer = load_tokenizer(str(tiny_llama), settings)
     splits = load_splits(DataSettings(max_train_examples=32, max_eval_examples=4))
     template = choose_chat_template(tokenizer, "auto")
-    columns = {name: tokenize_examples(getattr(splits, name), tokenizer, template=template, max_length=128).as_columns()
-               for name in ("train", "eval")}  # fmt: skip
+    columns = {
+        name: tokenize_examples(
+            getattr(splits, name), tokenizer, template=template, max_length=128
+        ).as_columns()
+        for name in ("train", "eval")
+    }
     lora = LoraSettings(r=4, learning_rate=1e-2)
-    trial = TrialSettings(model_path=str(tiny_llama), model=settings, train=TrainSettings(max_steps=3, eval_every=3,
-                          batch_size=4), lora=lora, train_data=columns["train"], eval_data=columns["eval"])  # fmt: skip
-    model = build_lora_model(load_base_model(str(tiny_llama), settings, device="cpu"), lora, gradient_checkpointing=False)
+    trial = TrialSettings(
+        model_path=str(tiny_llama),
+        model=settings,
+        train=TrainSettings(max_steps=3, eval_every=3, batch_size=4),
+        lora=lora,
+        train_data=columns["train"],
+        eval_data=columns["eval"],
+    )
+    model = build_lora_model(
+        load_base_model(str(tiny_llama), settings, device="cpu"), lora, gradient_checkpointing=False
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = build_trainer(model, tokenizer, trial, lora, str(tmp_path), device="cpu", callbacks=[])
     trainer.evaluate()  # an eval pass first, as every trial does
