@@ -125,12 +125,12 @@ def _hub_records(settings: DataSettings, split: str) -> list[dict[str, Any]] | N
     return list(datasets.load_dataset(settings.source, settings.hub_config, split=split))
 
 
-def detect_format(row: dict[str, Any], columns: dict[str, str]) -> str:
+def detect_format(row: dict[str, Any], columns: dict[str, str], where: str) -> str:
     for fmt, needed in _FORMAT_COLUMNS.items():
         if all(columns.get(c, c) in row for c in needed):
             return fmt
     raise DataError(
-        f"data.format: cannot tell the format from columns {sorted(row)}; expected alpaca "
+        f"{where}: data.format: cannot tell the format from columns {sorted(row)}; expected alpaca "
         "(instruction/output), chat (messages), sharegpt (conversations) or text; set data.format and "
         "data.columns"
     )
@@ -179,7 +179,11 @@ def to_example(row: dict[str, Any], fmt: str, settings: DataSettings, where: str
 def to_examples(rows: Sequence[dict[str, Any]], settings: DataSettings, origin: str) -> list[Example]:
     if not rows:
         return []
-    fmt = detect_format(rows[0], settings.columns) if settings.format == "auto" else settings.format
+    fmt = (
+        detect_format(rows[0], settings.columns, f"{origin}:1")
+        if settings.format == "auto"
+        else settings.format
+    )
     return [to_example(row, fmt, settings, f"{origin}:{i}") for i, row in enumerate(rows, start=1)]
 
 
@@ -209,7 +213,9 @@ def load_splits(settings: DataSettings) -> Splits:
             if not part:
                 return []
             fmt = (
-                detect_format(part[0][1], settings.columns) if settings.format == "auto" else settings.format
+                detect_format(part[0][1], settings.columns, f"{path}:{part[0][0]}")
+                if settings.format == "auto"
+                else settings.format
             )
             return [to_example(r, fmt, settings, f"{path}:{n}") for n, r in part]
 

@@ -1,0 +1,100 @@
+"""Bad input stops the driver before Ray starts, with a message naming the field, file or line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.run import main
+
+RAISING_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def rows(n: int, **extra: str) -> list[dict]:
+    return [{"instruction": f"Add {i} and 1.", "output": str(i + 1), **extra} for i in range(n)]
+
+
+def write_jsonl(path: Path, lines: list[dict | str]) -> str:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def model_with_template(tiny_llama: Path, target: Path, template: str | None) -> str:
+    shutil.copytree(tiny_llama, target)
+    (target / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = target / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    if template is not None:
+        config["chat_template"] = template
+    config_path.write_text(json.dumps(config))
+    return str(target)
+
+
+CASES = {
+    "malformed row": (
+        lambda t, m: [f"data.source={write_jsonl(t / 'bad.jsonl', [*rows(5), '{oops'])}"],
+        "bad.jsonl:6",
+    ),
+    "too small": (lambda t, m: [f"data.source={write_jsonl(t / 'few.jsonl', rows(3))}"], "too few"),
+    "missing column": (
+        lambda t, m: [f"data.source={write_jsonl(t / 'cols.jsonl', [{'instruction': 'x'}] * 20)}"],
+        "cols.jsonl:1",
+    ),
+    "unknown target": (lambda t, m: ["lora.target_modules=qkv_proj"], "lora.target_modules"),
+    "unknown target in space": (
+        lambda t, m: ["search.space.target_modules.choice=[wq]"],
+        "search.space.target_modules",
+    ),
+    "r out of range": (lambda t, m: ["lora.r=0"], "lora.r"),
+    "alpha out of range": (
+        lambda t, m: ["search.space.lora_alpha.choice=[0, 16]"],
+        "search.space.lora_alpha",
+    ),
+    "no chat template": (
+        lambda t, m: [
+            f"model.name_or_path={model_with_template(m, t / 'plain', None)}",
+            "data.chat_template=model",
+        ],
+        "data.chat_template",
+    ),
+    "template cannot render": (
+        lambda t, m: [
+            f"model.name_or_path={model_with_template(m, t / 'strict', RAISING_TEMPLATE)}",
+            "data.system_prompt=Be brief.",
+        ],
+        "System role not supported",
+    ),
+    "too short for any answer": (lambda t, m: ["data.max_length=16"], "data.max_length"),
+    "unknown key": (lambda t, m: ["train.epochs=3"], "train.epochs"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_named_before_ray_starts(
+    case: str, tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    make_overrides, named = CASES[case]
+    config = {
+        "name": "bad",
+        "storage_path": str(tmp_path / "experiments"),
+        "model": {"name_or_path": str(tiny_llama)},
+        "search": {"initial_points": [], "start_with_qlora_recipe": False},
+    }
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(path), *make_overrides(tmp_path, tiny_llama)]) == 2
+    error = capsys.readouterr().err
+    assert named in error, error
+    assert not ray.is_initialized()
+    assert not (tmp_path / "experiments").exists()
