@@ -36,6 +36,17 @@ class ModelSettings:
     trust_remote_code: bool = False  # never run code from the hub unless the user asks for it
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = True
+    # CUDA only (trainable/fast.py, docs/speed.md): fused 4-bit+LoRA layers, a bf16 residual stream, varlen
+    # attention for padding-free batches, Liger Kernel's RMSNorm/RoPE/SwiGLU. Same model, same loss.
+    fused_kernels: bool = True
+    # CUDA only: keep the 4-bit quantized base in a per-node cache ($QLORA_SWEEPS_CACHE/quantized) so that
+    # later trials on the node load it instead of quantizing again.
+    cache_quantized: bool = True
+    # CUDA fast path: GPU memory (GiB) the last decoder layers may keep their activations in instead of
+    # recomputing them in the backward (gradient checkpointing off for as many layers as fit at the batch's
+    # token count). 0: every layer checkpointed, the textbook recipe's memory. A 7B layer at 4 x 1024 tokens
+    # takes about 0.5 GiB; docs/speed.md has the measured trade.
+    activation_memory_gib: Annotated[float, Field(ge=0)] = 0.0
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -72,6 +83,9 @@ class TrainSettings:
     max_grad_norm: Annotated[float, Field(gt=0)] = 0.3  # QLoRA paper's value
     # "auto": bitsandbytes' paged AdamW (32-bit states) on CUDA, torch AdamW on CPU.
     optimizer: Literal["auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = "auto"
+    # CUDA with model.fused_kernels: each batch's examples concatenated into one row, attention kept within
+    # each example; the same examples and loss as a padded batch, without computing on padding.
+    padding_free: bool = True
     seed: int = 42
 
 
