@@ -1,0 +1,94 @@
+"""The report's batched generation against one prompt at a time, on the same 4-bit model and LoRA adapter.
+
+    python bench/gpu/generation.py --adapter EXPERIMENT/.../checkpoint_000002 --out results/
+
+Both go through `analysis.generate.generate_batched` (left-padded batches of `--batch-size` prompts; the
+one-at-a-time run is the same function with batch size 1, i.e. plain HF generate per prompt), greedy, on
+held-out prompts of the bundled set rendered with the model's chat template. Counted: answer tokens
+(up to and including the stop token) per second of wall time. Writes generation.jsonl under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main() -> None:
+    from analysis.generate import build_prompts, generate_batched, render_prompts
+    from trainable.data import choose_chat_template, load_splits
+    from trainable.model import load_base_model, load_tokenizer, resolve_model
+    from trainable.settings import DataSettings, GenerationSettings, ModelSettings
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder; default: a fresh random LoRA")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    args = p.parse_args()
+
+    path = resolve_model(args.model)
+    settings = ModelSettings(name_or_path=args.model)
+    tokenizer = load_tokenizer(path, settings)
+    model = load_base_model(path, settings, device="cuda")
+    model = attach_adapter(model, args.adapter)
+    model.eval()
+    splits = load_splits(DataSettings(max_eval_examples=None))
+    prompts = build_prompts(splits.eval + splits.test, [], count=args.prompts)
+    texts = render_prompts(prompts, tokenizer, choose_chat_template(tokenizer, "auto"))
+    results = []
+    for batch_size in (args.batch_size, 1):
+        gen = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=batch_size)
+        generate_batched(model, tokenizer, texts[: 2 * batch_size], gen)  # warm-up: kernels, allocator
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        answers = generate_batched(model, tokenizer, texts, gen)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        tokens = sum(n for _, n in answers)
+        results.append({"batch_size": batch_size, "prompts": len(texts), "answer_tokens": tokens,
+                        "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+                        "answers_sample": [a for a, _ in answers[:3]]})  # fmt: skip
+    record = {
+        "model": args.model,
+        "adapter": args.adapter or "random LoRA (r=16, all linear)",
+        "quantization": "nf4 double quant, bf16 compute",
+        "generation": dataclasses.asdict(GenerationSettings(max_new_tokens=args.max_new_tokens)),
+        "runs": results,
+        "batched_over_single": round(results[0]["tokens_per_s"] / results[1]["tokens_per_s"], 2),
+        "same_answers": [a for a, _ in answers[:3]] == results[0]["answers_sample"],
+        "device": torch.cuda.get_device_name(),
+    }
+    print(json.dumps(record), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "generation.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def attach_adapter(model: torch.nn.Module, adapter: str | None) -> torch.nn.Module:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, adapter)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.01)  # an adapter that changes the answers a little
+    return peft_model
+
+
+if __name__ == "__main__":
+    main()
