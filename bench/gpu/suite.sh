@@ -3,7 +3,7 @@
 #
 # Everything measured on the GPU host, as stages run in the order given:
 #   setup       install the carried wheels (.wheels/) into /tmp/site, print versions and devices
-#   tests       the GPU tests (tests/gpu) and the fast path's CPU tests
+#   tests       the GPU tests (tests/gpu)
 #   step        bench/gpu/train_step.py, every case, with a profile   (step-quick: fewer cases and steps)
 #   tiny-sweep  python -m sweeps.run on a 2-layer random Llama (the whole GPU path in a minute)
 #   gguf        reassemble the embedded model's GGUF file from the carried pieces (.gguf1/, .gguf2/)
@@ -63,7 +63,7 @@ print("varlen_attn", inspect.signature(varlen.varlen_attn))
 EOF
       ;;
     tests)
-      run env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -x -s -p no:cacheprovider tests/gpu tests/trainable/test_fast.py
+      run env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -p no:cacheprovider tests/gpu
       ;;
     step)
       run env CUDA_VISIBLE_DEVICES=0 python3 bench/gpu/train_step.py --out "$OUT" --steps 5 --warmup 2 --profile
