@@ -122,17 +122,13 @@ def fingerprint(config: SweepConfig, model_path: str, trial: TrialSettings) -> d
     }
 
 
-def find_experiment(config: SweepConfig, wanted: str) -> str:
-    """The experiment to resume: the named folder (a name or a full path/URI), or the newest of this config."""
+def find_experiment(config: SweepConfig) -> str:
+    """The experiment to resume: `experiment` when the config names one, else the newest of this config."""
     from pyarrow import fs
 
-    if "/" in wanted:
-        return wanted.rstrip("/")
-    storage = config.storage_uri()
-    if wanted == "latest" and config.experiment:
-        wanted = config.experiment
-    if wanted != "latest":
-        return f"{storage.rstrip('/')}/{wanted}"
+    storage = config.storage_uri().rstrip("/")
+    if config.experiment:
+        return f"{storage}/{config.experiment}"
     filesystem, root = fs.FileSystem.from_uri(storage)
     infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
     names = sorted(
@@ -142,7 +138,7 @@ def find_experiment(config: SweepConfig, wanted: str) -> str:
     )
     if not names:
         raise ConfigError(f"--resume: no experiment of config {config.name!r} under {storage}")
-    return f"{storage.rstrip('/')}/{names[-1]}"
+    return f"{storage}/{names[-1]}"
 
 
 def check_resumable(plan: SweepPlan) -> None:
@@ -289,10 +285,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="local", help="a name in sweeps/configs/ or a YAML path")
     parser.add_argument(
         "--resume",
-        nargs="?",
-        const="latest",
-        metavar="EXPERIMENT",
-        help="continue an interrupted sweep: the newest of this config, or a name, folder or URI",
+        action="store_true",
+        help="continue an interrupted sweep: the newest of this config, or the one named by experiment=NAME",
     )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
     return parser.parse_args(argv)
@@ -304,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         plan = prepare_sweep(config)
         if args.resume:
-            uri = find_experiment(config, args.resume)
+            uri = find_experiment(config)
             storage, _, name = uri.rpartition("/")
             plan = dataclasses.replace(plan, experiment=name, storage_uri=storage)
             check_resumable(plan)
@@ -321,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "(nothing left to learn after the cut)",
         flush=True,
     )
-    run_sweep(plan, resume=bool(args.resume))
+    run_sweep(plan, resume=args.resume)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +46,18 @@ def tiny_sweep_config(tmp_path: Path, model: Path, **search: object) -> Path:
     return path
 
 
+CANARY = "hf_canary_5bd1e0a7c3"  # a fake secret in the environment that must never be written anywhere
+
+
 def run_driver(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_TOKEN": CANARY, "WANDB_API_KEY": CANARY}
     return subprocess.run(
-        [sys.executable, "-m", "sweeps.run", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "sweeps.run", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
 
 
@@ -56,7 +66,7 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> tu
     tmp = tmp_path_factory.mktemp("sweep")
     done = run_driver("--config", str(tiny_sweep_config(tmp, tiny_llama)), cwd=tmp)
     assert done.returncode == 0, done.stderr[-4000:]
-    return tmp / "experiments" / "tiny-test", done.stdout
+    return tmp / "experiments" / "tiny-test", done.stdout + done.stderr
 
 
 def test_results_table_has_every_trial_with_config_and_metrics(tiny_sweep: tuple[Path, str]) -> None:
@@ -117,3 +127,29 @@ def test_bad_config_fails_before_ray_starts(tmp_path: Path, tiny_llama: Path) ->
     assert done.returncode == 2
     assert "lora.target_modules" in done.stderr and "qkv_proj" in done.stderr and "down_proj" in done.stderr
     assert not (tmp_path / "experiments").exists()
+
+
+def test_no_secret_from_the_environment_is_written(tiny_sweep: tuple[Path, str]) -> None:
+    experiment, output = tiny_sweep
+    assert CANARY not in output
+    files = [p for p in experiment.rglob("*") if p.is_file()]
+    ray_logs = [p for p in Path("/tmp/ray/session_latest/logs").glob("*") if p.is_file()]
+    assert files
+    for path in files + ray_logs:
+        assert CANARY.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize(
+    ("override", "part"),
+    [
+        ("data.max_train_examples=50", "data"),
+        ("search.space.r.choice=[8, 16]", "search space"),
+        ("model.quantization=none", "model"),
+    ],
+)
+def test_resume_refuses_a_changed_sweep(tiny_sweep: tuple[Path, str], override: str, part: str) -> None:
+    experiment = tiny_sweep[0]
+    config = experiment.parent.parent / "tiny.yaml"
+    done = run_driver("--config", str(config), "--resume", override, cwd=experiment.parent.parent)
+    assert done.returncode == 2
+    assert f"the {part} differ" in done.stderr and str(experiment) in done.stderr
