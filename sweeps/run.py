@@ -16,8 +16,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,9 +171,14 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
     from ray.tune.search.optuna import OptunaSearch
 
     config, search = plan.config, plan.config.search
+    resources = ray.cluster_resources()
     gpus = search.gpus_per_trial
     if gpus == "auto":
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+    # As many trials at once as the cluster holds now (an autoscaling cluster should set the cap itself):
+    # with a searcher, Tune only keeps one trial pending, so without a cap trials would run one by one.
+    capacity = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // search.cpus_per_trial
+    concurrency = search.max_concurrent_trials or max(1, capacity)
     study_storage = search.study_storage or f"sqlite:///{local_experiment_dir(plan)}/optuna.db"
     searcher = OptunaSearch(
         points_to_evaluate=config.initial_points or None,
@@ -211,7 +218,7 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=search.num_samples,
-            max_concurrent_trials=search.max_concurrent_trials,
+            max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(
             name=plan.experiment,
@@ -225,7 +232,7 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
     )
 
 
-def build_loggers(names: list[str]) -> list[Any]:
+def build_loggers(names: Sequence[str]) -> list[Any]:
     callbacks: list[Any] = []
     if "tensorboard" in names:
         from ray.tune.logger import TBXLoggerCallback
@@ -267,6 +274,13 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False) -> str:
     grid = build_tuner(plan, resume=resume).fit()
     table = collect_results(grid, plan.config)
     path = write_table(table, plan.experiment_uri, "results.parquet")
+    if "://" in plan.storage_uri and not plan.config.search.study_storage:
+        # SQLite needs a local file: the study lived beside the driver; keep a copy with the results.
+        from sweeps.results import write_bytes
+
+        local_db = os.path.join(local_experiment_dir(plan), "optuna.db")
+        with open(local_db, "rb") as f:
+            write_bytes(plan.experiment_uri, "optuna.db", f.read())
     print(format_summary(table, path), flush=True)
     if plan.config.report.enabled:
         # A separate process: the report reads only the experiment's files, as it does on a laptop.

@@ -7,6 +7,7 @@ or {"randint": [low, high]} (high exclusive). YAML files may replace the whole s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -95,7 +96,7 @@ def to_tune_space(space: dict[str, Any]) -> dict[str, Any]:
     """The space as Ray Tune domains, which OptunaSearch turns into Optuna distributions."""
     from ray import tune
 
-    makers = {
+    makers: dict[str, Callable[..., Any]] = {
         "choice": tune.choice,
         "uniform": tune.uniform,
         "loguniform": tune.loguniform,

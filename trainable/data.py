@@ -167,7 +167,7 @@ def to_example(row: dict[str, Any], fmt: str, settings: DataSettings, where: str
         messages = list(system)
         for turn in turns:
             role = turn.get(role_key) if isinstance(turn, dict) else None
-            role = _SHAREGPT_ROLES.get(role) if fmt == "sharegpt" else role
+            role = _SHAREGPT_ROLES.get(str(role)) if fmt == "sharegpt" else role
             if role not in ("system", "user", "assistant") or not isinstance(turn.get(content_key), str):
                 raise DataError(f"{where}: bad turn {turn!r}: needs {role_key!r} and {content_key!r}")
             messages.append({"role": role, "content": turn[content_key]})
@@ -238,16 +238,16 @@ def load_splits(settings: DataSettings) -> Splits:
             to_examples(test_rows, settings, origin),
         )
     rng = random.Random(settings.seed)
-    train = splits.train
-    if settings.max_train_examples is not None and len(train) > settings.max_train_examples:
-        train = rng.sample(train, settings.max_train_examples)
+    train_examples = splits.train
+    if settings.max_train_examples is not None and len(train_examples) > settings.max_train_examples:
+        train_examples = rng.sample(train_examples, settings.max_train_examples)
     evals = splits.eval[: settings.max_eval_examples] if settings.max_eval_examples else splits.eval
-    if len(train) < 8 or len(evals) < 1:
+    if len(train_examples) < 8 or len(evals) < 1:
         raise DataError(
-            f"data.source {settings.source!r}: too few examples (train {len(train)}, eval {len(evals)}); "
+            f"data.source {settings.source!r}: too few examples (train {len(train_examples)}, eval {len(evals)}); "
             "a sweep needs at least 8 training and 1 evaluation example"
         )
-    return Splits(train, evals, splits.test)
+    return Splits(train_examples, evals, splits.test)
 
 
 def _hold_out(

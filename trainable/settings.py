@@ -94,7 +94,7 @@ class LoraSettings:
     """The hyperparameters a sweep may search; values here are used for those it does not."""
 
     r: Annotated[int, Field(ge=1, le=1024)] = 16
-    lora_alpha: Annotated[float, Field(gt=0, le=4096)] = 32
+    lora_alpha: Annotated[int, Field(ge=1, le=4096)] = 32
     # A preset (see trainable.model.TARGET_PRESETS) or comma-separated module names such as "q_proj,v_proj".
     target_modules: str = "all-linear"
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
@@ -115,7 +115,9 @@ class GenerationSettings:
     num_beams: Annotated[int, Field(ge=1)] = 1
     max_new_tokens: Annotated[int, Field(ge=1)] = 64
     seed: int = 0
-    batch_size: Annotated[int, Field(ge=1)] = 16  # prompts per generate() call (left-padded)
+    # Prompts per generate() call (left-padded): the default set (16 eval prompts + 1 of the user's) in one
+    # batch, since a batch costs about as much per step as a full one until its longest answer ends.
+    batch_size: Annotated[int, Field(ge=1)] = 32
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -130,4 +132,12 @@ class ReportSettings:
     # Ranking rule: among trials whose best eval loss is within this fraction of the best, rank by answer
     # quality; the rest follow by eval loss.
     loss_tolerance: Annotated[float, Field(ge=0)] = 0.02
+    # The answer-quality scores that order those trials, most important first (ties fall to the next):
+    # exact_match (accuracy on prompts with a checkable answer), chrf (character F-score against the
+    # reference, 0-100), judge (Bradley-Terry strength from the judge's pairwise verdicts).
+    rank_by: list[Literal["exact_match", "chrf", "judge"]] = field(
+        default_factory=lambda: ["exact_match", "chrf"]
+    )
     judge: str | None = None  # optional: a hub id, local path or OpenAI-compatible endpoint URL
+    # The model name sent to a judge endpoint (its key, if it needs one, comes from OPENAI_API_KEY).
+    judge_model: str = "default"

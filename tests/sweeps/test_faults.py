@@ -112,7 +112,7 @@ def test_driver_killed_repeatedly_then_resumed(tmp_path: Path, tiny_llama: Path)
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 continue
-        output, _ = process.communicate(timeout=900)
+        process.communicate(timeout=900)
         if process.returncode == 0 and (experiment / "results.parquet").exists():
             break
     else:

@@ -1,0 +1,57 @@
+"""Two nodes with one (fake) GPU each: the driver runs one trial per node at the same time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+
+@pytest.fixture
+def two_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1})
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def test_trials_run_one_per_node_and_gpu_at_the_same_time(
+    two_node_cluster, tmp_path: Path, tiny_llama: Path
+) -> None:
+    storage = tmp_path / "shared-storage"
+    config = {
+        "name": "cluster",
+        "storage_path": str(storage),
+        "experiment": "two-nodes",
+        "model": {"name_or_path": str(tiny_llama), "gradient_checkpointing": False},
+        "data": {"max_length": 128, "max_train_examples": 64, "max_eval_examples": 4},
+        "train": {"max_steps": 6, "batch_size": 4, "eval_every": 2},
+        "lora": {"target_modules": "qv"},
+        "search": {"num_samples": 2, "cpus_per_trial": 1, "gpus_per_trial": 1, "scheduler": "none",
+                   "start_with_qlora_recipe": False, "space": {"r": {"choice": [4, 8]}}},
+        "report": {"enabled": False},
+    }  # fmt: skip
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_ADDRESS": two_node_cluster.address}
+    done = subprocess.run([sys.executable, "-m", "sweeps.run", "--config", str(path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    table = pd.read_parquet(storage / "two-nodes" / "results.parquet")
+    assert len(table) == 2 and set(table["status"]) == {"completed"}
+    progress = [pd.read_csv(Path(p) / "progress.csv").iloc[-1] for p in table["trial_path"]]
+    assert progress[0]["node_id"] != progress[1]["node_id"]  # one trial per node
+    assert all(str(p["gpu_ids"]) == "0" for p in progress)  # exactly one GPU each (each node's only one)
+    (a_start, a_end), (b_start, b_end) = [
+        (p["started_at"], p["started_at"] + p["time_total_s"]) for p in progress
+    ]
+    assert a_start < b_end and b_start < a_end  # they overlapped in time
+    assert all(Path(p).is_relative_to(storage) for p in table["adapter_path"])
