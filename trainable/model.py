@@ -76,7 +76,7 @@ def resolve_model(name_or_path: str) -> str:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         # The GGUF loader marks the model as GGUF-quantized, which blocks saving; its weights are plain
         # dequantized tensors by now, so drop the marker.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
@@ -187,7 +187,7 @@ def keep_4bit_trainable_on_cpu(model: nn.Module) -> None:
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
 
 
 def linear_module_names(model: nn.Module) -> set[str]:
