@@ -1,0 +1,189 @@
+"""Answers from every candidate (the base model and the top adapters) to one fixed prompt set.
+
+The base model is loaded once, 4-bit as in training (the adapters were trained against those weights).
+It answers first, bare; then each adapter is attached with peft, answers, and is removed again: every
+adapter is read from disk once. (Re-enabling bitsandbytes' CPU inference repacking, or dequantizing the
+base to bf16, made no measurable difference to generation speed on CPU, so the report generates with the
+model exactly as trained.) Prompts are generated in batches, left-padded, so one forward pass
+extends every answer of a batch by a token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pandas as pd
+
+from trainable.data import Example, prompt_text
+from trainable.settings import GenerationSettings
+
+BASE = "base"  # the candidate name of the base model without adapter
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of the report's set: held out from the eval split (with a reference) or given by the user."""
+
+    prompt_id: str
+    source: str  # "eval" or "user"
+    question: str  # the last user turn, for display
+    example: Example  # the conversation up to the answer (plus the reference answer for eval prompts)
+
+    @property
+    def reference(self) -> str | None:
+        return self.example.reference if self.source == "eval" else None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Something that answers: the base model (adapter_path None) or a trial's adapter on it."""
+
+    name: str  # BASE or the trial id
+    adapter_path: str | None = None
+
+
+def build_prompts(
+    eval_examples: Sequence[Example],
+    user_prompts: Sequence[str],
+    *,
+    count: int,
+    system_prompt: str | None = None,
+) -> list[Prompt]:
+    """`count` eval examples, spread over the tasks (round robin in order of first appearance, so a small
+    count still covers every task), then the user's prompts."""
+    usable = [e for e in eval_examples if any(m["role"] == "assistant" for m in e.messages)]
+    by_task: dict[str | None, list[tuple[int, Example]]] = {}
+    for index, example in enumerate(usable):
+        by_task.setdefault(example.task, []).append((index, example))
+    chosen: list[tuple[int, Example]] = []
+    queues = list(by_task.values())
+    while len(chosen) < min(count, len(usable)):
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    prompts = []
+    for index, example in sorted(chosen, key=lambda pair: pair[0]):
+        last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+        question = next((m["content"] for m in reversed(example.messages[:last]) if m["role"] == "user"), "")
+        prompts.append(Prompt(f"eval-{index:03d}", "eval", question, example))
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for number, text in enumerate(user_prompts, start=1):
+        messages = [*system, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        prompts.append(Prompt(f"user-{number:02d}", "user", text, Example(messages=messages, check=None)))
+    return prompts
+
+
+def render_prompts(prompts: Sequence[Prompt], tokenizer: Any, template: str) -> list[str]:
+    """Each prompt rendered with the sweep's chat template, ending where the assistant's answer starts."""
+    return [prompt_text(p.example, tokenizer, template) for p in prompts]
+
+
+def build_generation_config(settings: GenerationSettings, tokenizer: Any, model: Any) -> Any:
+    from transformers import GenerationConfig
+
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    sample = settings.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sample,
+        # Sampling knobs only when sampling: transformers warns about them under greedy or beam search.
+        temperature=settings.temperature if sample else None,
+        top_p=settings.top_p if sample else None,
+        top_k=settings.top_k if sample else None,
+        num_beams=settings.num_beams,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=sorted(eos_ids),
+    )
+
+
+def generate_batched(
+    model: Any, tokenizer: Any, texts: Sequence[str], settings: GenerationSettings
+) -> list[tuple[str, int]]:
+    """(answer, new tokens) for each text, `settings.batch_size` texts per generate() call."""
+    import torch
+
+    config = build_generation_config(settings, tokenizer, model)
+    stops = set(config.eos_token_id) | {tokenizer.pad_token_id}
+    tokenizer.padding_side = "left"  # new tokens follow every prompt's last token directly
+    # Similar lengths share a batch: less padding to compute on; answers go back in the given order.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    answers: dict[int, tuple[str, int]] = {}
+    torch.manual_seed(settings.seed)
+    for start in range(0, len(order), settings.batch_size):
+        batch = order[start : start + settings.batch_size]
+        # The templates write their special tokens themselves, as in training.
+        encoded = tokenizer(
+            [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        encoded = encoded.to(model.device)
+        with torch.inference_mode():
+            output = model.generate(**encoded, generation_config=config)
+        for i, row in zip(batch, output[:, encoded["input_ids"].shape[1] :].tolist(), strict=True):
+            length = next((n + 1 for n, token in enumerate(row) if token in stops), len(row))
+            answers[i] = (tokenizer.decode(row[:length], skip_special_tokens=True).strip(), length)
+    return [answers[i] for i in range(len(texts))]
+
+
+def generate_for_candidates(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    texts: Sequence[str],
+    candidates: Sequence[Candidate],
+    settings: GenerationSettings,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Generations (one row per prompt x candidate) and per-candidate timing.
+
+    `model` is the bare base model; adapters are attached to it in place, one at a time, and the
+    base candidate (if any) answers before the first is attached.
+    """
+    from peft import PeftModel
+
+    rows: list[dict[str, Any]] = []
+    timing: list[dict[str, Any]] = []
+    ordered = sorted(candidates, key=lambda c: c.adapter_path is not None)  # the bare base first
+    peft_model: Any = None
+    previous: str | None = None
+    for number, candidate in enumerate(ordered):
+        if candidate.adapter_path is None:
+            runner = model
+        else:
+            adapter = f"candidate_{number}"
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, candidate.adapter_path, adapter_name=adapter)
+            else:
+                peft_model.load_adapter(candidate.adapter_path, adapter_name=adapter)
+                peft_model.set_adapter(adapter)
+                if previous is not None:
+                    peft_model.delete_adapter(previous)  # one adapter in memory at a time
+            previous = adapter
+            peft_model.eval()
+            runner = peft_model
+        start = time.perf_counter()
+        answers = generate_batched(runner, tokenizer, texts, settings)
+        seconds = time.perf_counter() - start
+        new_tokens = sum(n for _, n in answers)
+        timing.append({"candidate": candidate.name, "seconds": seconds, "new_tokens": new_tokens,
+                       "tokens_per_s": new_tokens / seconds if seconds else float("nan")})  # fmt: skip
+        for prompt, text, (answer, tokens) in zip(prompts, texts, answers, strict=True):
+            rows.append(
+                {
+                    "prompt_id": prompt.prompt_id,
+                    "source": prompt.source,
+                    "task": prompt.example.task,
+                    "check": prompt.example.check,
+                    "question": prompt.question,
+                    "prompt": text,
+                    "reference": prompt.reference,
+                    "candidate": candidate.name,
+                    "adapter_path": candidate.adapter_path,
+                    "answer": answer,
+                    "new_tokens": tokens,
+                    **{f"gen_{k}": v for k, v in asdict(settings).items()},
+                }
+            )
+    return pd.DataFrame(rows), pd.DataFrame(timing)

@@ -1,0 +1,88 @@
+"""Batched generation: left padding changes no answer, and swapping adapters in place equals loading each
+fresh."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis.generate import (
+    BASE,
+    Candidate,
+    build_prompts,
+    generate_batched,
+    generate_for_candidates,
+    render_prompts,
+)
+from trainable.data import DEFAULT_CHAT_TEMPLATE, Example
+from trainable.model import load_base_model, load_tokenizer
+from trainable.settings import GenerationSettings, ModelSettings
+
+# Full precision, no quantization: batched and one-by-one runs then agree to the last token.
+EXACT = ModelSettings(quantization="none", compute_dtype="float32")
+QUESTIONS = ["Add the two numbers.\n\n12 + 30", "Reverse the letters of the word.\n\napple",
+             "Write me a poem about Singapore", "Hi"]  # fmt: skip
+
+
+def examples(n: int) -> list[Example]:
+    return [Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": str(i)}],
+                    task=f"task{i % 2}", check="exact") for i, q in enumerate(QUESTIONS[:n])]  # fmt: skip
+
+
+def make_adapter(model_path: Path, out: Path, *, seed: int) -> str:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = load_base_model(str(model_path), EXACT, device="cpu")
+    # Random B as well as A (peft starts B at zero): the adapter changes the answers.
+    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return str(out)
+
+
+def test_prompts_spread_over_tasks_then_user_prompts() -> None:
+    eval_examples = [Example(messages=[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+                             task="add" if i < 6 else "even_odd", check="exact") for i in range(8)]  # fmt: skip
+    prompts = build_prompts(eval_examples, ["Write me a poem"], count=4, system_prompt=None)
+    assert [p.example.task for p in prompts[:4]].count("even_odd") == 2  # round robin, not the first four
+    assert prompts[-1].source == "user" and prompts[-1].reference is None
+    assert prompts[0].reference == "a"
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_left_padded_batches_give_the_one_by_one_answers(tiny_llama: Path, batch_size: int) -> None:
+    tokenizer = load_tokenizer(str(tiny_llama), EXACT)
+    model = load_base_model(str(tiny_llama), EXACT, device="cpu")
+    texts = render_prompts(build_prompts(examples(4), [], count=4), tokenizer, DEFAULT_CHAT_TEMPLATE)
+    assert len({len(tokenizer(t)["input_ids"]) for t in texts}) > 1  # prompts of different lengths: padding
+    settings = GenerationSettings(max_new_tokens=8, batch_size=batch_size)
+    one_by_one = [generate_batched(model, tokenizer, [t], settings)[0] for t in texts]
+    assert generate_batched(model, tokenizer, texts, settings) == one_by_one
+
+
+def test_adapters_swapped_in_place_answer_as_freshly_loaded_ones(tiny_llama: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    adapters = [make_adapter(tiny_llama, tmp_path / f"adapter{i}", seed=i) for i in range(2)]
+    tokenizer = load_tokenizer(str(tiny_llama), EXACT)
+    prompts = build_prompts(examples(3), ["Hello"], count=3)
+    texts = render_prompts(prompts, tokenizer, DEFAULT_CHAT_TEMPLATE)
+    settings = GenerationSettings(max_new_tokens=6)
+    candidates = [Candidate("t0", adapters[0]), Candidate(BASE), Candidate("t1", adapters[1])]
+    generations, timing = generate_for_candidates(load_base_model(str(tiny_llama), EXACT, device="cpu"), tokenizer,
+                                                  prompts, texts, candidates, settings)  # fmt: skip
+    assert len(generations) == len(prompts) * len(candidates)
+    assert list(timing["candidate"]) == [BASE, "t0", "t1"]  # the bare base answers first
+    assert (generations["gen_max_new_tokens"] == 6).all() and (generations["gen_temperature"] == 0.0).all()
+    answers = generations.set_index(["candidate", "prompt_id"])["answer"]
+    for name, path in (("t0", adapters[0]), ("t1", adapters[1])):
+        fresh = PeftModel.from_pretrained(load_base_model(str(tiny_llama), EXACT, device="cpu"), path).eval()
+        expected = [a for a, _ in generate_batched(fresh, tokenizer, texts, settings)]
+        assert [answers[(name, p.prompt_id)] for p in prompts] == expected
+    base = load_base_model(str(tiny_llama), EXACT, device="cpu")
+    assert [answers[(BASE, p.prompt_id)] for p in prompts] == [
+        a for a, _ in generate_batched(base, tokenizer, texts, settings)
+    ]
+    assert [answers[("t0", p.prompt_id)] for p in prompts] != [answers[(BASE, p.prompt_id)] for p in prompts]

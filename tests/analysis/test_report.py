@@ -1,0 +1,126 @@
+"""The report on a real (tiny) sweep: made by the driver, rerun by hand, on a copied folder, with a judge."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import EVAL_PROMPTS, REPO_ROOT, TRIALS, USER_PROMPTS
+
+from analysis.experiment import ExperimentError, load_experiment, load_report_settings, relocate
+
+
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_the_driver_wrote_every_output(tiny_sweep: Path) -> None:
+    for name in ("leaderboard.parquet", "leaderboard.csv", "generations.parquet", "report.html"):
+        assert (tiny_sweep / name).is_file(), name
+    assert not list(tiny_sweep.glob(".*.tmp-*")), "a temporary file was left behind"
+
+
+def test_leaderboard_has_every_trial_and_the_base(tiny_sweep: Path) -> None:
+    board = pd.read_parquet(tiny_sweep / "leaderboard.parquet")
+    results = pd.read_parquet(tiny_sweep / "results.parquet")
+    assert len(results) == TRIALS
+    assert set(board["candidate"]) == {*results["trial_id"], "base"}
+    assert list(board["rank"].dropna()) == list(range(1, TRIALS + 1))
+    assert pd.read_csv(tiny_sweep / "leaderboard.csv")["candidate"].tolist() == board["candidate"].tolist()
+    # The two best by loss generated (top_k 2): they have scores; the third has none.
+    scored = board[board["exact_match"].notna()]["candidate"]
+    best_two = results.sort_values("best_eval_loss")["trial_id"].head(2)
+    assert set(scored) == {*best_two, "base"}
+
+
+def test_generations_are_one_row_per_prompt_and_candidate(tiny_sweep: Path) -> None:
+    generations = pd.read_parquet(tiny_sweep / "generations.parquet")
+    prompts = EVAL_PROMPTS + len(USER_PROMPTS)
+    assert generations["prompt_id"].nunique() == prompts
+    assert generations["candidate"].nunique() == 3  # top 2 + base
+    assert len(generations) == prompts * 3
+    assert not generations.duplicated(["prompt_id", "candidate"]).any()
+    assert set(generations[generations["source"] == "user"]["question"]) == set(USER_PROMPTS)
+    evals = generations[generations["source"] == "eval"]
+    assert evals["reference"].notna().all() and evals["chrf"].notna().all()
+    assert evals[evals["check"].isin(["exact", "json"])]["exact_match"].isin([0.0, 1.0]).all()
+    # Generation settings are recorded on every row.
+    assert (generations["gen_max_new_tokens"] == 6).all() and (generations["gen_num_beams"] == 1).all()
+    assert (generations["new_tokens"] <= 6).all()
+
+
+def test_a_copied_experiment_reports_with_overrides_and_a_judge(
+    tiny_sweep: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "elsewhere" / "tiny-copy"
+    shutil.copytree(tiny_sweep, copy)
+    # As on another machine: the recorded absolute paths point nowhere.
+    results = pd.read_parquet(copy / "results.parquet")
+    for column in ("adapter_path", "trial_path"):
+        results[column] = [
+            str(Path("/nonexistent/storage/tiny") / Path(p).relative_to(tiny_sweep)) for p in results[column]
+        ]
+    results.to_parquet(copy / "results.parquet")
+    for name in ("leaderboard.parquet", "generations.parquet", "report.html"):
+        (copy / name).unlink()
+    done = run_module("analysis.report", str(copy / "results.parquet"), "--top-k", "1", "report.eval_prompts=2",
+                      "prompts=[]", f"judge={tiny_llama}", "rank_by=[judge, exact_match]")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "report:" in done.stdout
+    experiment = load_experiment(copy)
+    assert all(str(p).startswith(str(copy)) for p in experiment.results["adapter_path"])
+    generations = pd.read_parquet(copy / "generations.parquet")
+    assert len(generations) == 2 * 2  # 2 prompts x (top 1 + base)
+    judgments = pd.read_parquet(copy / "judgments.parquet")
+    assert len(judgments) == 2 * 2  # 2 prompts x both orders of the one pair
+    assert judgments["judge_prompt"].str.contains("Answer B:").all() and judgments["verdict"].notna().all()
+    board = pd.read_parquet(copy / "leaderboard.parquet")
+    assert board.loc[board["rank"] == 1, "judge_strength"].notna().all()
+    assert 'id="judge-table"' in (copy / "report.html").read_text()
+
+
+def test_remote_storage_is_fetched_and_outputs_put_back(tiny_sweep: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "bucket" / "tiny"
+    shutil.copytree(tiny_sweep, remote)
+    (remote / "report.html").unlink()
+    done = run_module("analysis.report", f"file://{remote}", "eval_prompts=1", "prompts=[]", "top_k=1",
+                      env={"QLORA_SWEEPS_CACHE": str(tmp_path / "cache")})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (remote / "report.html").is_file()
+    local = tmp_path / "cache" / "experiments" / "tiny"
+    assert (local / "results.parquet").is_file() and not list(local.rglob("optimizer.pt"))
+
+
+def test_bad_overrides_are_named(tiny_sweep: Path) -> None:
+    done = run_module(
+        "analysis.report", str(tiny_sweep), "top_k=0", "generation.temperature=-1", "colour=red"
+    )
+    assert done.returncode == 2
+    for key in ("report.top_k", "report.generation.temperature", "report.colour"):
+        assert key in done.stderr
+    with pytest.raises(ExperimentError, match="rank_by"):
+        load_report_settings(load_experiment(tiny_sweep), ["rank_by=[bleu]"])
+
+
+def test_a_folder_without_results_is_explained(tmp_path: Path) -> None:
+    done = run_module("analysis.report", str(tmp_path))
+    assert done.returncode == 2 and "no results.parquet" in done.stderr
+
+
+def test_relocate_keeps_the_longest_tail_that_exists(tmp_path: Path) -> None:
+    (tmp_path / "trial_a" / "checkpoint_000001").mkdir(parents=True)
+    assert relocate("/other/machine/exp/trial_a/checkpoint_000001", tmp_path) == str(
+        tmp_path / "trial_a" / "checkpoint_000001"
+    )
+    assert relocate("/other/machine/exp/trial_b/checkpoint_000001", tmp_path) is None
+    assert relocate(None, tmp_path) is None
