@@ -45,7 +45,7 @@ class ModelSettings:
     # CUDA fast path: GPU memory (GiB) the last decoder layers may keep their activations in instead of
     # recomputing them in the backward (gradient checkpointing off for as many layers as fit at the batch's
     # token count). 0: every layer checkpointed, the textbook recipe's memory. A 7B layer at 4 x 1024 tokens
-    # takes about 0.5 GiB; docs/speed.md has the measured trade.
+    # takes 0.71 GiB (measured, LoRA dropout on); docs/speed.md has the trade.
     activation_memory_gib: Annotated[float, Field(ge=0)] = 0.0
 
 

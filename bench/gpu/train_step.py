@@ -92,7 +92,7 @@ def main() -> None:
         if textbook_peak is not None:
             per_layer = (none["peak_gib"] - base["peak_gib"]) / cfg.num_hidden_layers
             budget = max(0.0, textbook_peak - base["peak_gib"] - 0.25)  # GiB left under the textbook's peak
-            bench.run("project", ALL, 16, fixed(4, seq), activation_memory_gib=budget,
+            bench.run("project", ALL, 16, fixed(4, seq), activation_memory_gib=budget, tokens_per_batch=4 * seq,
                       label=f"unchecked-within-textbook-peak ({per_layer:.2f} GiB/layer measured)")  # fmt: skip
     if args.profile:
         bench.profile("textbook", ALL, 16, fixed(4, seq))
