@@ -109,6 +109,7 @@ def plot_hyperparameters(results: pd.DataFrame) -> Figure:
             jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(codes))
             axis.scatter(codes + jitter, data["best_eval_loss"], s=25, alpha=0.8)
             axis.set_xticks(range(len(categories)), categories, rotation=20, fontsize=8)
+            axis.set_xlim(-0.5, len(categories) - 0.5)
         axis.set_xlabel(name)
         axis.set_ylabel("best eval loss")
         axis.grid(alpha=0.3)

@@ -197,7 +197,12 @@ def build_report_page(
         "fig-parallel": ("Parallel coordinates", figure_to_base64(plot_parallel_coordinates(results))),
         "fig-importance": ("Hyperparameter importance", figure_to_base64(plot_importance(importance))),
     }  # fmt: skip
-    sections = {"Importance note": f'<p class="note" id="importance-note">{_escape(importance.note)}</p>'}
+    # Without values the figure itself carries the note; with values, the note says how to read them.
+    sections = (
+        {"Importance note": f'<p class="note" id="importance-note">{_escape(importance.note)}</p>'}
+        if importance.values
+        else {}
+    )
     if judgments is not None:
         strengths = board.set_index("candidate")[[c for c in board if c.startswith("judge_")]].dropna(
             how="all"
