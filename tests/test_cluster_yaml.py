@@ -231,7 +231,7 @@ def test_spot_is_preferred_and_on_demand_is_second(raw_config: dict[str, Any]) -
 def test_project_is_synced_and_installed_without_local_state(raw_config: dict[str, Any]) -> None:
     assert raw_config["file_mounts"]["~/qlora-sweeps"] == "."
     assert {".venv", "experiments", ".git"} <= set(raw_config["rsync_exclude"])
-    assert any("-e \"$HOME/qlora-sweeps[gpu]\"" in command for command in raw_config["setup_commands"])
+    assert any('-e "$HOME/qlora-sweeps[gpu]"' in command for command in raw_config["setup_commands"])
 
 
 def test_no_secret_is_written_in_the_file() -> None:
