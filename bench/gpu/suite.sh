@@ -2,16 +2,19 @@
 # bash bench/gpu/suite.sh STAGE...        (on a GPU host, from the repository root; results under $OUT)
 #
 # Everything measured on the GPU host, as stages run in the order given:
-#   setup       install the carried wheels (.wheels/) into /tmp/site, print versions and devices
+#   stash       copy the carried pieces (.gguf1/, .gguf2/, .adapter/) to /tmp/carried: a folder that is not
+#               carried again is gone from the next call's checkout, /tmp stays while the host is held
+#   setup       install the carried wheels ($WHEELS, default .wheels/) into /tmp/site, print versions and devices
 #   tests       the GPU tests (tests/gpu)
 #   step        bench/gpu/train_step.py, every case, with a profile   (step-quick: fewer cases and steps)
 #   tiny-sweep  python -m sweeps.run on a 2-layer random Llama (the whole GPU path in a minute)
-#   gguf        reassemble the embedded model's GGUF file from the carried pieces (.gguf1/, .gguf2/)
+#   gguf        reassemble the embedded model's GGUF file from the stashed pieces (.gguf1/, .gguf2/)
 #   smollm2     one trial of the default model under Ray Tune, one GPU         (issue 2)
 #   llama7b     one trial of a Llama-2-7B-shaped model under Ray Tune, one GPU (issue 2)
 #   setup-time  bench/gpu/trial_setup.py: process start to first optimizer step, quantized cache on/off
 #   two-gpu     four trials two at a time (one per GPU), then one at a time
-#   generation  bench/gpu/generation.py: the report's batched generation vs one prompt at a time
+#   generation  bench/gpu/generation.py: the report's batched generation vs one prompt at a time, with the
+#               stashed .adapter/ if there is one, else the adapter of the smollm2 stage
 # Output: log.txt, train_step.jsonl, profile.txt, setup.jsonl, sweeps.jsonl, generation.jsonl.
 set -uo pipefail
 OUT=${OUT:-bench-out}
@@ -21,6 +24,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=1
 TOK=/tmp/smollm2-tokenizer
+CARRIED=/tmp/carried
 GGUF=/tmp/smollm2.gguf
 [ -f "$GGUF" ] && export QLORA_SWEEPS_GGUF=$GGUF
 
@@ -45,9 +49,13 @@ sweep() {  # sweep LABEL CONFIG [overrides...]: run the driver, time it, summari
 for stage in "$@"; do
   log "stage $stage"
   case $stage in
+    stash)
+      mkdir -p $CARRIED
+      for piece in .gguf1 .gguf2 .adapter; do [ -d $piece ] && cp -r $piece $CARRIED/ && log "stashed $piece"; done
+      ;;
     setup)
       run python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .wheels/*.whl
+        --target /tmp/site "${WHEELS:-.wheels}"/*.whl
       run python3 - <<'EOF'
 import importlib, inspect, os, torch
 for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets", "ray", "optuna",
@@ -78,8 +86,8 @@ EOF
       ;;
     gguf)
       # The 94 MiB file travels in two pieces, in two calls: .gguf1/part-aa, .gguf2/part-ab and SHA256.
-      cat .gguf1/part-* .gguf2/part-* > $GGUF
-      if [ "$(sha256sum $GGUF | cut -d' ' -f1)" = "$(cat .gguf2/SHA256)" ]; then log "gguf ok"; else log "gguf BAD"; fi
+      cat $CARRIED/.gguf1/part-* $CARRIED/.gguf2/part-* > $GGUF
+      if [ "$(sha256sum $GGUF | cut -d' ' -f1)" = "$(cat $CARRIED/.gguf2/SHA256)" ]; then log "gguf ok"; else log "gguf BAD"; fi
       export QLORA_SWEEPS_GGUF=$GGUF
       ;;
     smollm2)
@@ -100,7 +108,8 @@ EOF
       sweep one-at-a-time bench/gpu/two-gpu.yaml search.max_concurrent_trials=1
       ;;
     generation)
-      adapter=$(python3 -c "import pandas as pd; print(pd.read_parquet('experiments/smollm2/results.parquet').adapter_path[0])" 2>/dev/null)
+      adapter=$CARRIED/.adapter
+      [ -d "$adapter" ] || adapter=$(python3 -c "import pandas as pd; print(pd.read_parquet('experiments/smollm2/results.parquet').adapter_path[0])" 2>/dev/null)
       run env CUDA_VISIBLE_DEVICES=0 python3 bench/gpu/generation.py ${adapter:+--adapter "$adapter"} --out "$OUT"
       ;;
     *)
