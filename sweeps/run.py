@@ -172,9 +172,7 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
 
     config, search = plan.config, plan.config.search
     resources = ray.cluster_resources()
-    gpus = search.gpus_per_trial
-    if gpus == "auto":
-        gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+    gpus = trial_gpus(config, resources)
     # As many trials at once as the cluster holds now (an autoscaling cluster should set the cap itself):
     # with a searcher, Tune only keeps one trial pending, so without a cap trials would run one by one.
     capacity = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // search.cpus_per_trial
@@ -232,6 +230,14 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
     )
 
 
+def trial_gpus(config: SweepConfig, resources: dict[str, float]) -> int:
+    """GPUs per trial: `search.gpus_per_trial`, where "auto" means 1 if the cluster has GPUs."""
+    gpus = config.search.gpus_per_trial
+    if gpus == "auto":
+        return 1 if resources.get("GPU", 0) >= 1 else 0
+    return gpus
+
+
 def build_loggers(names: Sequence[str]) -> list[Any]:
     callbacks: list[Any] = []
     if "tensorboard" in names:
@@ -283,9 +289,39 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False) -> str:
             write_bytes(plan.experiment_uri, "optuna.db", f.read())
     print(format_summary(table, path), flush=True)
     if plan.config.report.enabled:
-        # A separate process: the report reads only the experiment's files, as it does on a laptop.
-        subprocess.run([sys.executable, "-m", "analysis.report", plan.experiment_uri], check=False)
+        run_report(plan)
     return path
+
+
+def run_report(plan: SweepPlan) -> None:
+    """The report, as a separate process that reads only the experiment's files (as it does on a laptop).
+
+    Where the trials had GPUs and the driver has none (a cluster's head node), it runs on a GPU worker
+    instead, as one Ray task holding one GPU: generating with every candidate on the head node's CPUs
+    would take hours for a 7B model. A failed report leaves the sweep's results as they are.
+    """
+    import ray
+    import torch
+
+    if trial_gpus(plan.config, ray.cluster_resources()) and not torch.cuda.is_available():
+        task = ray.remote(report_on_this_worker).options(
+            num_gpus=1, num_cpus=plan.config.search.cpus_per_trial
+        )
+        where = ray.get(task.remote(plan.experiment_uri))
+        print(f"report: ran on a GPU worker ({where})", flush=True)
+    else:
+        report_on_this_worker(plan.experiment_uri)
+
+
+def report_on_this_worker(experiment_uri: str) -> str:
+    """Run `python -m analysis.report` here; says where that was."""
+    import ray
+
+    done = subprocess.run([sys.executable, "-m", "analysis.report", experiment_uri], check=False)
+    if done.returncode:
+        print(f"report: failed (exit {done.returncode}); rerun: python -m analysis.report {experiment_uri}")
+    context = ray.get_runtime_context()
+    return f"node {context.get_node_id()[:12]}, GPU ids {ray.get_gpu_ids()}, exit {done.returncode}"
 
 
 def write_table_json(experiment_uri: str, name: str, data: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Two nodes with one (fake) GPU each: the driver runs one trial per node at the same time."""
+"""Two nodes with one (fake) GPU each: the driver runs one trial per node at the same time, then the report
+on a GPU worker (the driver's process has no GPU, as on a cluster's head node)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def two_node_cluster():
     cluster.shutdown()
 
 
-def test_trials_run_one_per_node_and_gpu_at_the_same_time(
+def test_trials_run_one_per_node_and_gpu_at_the_same_time_and_the_report_on_a_gpu(
     two_node_cluster, tmp_path: Path, tiny_llama: Path
 ) -> None:
     storage = tmp_path / "shared-storage"
@@ -37,7 +38,7 @@ def test_trials_run_one_per_node_and_gpu_at_the_same_time(
         "lora": {"target_modules": "qv"},
         "search": {"num_samples": 2, "cpus_per_trial": 1, "gpus_per_trial": 1, "scheduler": "none",
                    "start_with_qlora_recipe": False, "space": {"r": {"choice": [4, 8]}}},
-        "report": {"enabled": False},
+        "report": {"top_k": 1, "eval_prompts": 2, "prompts": ["Hi"], "generation": {"max_new_tokens": 4}},
     }  # fmt: skip
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -55,3 +56,9 @@ def test_trials_run_one_per_node_and_gpu_at_the_same_time(
     ]
     assert a_start < b_end and b_start < a_end  # they overlapped in time
     assert all(Path(p).is_relative_to(storage) for p in table["adapter_path"])
+    # The report: a Ray task holding one GPU, then its outputs beside the results.
+    where = next(line for line in done.stdout.splitlines() if line.startswith("report: ran on a GPU worker"))
+    assert "GPU ids [0]" in where and "exit 0" in where, where
+    assert (storage / "two-nodes" / "report.html").exists()
+    leaderboard = pd.read_parquet(storage / "two-nodes" / "leaderboard.parquet")
+    assert len(leaderboard) == 3  # both trials and the base model
