@@ -10,6 +10,8 @@
 #   tiny-sweep  python -m sweeps.run on a 2-layer random Llama (the whole GPU path in a minute)
 #   gguf        reassemble the embedded model's GGUF file from the stashed pieces (.gguf1/, .gguf2/)
 #   smollm2     one trial of the default model under Ray Tune, one GPU         (issue 2)
+#   smollm2-report  the same trial with the report on (issue 3 on a GPU: generation on CUDA; needs
+#               sacrebleu and its dependencies, WHEELS=.wheels-report setup)
 #   llama7b     one trial of a Llama-2-7B-shaped model under Ray Tune, one GPU (issue 2)
 #   setup-time  bench/gpu/trial_setup.py: process start to first optimizer step, quantized cache on/off
 #   two-gpu     four trials two at a time (one per GPU), then one at a time
@@ -92,6 +94,10 @@ EOF
       ;;
     smollm2)
       sweep smollm2 bench/gpu/smollm2.yaml
+      ;;
+    smollm2-report)
+      sweep smollm2-report bench/gpu/smollm2.yaml report.enabled=true
+      run python3 -c "import pandas as pd; print(pd.read_parquet('experiments/smollm2-report/leaderboard.parquet').to_string())"
       ;;
     llama7b)
       tokenizer
