@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from batches import packed, padded
 
 pytestmark = pytest.mark.gpu
 
@@ -95,23 +96,6 @@ def init_lora(model: torch.nn.Module, *, b_std: float = 0.0) -> torch.nn.Module:
     return model
 
 
-def padded(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    longest = max(len(e["input_ids"]) for e in examples)
-    ids = torch.zeros(len(examples), longest, dtype=torch.long)
-    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(e["input_ids"]), 1, torch.tensor(e["labels"])
-    return {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": labels.cuda()}
-
-
-def packed(examples: list[dict[str, list[int]]]) -> dict[str, object]:
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
-    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -151,7 +135,7 @@ def test_one_step_matches_textbook(small_llama: Path) -> None:
     reference = init_lora(textbook(small_llama), b_std=0.02)
     ours = init_lora(project(small_llama), b_std=0.02)
     losses = []
-    for model, batch in ((reference, padded(examples)), (ours, packed(examples))):
+    for model, batch in ((reference, padded(examples, "cuda")), (ours, packed(examples, "cuda"))):
         model.train()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**batch).loss
@@ -180,7 +164,7 @@ def test_loss_curve_matches_textbook(small_llama: Path) -> None:
         losses = []
         for examples in batches:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(**collate(examples)).loss
+                loss = model(**collate(examples, "cuda")).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
             optimizer.step()

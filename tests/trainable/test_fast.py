@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from batches import packed, padded
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,22 +39,6 @@ def examples(lengths: list[int]) -> list[dict[str, list[int]]]:
         ids = torch.randint(0, 300, (n,)).tolist()
         out.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
     return out
-
-
-def padded(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    longest = max(len(e["input_ids"]) for e in batch)
-    ids = torch.zeros(len(batch), longest, dtype=torch.long)
-    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for i, e in enumerate(batch):
-        n = len(e["input_ids"])
-        ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(e["input_ids"]), 1, torch.tensor(e["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def packed(batch: list[dict[str, list[int]]]) -> dict[str, object]:
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    return DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(batch)
 
 
 def test_padding_free_batch_gives_the_padded_batch_loss_and_gradients() -> None:
