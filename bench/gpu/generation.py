@@ -5,8 +5,9 @@
 Both go through `analysis.generate.generate_batched` (left-padded batches of `--batch-size` prompts, the
 report's default; the one-at-a-time run is the same function with batch size 1, i.e. plain HF generate per
 prompt), greedy, on two prompt sets rendered with the model's chat template: the report's default set
-(16 held-out prompts and the default user prompt) and `--prompts` held-out prompts of the bundled set. Counted: answer tokens
-(up to and including the stop token) per second of wall time. Writes generation.jsonl under --out.
+(16 held-out prompts and the default user prompt) and `--prompts` held-out prompts of the bundled set.
+Counted: answer tokens (up to and including the stop token) per second of wall time. Writes
+generation.jsonl under --out.
 """
 
 from __future__ import annotations
