@@ -70,11 +70,11 @@ def textbook(path: Path, *, r: int = 16, dropout: float = 0.0) -> torch.nn.Modul
 def project(path: Path, *, r: int = 16, dropout: float = 0.0, kernels: bool = True) -> torch.nn.Module:
     from trainable.fast import apply_fast_path
     from trainable.model import build_lora_model, load_base_model
-    from trainable.settings import LoraSettings, ModelSettings
+    from trainable.settings import Hyperparameters, ModelSettings
 
     settings = ModelSettings(name_or_path=str(path), cache_quantized=False)
     base = load_base_model(str(path), settings, device="cuda")
-    model = build_lora_model(base, LoraSettings(r=r, lora_alpha=2 * r, target_modules=ALL, lora_dropout=dropout),
+    model = build_lora_model(base, Hyperparameters(r=r, lora_alpha=2 * r, target_modules=ALL, lora_dropout=dropout),
                              gradient_checkpointing=True)  # fmt: skip
     report = apply_fast_path(model, kernels=kernels)
     assert report.skipped is None and report.lora_layers == 28 and report.attention_layers == 4
