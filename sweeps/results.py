@@ -81,7 +81,7 @@ def format_results(table: pd.DataFrame, path: str, *, top: int = 10) -> str:  # 
     columns = [
         "rank",
         "status",
-        *HYPERPARAMETERS[:5],  # all but bias, which sweeps rarely search, to keep a row within 110 columns
+        *HYPERPARAMETERS[:5],
         "best_eval_loss",
         "base_eval_loss",
         "steps",
