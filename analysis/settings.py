@@ -63,7 +63,7 @@ def load_report_settings(experiment: Experiment, overrides: Sequence[str] = ()) 
     problems = []
     for override in overrides:
         try:
-            apply_override(data, override, strip_prefix="report.")
+            apply_override(data, override, strip_prefix="report.", example="generation.max_new_tokens=32")
         except ValueError as err:
             problems.append(str(err))
     if not problems:

@@ -32,13 +32,15 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
 
 
-def apply_override(data: dict[str, Any], override: str, *, strip_prefix: str = "") -> None:
+def apply_override(
+    data: dict[str, Any], override: str, *, strip_prefix: str = "", example: str = "train.max_steps=50"
+) -> None:
     """Set `a.b.c=value` in nested dicts; the value is parsed as YAML ("50" -> 50, "[8, 16]" -> list,
     "1e-4" -> 0.0001). `strip_prefix` ("report.") may lead the key and is dropped. Raises ValueError."""
     key, sep, raw = override.partition("=")
     key = key.strip().removeprefix(strip_prefix)
     if not sep or not key:
-        raise ValueError(f"override {override!r}: expected key=value, e.g. train.max_steps=50")
+        raise ValueError(f"override {override!r}: expected key=value, e.g. {example}")
     parts = key.split(".")
     node = data
     for part in parts[:-1]:

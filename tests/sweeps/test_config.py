@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from sweeps.config import CONFIG_DIR, ConfigError, load_config
@@ -110,19 +109,6 @@ def test_points_that_cannot_all_run_are_an_error_not_dropped() -> None:
     }
     with pytest.raises(ConfigError, match=r"search\.num_samples >= 3, got 2"):
         load_config("local", ["search.num_samples=2", "search.initial_points=[{r: 8}, {r: 16}, {r: 32}]"])
-
-
-def test_one_override_parser_reads_exponents_as_floats() -> None:
-    from analysis.experiment import Experiment
-    from analysis.settings import load_report_settings
-    from trainable.settings import apply_override
-
-    data: dict = {}
-    apply_override(data, "report.loss_tolerance=1e-4", strip_prefix="report.")
-    assert data == {"loss_tolerance": 1e-4} and isinstance(data["loss_tolerance"], float)
-    experiment = Experiment(path=Path("."), summary={"config": {"report": {}}}, results=pd.DataFrame())
-    settings = load_report_settings(experiment, ["loss_tolerance=1e-4", "report.generation.temperature=5e-1"])
-    assert settings.loss_tolerance == 1e-4 and settings.generation.temperature == 0.5
 
 
 def test_default_space_is_valid_and_holds_the_recipe() -> None:
