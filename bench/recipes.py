@@ -85,14 +85,18 @@ def make_checkpoint(
         raise ValueError("make_checkpoint: give exactly one of vocab_size or tokenizer_path")
     if (path / "config.json").exists():
         return path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path is not None else None
-    extra = {} if tokenizer is None else {"bos_token_id": tokenizer.bos_token_id,
-                                          "eos_token_id": tokenizer.eos_token_id}  # fmt: skip
-    config = shape.config(vocab_size=len(tokenizer) if tokenizer is not None else vocab_size, **extra)
+    tokenizer, extra = None, {}
+    if tokenizer_path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        vocab_size = len(tokenizer)
+        extra = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    assert vocab_size is not None
+    config = shape.config(vocab_size=vocab_size, **extra)
     start = time.perf_counter()
     torch.manual_seed(seed)
     with torch.device(device):  # a 7B model initializes in seconds on a GPU, minutes on a CPU
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model: Any = LlamaForCausalLM(config)
+        model = model.to(torch.bfloat16)
     model.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
