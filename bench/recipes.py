@@ -66,7 +66,7 @@ SHAPES: dict[ShapeName, LlamaShape] = {
     # Large enough for real GEMM shapes and grouped-query attention, small enough to train 40 steps in
     # seconds: the GPU tests' model, and the benchmark's quick check of itself.
     "small": LlamaShape(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                        num_key_value_heads=4, max_position_embeddings=4096),
+                        num_key_value_heads=4, max_position_embeddings=1024),
     # The tests' tiny model: the whole GPU path of a sweep in a minute.
     "tiny": LlamaShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=512),
