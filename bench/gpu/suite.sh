@@ -25,7 +25,7 @@ Stages:
                   dependency in pyproject.toml is installed within its range (fails otherwise)
   tests           the GPU tests: python -m pytest tests/gpu
   step            python -m bench.gpu.train_step --cases fixed,realistic: the project's step against
-                  the textbook recipe, 7B shape, 3 repeats each (about 6 minutes)
+                  the textbook recipe, 7B shape, 3 repeats each (estimated 6 minutes)
   step-more       the same for the cases fixed-qv, ladder, memory and long
   profile         a torch.profiler table of both recipes at 4 x 1024 (profile.txt)
   tiny-sweep *    python -m sweeps.run on a 2-layer random Llama (the whole GPU path in a minute)

@@ -206,13 +206,7 @@ class Bench:
             return model, dict(variant.options), None
         options = dict(variant.options)
         if variant.within_textbook_peak:
-            if "textbook" not in peaks or "project" not in peaks:
-                raise ValueError(
-                    f"case {case.name}: {variant.label} needs the textbook and project peaks first"
-                )
-            options["activation_memory_gib"] = round(
-                max(0.0, peaks["textbook"] - peaks["project"] - MEMORY_MARGIN_GIB), 2
-            )
+            options["activation_memory_gib"] = memory_left_under_textbook(peaks, case=case.name)
             options["tokens_per_batch"] = case.batches.batch_size * case.batches.length
         model, report = build_project_model(self.checkpoint, targets=case.targets, r=case.r, **options)
         prepare_like_sft_trainer(model)
@@ -386,6 +380,13 @@ def spread(values: Sequence[float]) -> Spread:
     if not values:
         raise ValueError("spread of no values")
     return Spread(statistics.median(values), min(values), max(values))
+
+
+def memory_left_under_textbook(peaks: dict[str, float], *, case: str) -> float:
+    """GiB the project may spend on unchecked layers and still peak under the textbook (less a margin)."""
+    if "textbook" not in peaks or "project" not in peaks:
+        raise ValueError(f"case {case}: the textbook's and the project's peaks are needed first, got {peaks}")
+    return round(max(0.0, peaks["textbook"] - peaks["project"] - MEMORY_MARGIN_GIB), 2)
 
 
 def peaks_of(records: Iterable[dict[str, Any]], case: str) -> dict[str, float]:

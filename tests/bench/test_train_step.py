@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bench.gpu import train_step
-from bench.gpu.train_step import build_cases, spread, summarize
+from bench.gpu.train_step import build_cases, memory_left_under_textbook, peaks_of, spread, summarize
 
 
 def record(
@@ -51,6 +51,18 @@ def test_a_variant_without_its_textbook_has_no_ratio() -> None:
     records = [record("memory", "no-checkpointing", r, 13000, 0.3) for r in range(3)]
     (summary,) = summarize(records)
     assert summary["ratio"] is None and summary["tokens_per_s"]["median"] == 13000
+
+
+def test_unchecked_layers_get_the_memory_the_textbook_peak_leaves() -> None:
+    records = [record("memory", "textbook", 0, 5870, 0.7, peak_gib=8.38),
+               record("memory", "project", 0, 9000, 0.45, peak_gib=6.36),
+               record("fixed", "textbook", 0, 5870, 0.7, peak_gib=20.0)]  # fmt: skip
+    peaks = peaks_of(records, "memory")
+    assert peaks == {"textbook": 8.38, "project": 6.36}  # another case's textbook is not this one's
+    assert memory_left_under_textbook(peaks, case="memory") == 1.77  # 8.38 - 6.36 - 0.25 margin
+    assert memory_left_under_textbook({"textbook": 6.0, "project": 6.1}, case="memory") == 0.0
+    with pytest.raises(ValueError, match="case memory: the textbook's and the project's peaks"):
+        memory_left_under_textbook({"project": 6.36}, case="memory")
 
 
 def test_every_case_runs_the_textbook_beside_the_project_on_the_same_batches() -> None:
