@@ -33,6 +33,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from trainable.faults import Fault, InjectFaults
+from trainable.hardware import resolve_compute_dtype
 from trainable.model import build_lora_model, load_base_model, load_tokenizer
 from trainable.settings import METRIC, Hyperparameters, ModelSettings, TrainSettings
 
@@ -172,6 +173,7 @@ def build_trainer(
     from trl import SFTConfig, SFTTrainer
 
     train = trial.train
+    compute_dtype = resolve_compute_dtype(trial.model.compute_dtype, device)
     optimizer = train.optimizer
     if optimizer == "auto":
         # Paged optimizer states move to CPU RAM under memory pressure instead of failing (QLoRA).
@@ -205,8 +207,8 @@ def build_trainer(
         optim=optimizer,
         seed=train.seed,
         data_seed=train.seed,
-        bf16=trial.model.compute_dtype == "bfloat16",
-        fp16=trial.model.compute_dtype == "float16",
+        bf16=compute_dtype == "bfloat16",
+        fp16=compute_dtype == "float16",
         use_cpu=device == "cpu",
         eval_strategy="steps",
         eval_steps=train.eval_every,

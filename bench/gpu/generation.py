@@ -1,6 +1,6 @@
 """The report's batched generation against one prompt at a time, on the same 4-bit model and LoRA adapter.
 
-    python bench/gpu/generation.py --adapter EXPERIMENT/.../checkpoint_000002 --out results/
+    python -m bench.gpu.generation --adapter EXPERIMENT/.../checkpoint_000002 --out results/
 
 Both go through `analysis.generate.generate_batched` (left-padded batches of `--batch-size` prompts, the
 report's default; the one-at-a-time run is the same function with batch size 1, i.e. plain HF generate per
@@ -16,20 +16,18 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 
 def main() -> None:
     from analysis.generate import build_prompts, render_prompts
+    from analysis.settings import GenerationSettings, ReportSettings
     from trainable.data import choose_chat_template, load_splits
     from trainable.model import load_base_model, load_tokenizer, resolve_model
-    from trainable.settings import DataSettings, GenerationSettings, ModelSettings, ReportSettings
+    from trainable.settings import DataSettings, ModelSettings
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
@@ -85,7 +83,7 @@ def measure(
     model: torch.nn.Module, tokenizer: object, texts: list[str], max_new_tokens: int, batch_size: int
 ) -> dict:
     from analysis.generate import generate_batched
-    from trainable.settings import GenerationSettings
+    from analysis.settings import GenerationSettings
 
     gen = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
     generate_batched(model, tokenizer, texts[: 2 * batch_size], gen)  # warm-up: kernels, allocator

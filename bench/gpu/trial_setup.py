@@ -1,6 +1,6 @@
 """Trial setup time: from a fresh Python process to the end of the first optimizer step, on the trial's code.
 
-    python bench/gpu/trial_setup.py --model /tmp/llama7b-shape --out results/
+    python -m bench.gpu.trial_setup --model /tmp/llama7b-shape --out results/
 
 Runs the measured process several times: without the quantized-base cache, then filling it (first trial
 on a node), then from it (every later trial on that node), each with the page cache warm (the checkpoint
@@ -11,7 +11,7 @@ from the clock, since a trial receives them ready-made) and then runs the trial'
 part; the first optimizer step ends the clock. The base model's eval loss, which a fresh trial also
 computes before training, is timed separately.
 
-Needs the project installed (`pip install -e .`). Writes setup.jsonl (one line per run) under --out.
+Run from the repository root (as bench/gpu/suite.sh does). Writes setup.jsonl (one line per run) under --out.
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def main() -> None:
             print(f"skip {label}: cannot drop the page cache here", flush=True)
             continue
         env = dict(os.environ, QLORA_SWEEPS_CACHE=str(cache_dir), START=repr(time.time()))
-        proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--child", mode], env=env,
-                              capture_output=True, text=True)  # fmt: skip
+        command = [sys.executable, "-m", "bench.gpu.trial_setup", "--model", args.model, "--child", mode]
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             print(f"{label}: failed\n{proc.stderr[-3000:]}", flush=True)
