@@ -28,7 +28,13 @@ from sweeps.results import collect_results, format_summary, write_table
 from sweeps.space import to_tune_space
 from sweeps.study import StudyMirror
 from trainable.data import DataError, choose_chat_template, load_splits, tokenize_examples
-from trainable.model import load_module_names, load_tokenizer, resolve_model, resolve_target_modules
+from trainable.model import (
+    ModelError,
+    load_module_names,
+    load_tokenizer,
+    resolve_model,
+    resolve_target_modules,
+)
 from trainable.settings import METRIC, MODE
 from trainable.train import TrialSettings, train_trial
 
@@ -352,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             storage, _, name = uri.rpartition("/")
             plan = dataclasses.replace(plan, experiment=name, storage_uri=storage)
             check_resumable(plan)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     data = plan.summary["data"]
