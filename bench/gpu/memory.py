@@ -95,11 +95,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--checkpoint-7b", type=Path, default=Path("/tmp/qlora-bench-7b"),
                    help="random-weight checkpoint of the 7B shape, made there if missing")  # fmt: skip
     args = p.parse_args(argv)
-    shapes = [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in shapes if s not in SHAPE_NAMES]
-    if unknown or not shapes:
+    requested = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in requested if s not in SHAPE_NAMES]
+    if unknown or not requested:
         p.error(f"--shapes {args.shapes!r}: unknown {', '.join(unknown) or '(none given)'}; "
                 f"choose from {', '.join(SHAPE_NAMES)}")  # fmt: skip
+    shapes = [name for name in SHAPE_NAMES if name in requested]
     if args.steps < 2:
         p.error(
             f"--steps {args.steps}: at least 2, so that a step runs with the optimizer's states allocated"
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"CUDA context (outside PyTorch's allocator): {context_gib:.2f} GiB", flush=True)
     records = []
     start = time.perf_counter()
-    for case in build_cases(shapes):  # type: ignore[arg-type]
+    for case in build_cases(shapes):
         record = run_case(case, checkpoints[case.shape], steps=args.steps, context_gib=context_gib)
         print(json.dumps(record), flush=True)
         with open(args.out / "memory.jsonl", "a") as f:

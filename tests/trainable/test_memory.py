@@ -11,7 +11,6 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.recipes import ALL_LINEAR, LLAMA2_VOCAB, QV, SHAPES, realistic_batches
-from tests.conftest import TINY
 from trainable.memory import (
     MemoryEstimate,
     MemoryInputs,
@@ -159,7 +158,9 @@ def test_model_shape_comes_from_config_json(tiny_llama: Path, tmp_path: Path) ->
     assert (shape.hidden_size, shape.num_hidden_layers, shape.num_key_value_heads) == (64, 2, 2)
     assert shape.tie_word_embeddings and shape.head_dim == 16
     # The parameter count the estimate uses is the model's own (tied: embeddings counted once).
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, **TINY))  # type: ignore[arg-type]
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config)
     shape = ModelShape.from_config(model.config.to_dict())
     linear = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight"))
     assert shape.num_hidden_layers * shape.linear_parameters_per_layer() == linear
