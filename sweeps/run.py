@@ -29,7 +29,7 @@ from sweeps.space import to_tune_space
 from sweeps.study import StudyMirror
 from trainable.data import DataError, choose_chat_template, load_splits, tokenize_examples
 from trainable.model import load_module_names, load_tokenizer, resolve_model, resolve_target_modules
-from trainable.settings import METRIC, MODE
+from trainable.outcome import METRIC, MODE
 from trainable.train import TrialSettings, train_trial
 
 
@@ -185,7 +185,7 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
     mirror = StudyMirror(
         storage=study_storage,
         study_name=plan.experiment,
-        space=to_tune_space(search.space),
+        space=search.space,
         max_steps=config.train.max_steps,
     )
     reports = math.ceil(config.train.max_steps / config.train.eval_every)
