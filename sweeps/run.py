@@ -35,7 +35,7 @@ from trainable.model import (
     resolve_model,
     resolve_target_modules,
 )
-from trainable.settings import METRIC, MODE
+from trainable.outcome import METRIC, MODE
 from trainable.train import TrialSettings, train_trial
 
 
@@ -191,7 +191,7 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
     mirror = StudyMirror(
         storage=study_storage,
         study_name=plan.experiment,
-        space=to_tune_space(search.space),
+        space=search.space,
         max_steps=config.train.max_steps,
     )
     reports = math.ceil(config.train.max_steps / config.train.eval_every)

