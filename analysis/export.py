@@ -24,12 +24,12 @@ import pandas as pd
 
 from analysis.experiment import (
     LEADERBOARD,
-    USABLE_STATUSES,
     Experiment,
     ExperimentError,
     load_experiment,
     resolve_base_model,
 )
+from analysis.rank import choose_candidates
 from trainable.settings import HYPERPARAMETERS
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -55,12 +55,12 @@ def choose_trial(experiment: Experiment, trial: str | None = None) -> tuple[dict
             return results[results["trial_id"].astype(str) == first].iloc[
                 0
             ].to_dict(), "#1 of leaderboard.parquet"
-    usable = results[results["status"].isin(USABLE_STATUSES) & results["adapter_path"].notna()]
-    if usable.empty:
+    best_by_loss = choose_candidates(results, top_k=1)
+    if best_by_loss.empty:
         raise ExperimentError(
             f"{experiment.path}: no trial has a usable adapter (statuses: {', '.join(results['status'])})"
         )
-    best = usable.sort_values(["best_eval_loss", "trial_id"], kind="stable").iloc[0]
+    best = best_by_loss.iloc[0]
     return (
         best.to_dict(),
         "best eval loss (no leaderboard.parquet: run python -m analysis.report first to rank by answers)",

@@ -32,7 +32,6 @@ from analysis.experiment import (
     LEADERBOARD_CSV,
     REPORT_OUTPUTS,
     REPORT_PAGE,
-    USABLE_STATUSES,
     Experiment,
     ExperimentError,
     load_experiment,
@@ -42,6 +41,7 @@ from analysis.experiment import (
     write_table,
 )
 from analysis.generate import BASE, Candidate, Prompt, build_prompts, generate_for_candidates, render_prompts
+from analysis.rank import choose_candidates
 from analysis.settings import ReportSettings, load_report_settings
 
 
@@ -57,9 +57,7 @@ class ReportOutputs:
 
 def select_candidates(results: pd.DataFrame, top_k: int) -> list[Candidate]:
     """The base model, then the `top_k` usable trials by best eval loss that have an adapter on disk."""
-    usable = results[results["status"].isin(USABLE_STATUSES) & results["adapter_path"].notna()]
-    usable = usable[pd.to_numeric(usable["best_eval_loss"], errors="coerce").notna()]
-    best = usable.sort_values(["best_eval_loss", "trial_id"], kind="stable").head(top_k)
+    best = choose_candidates(results, top_k=top_k)
     return [Candidate(BASE), *(Candidate(str(r.trial_id), str(r.adapter_path)) for r in best.itertuples())]
 
 

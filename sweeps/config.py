@@ -20,6 +20,7 @@ from pydantic.dataclasses import dataclass
 
 from analysis.settings import ReportSettings
 from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, check_value, contains
+from trainable.outcome import Origin
 from trainable.settings import (
     STRICT,
     DataSettings,
@@ -85,8 +86,14 @@ class SweepConfig:
     def points_to_evaluate(self) -> list[dict[str, Any]]:
         """The trials the searcher runs before TPE samples: the recipe (if on), then search.initial_points.
         Validation makes sure they all fit in search.num_samples."""
+        return [point for _, point in self.labeled_points_to_evaluate]
+
+    @property
+    def labeled_points_to_evaluate(self) -> list[tuple[Origin, dict[str, Any]]]:
+        """points_to_evaluate, each with where it came from."""
         recipe = self.recipe_point
-        return ([recipe] if recipe else []) + list(self.search.initial_points)
+        first: list[tuple[Origin, dict[str, Any]]] = [("recipe", recipe)] if recipe else []
+        return first + [("initial", p) for p in self.search.initial_points]
 
     def experiment_name(self, now: datetime.datetime | None = None) -> str:
         stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%d-%H%M%S")

@@ -28,7 +28,8 @@ from sweeps.results import collect_results, format_results
 from sweeps.space import to_tune_space
 from sweeps.study import StudyMirror
 from trainable.data import DataError
-from trainable.settings import METRIC, MODE
+from trainable.model import ModelError
+from trainable.outcome import METRIC, MODE
 from trainable.train import train_trial
 
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_sweep(config, faults=faults_from_environment())
         if args.resume:
             plan = resume_plan(plan)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(describe_plan(plan), flush=True)
@@ -101,7 +102,7 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
     mirror = StudyMirror(
         storage=study_storage,
         study_name=plan.experiment,
-        space=to_tune_space(search.space),
+        space=search.space,
         max_steps=config.train.max_steps,
     )
     reports = math.ceil(config.train.max_steps / config.train.eval_every)

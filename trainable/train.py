@@ -35,9 +35,21 @@ from transformers import TrainerCallback, set_seed
 from trainable.faults import Fault, InjectFaults
 from trainable.hardware import resolve_compute_dtype
 from trainable.model import build_lora_model, load_base_model, load_tokenizer
-from trainable.settings import METRIC, Hyperparameters, ModelSettings, TrainSettings
+from trainable.outcome import TrialReport
+from trainable.settings import Hyperparameters, ModelSettings, TrainSettings
 
-TRIAL_STATE = "trial_state.json"  # kept in each checkpoint: retries so far, the base model's eval loss
+TRIAL_STATE = "trial_state.json"  # kept in each checkpoint: a TrialState
+# transformers' key for the eval loss in evaluate()'s metrics: metric_key_prefix "eval" + the model's "loss".
+TRAINER_EVAL_LOSS = "eval_loss"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialState:
+    """What a restarted trial carries on with, kept in each checkpoint beside the trainer's own state."""
+
+    retries: int  # restarts so far
+    base_eval_loss: float | None  # measured once, before the first step
+
 
 # Where a trial's reports go: the metrics, and the checkpoint folder saved with them (None: no checkpoint).
 # Tune's session in a sweep (train_trial), a list in this process (train_by_hand).
@@ -77,13 +89,13 @@ class TuneReporter(TrainerCallback):
     def __init__(
         self,
         *,
-        report: ReportSink,
+        send: ReportSink,
         device: str,
         base_eval_loss: float | None,
         retries: int,
         restored_from_step: int,
     ) -> None:
-        self.report = report
+        self.send = send  # where each report goes, with its checkpoint
         self.device = device
         self.base_eval_loss = base_eval_loss
         self.retries = retries  # how often this trial was restarted from a checkpoint
@@ -118,7 +130,7 @@ class TuneReporter(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # type: ignore[no-untyped-def]
         self.last_eval = dict(metrics or {})
-        if not math.isfinite(self.last_eval.get("eval_loss", 0.0)):
+        if not math.isfinite(self.last_eval.get(TRAINER_EVAL_LOSS, 0.0)):
             self.diverged = True
             control.should_training_stop = True
 
@@ -126,36 +138,33 @@ class TuneReporter(TrainerCallback):
         if self.diverged:
             return  # no checkpoint of NaN weights; run_trial reports the failure
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        (checkpoint_dir / TRIAL_STATE).write_text(
-            json.dumps({"retries": self.retries, "base_eval_loss": self.base_eval_loss})
-        )
-        self.report(self.metrics(state), str(checkpoint_dir))
+        state_now = TrialState(retries=self.retries, base_eval_loss=self.base_eval_loss)
+        (checkpoint_dir / TRIAL_STATE).write_text(json.dumps(dataclasses.asdict(state_now)))
+        self.send(self.report(state).to_tune(), str(checkpoint_dir))
 
-    def metrics(self, state: Any, **extra: float) -> dict[str, float]:
+    def report(self, state: Any, *, eval_loss: float | None = None) -> TrialReport:
         tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)
-        metrics = {
-            METRIC: float(self.last_eval.get("eval_loss", math.nan)),
-            "train_loss": sum(self.train_losses) / len(self.train_losses) if self.train_losses else math.nan,
-            "grad_norm": getattr(self, "last_grad_norm", math.nan),
-            "step": state.global_step,
-            "tokens": int(state.num_input_tokens_seen),
-            "tokens_per_s": tokens / self.train_seconds if self.train_seconds else 0.0,
-            "peak_memory_gib": peak_memory_gib(self.device),
-            # The GPU Tune gave this trial (Ray sets CUDA_VISIBLE_DEVICES to it) and how many the trial sees.
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-            "visible_gpus": torch.cuda.device_count(),
-            "base_eval_loss": self.base_eval_loss if self.base_eval_loss is not None else math.nan,
-            "retries": self.retries,
-            "restored_from_step": self.restored_from_step,
-            "oom": 0,
-            "diverged": int(self.diverged),
-            "node_id": self.node_id,
-            "gpu_ids": self.gpu_ids,
-            "started_at": self.started_at,
-            **extra,
-        }
+        last_eval_loss = float(self.last_eval.get(TRAINER_EVAL_LOSS, math.nan))
+        report = TrialReport(
+            eval_loss=last_eval_loss if eval_loss is None else eval_loss,
+            train_loss=sum(self.train_losses) / len(self.train_losses) if self.train_losses else math.nan,
+            grad_norm=getattr(self, "last_grad_norm", math.nan),
+            step=state.global_step,
+            tokens=int(state.num_input_tokens_seen),
+            tokens_per_s=tokens / self.train_seconds if self.train_seconds else 0.0,
+            peak_memory_gib=peak_memory_gib(self.device),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            visible_gpus=torch.cuda.device_count(),
+            base_eval_loss=self.base_eval_loss if self.base_eval_loss is not None else math.nan,
+            retries=self.retries,
+            restored_from_step=self.restored_from_step,
+            diverged=self.diverged,
+            node_id=self.node_id,
+            gpu_ids=self.gpu_ids,
+            started_at=self.started_at,
+        )
         self.train_losses = []
-        return metrics
+        return report
 
 
 def build_trainer(
@@ -264,10 +273,10 @@ def setup_trial(
 
 
 def run_trial(
-    searched: dict[str, Any], settings: TrialSettings, *, report: ReportSink, resume_from: str | None = None
+    searched: dict[str, Any], settings: TrialSettings, *, send: ReportSink, resume_from: str | None = None
 ) -> None:
     """Train one adapter with the `searched` hyperparameters over settings.default_hparams, sending each
-    evaluation and its checkpoint to `report`; `resume_from` is a checkpoint folder it reported earlier.
+    evaluation and its checkpoint to `send`; `resume_from` is a checkpoint folder it reported earlier.
 
     Two failures are final and reported instead of raised: CUDA out of memory (status 'oom'; the same
     config would run out again) and a NaN/inf loss (status 'failed'). Anything else raises.
@@ -278,18 +287,16 @@ def run_trial(
     hparams = trial_hparams(searched, settings.default_hparams)
     set_seed(settings.train.seed)
     output_dir = tempfile.mkdtemp(prefix="trial-")
-    reporter = TuneReporter(
-        report=report, device=device, base_eval_loss=None, retries=0, restored_from_step=0
-    )
+    reporter = TuneReporter(send=send, device=device, base_eval_loss=None, retries=0, restored_from_step=0)
     try:
         resume_step = None
         if resume_from is not None:  # a retried or resumed trial continues where its last report left it
             step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]
             resume_step = str(Path(output_dir) / f"checkpoint-{step}")  # the layout the trainer expects
             shutil.copytree(resume_from, resume_step)
-            previous = json.loads((Path(resume_step) / TRIAL_STATE).read_text())
-            reporter.retries = previous["retries"] + 1
-            reporter.base_eval_loss = previous["base_eval_loss"]
+            previous = TrialState(**json.loads((Path(resume_step) / TRIAL_STATE).read_text()))
+            reporter.retries = previous.retries + 1
+            reporter.base_eval_loss = previous.base_eval_loss
             reporter.restored_from_step = step
         callbacks: list[Any] = [reporter]
         faults = tuple(f for f in settings.faults if f.applies_to(searched))
@@ -298,12 +305,12 @@ def run_trial(
         trainer = setup_trial(hparams, settings, output_dir=output_dir, device=device, callbacks=callbacks)
         if resume_step is None:
             # The base model's loss on the same eval data: the bar every adapter has to clear.
-            reporter.base_eval_loss = trainer.evaluate()["eval_loss"]
+            reporter.base_eval_loss = trainer.evaluate()[TRAINER_EVAL_LOSS]
         trainer.train(resume_from_checkpoint=resume_step)
         if reporter.diverged:
-            report(reporter.metrics(trainer.state, **{METRIC: math.nan}), None)
+            send(reporter.report(trainer.state, eval_loss=math.nan).to_tune(), None)
     except torch.cuda.OutOfMemoryError:
-        report({METRIC: math.nan, "oom": 1, "retries": reporter.retries, "diverged": 0}, None)
+        send(TrialReport(oom=True, retries=reporter.retries).to_tune(), None)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
         if device == "cuda":
@@ -324,7 +331,7 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
 
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as resume_from:
-        run_trial(hparams, settings, report=report, resume_from=resume_from)
+        run_trial(hparams, settings, send=report, resume_from=resume_from)
 
 
 def train_by_hand(
@@ -340,5 +347,5 @@ def train_by_hand(
             kept = shutil.copytree(checkpoint_dir, Path(output_dir) / Path(checkpoint_dir).name)
         reports.append({**metrics, "checkpoint": str(kept) if kept else None})
 
-    run_trial(hparams, settings, report=report)
+    run_trial(hparams, settings, send=report)
     return reports
