@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -102,6 +103,8 @@ def test_console_shows_one_line_per_evaluation_and_no_library_noise(tiny_sweep: 
         assert [int(step) for step, _ in lines] == [2, 4, 6, 8], trial_id
     for noise in ("Loading weights", "FutureWarning", "{'eval_loss'", "Checkpoint successfully created"):
         assert noise not in output, noise
+    environment = json.loads((experiment / "sweep.json").read_text())["environment"]
+    assert environment["packages"]["torch"] and environment["compute_dtype"] in ("float32", "bfloat16")
     # Tune's progress table carries the trial's progress, not only its hyperparameters.
     assert re.search(r"eval_loss\s+train_loss\s+step\s+tokens_per_s", output)
 
