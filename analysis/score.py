@@ -16,7 +16,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 import numpy as np
 import pandas as pd
@@ -43,12 +43,8 @@ def normalize_answer(text: str) -> str:
     punctuation dropped; numbers written canonically ("3.50" -> "3.5", "+7" -> "7", "42.0" -> "42")."""
     tokens = []
     for token in _TOKEN.findall(text.casefold()):
-        if _NUMBER.fullmatch(token):
-            try:
-                token = format(Decimal(token).normalize(), "f")
-            except InvalidOperation:  # pragma: no cover - the pattern only admits valid decimals
-                pass
-        tokens.append(token)
+        # The pattern admits only plain decimals, which Decimal always parses.
+        tokens.append(format(Decimal(token).normalize(), "f") if _NUMBER.fullmatch(token) else token)
     return " ".join(tokens)
 
 
