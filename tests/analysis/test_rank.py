@@ -153,6 +153,12 @@ def test_a_tie_within_the_tolerance_is_broken_by_held_out_accuracy_not_chrf() ->
     scored = held_out_answers({"a": 200, "b": 220, "base": 10}, free={"a": 1.0, "b": 0.3, "base": 0.1})
     board, paired = board_for(results, scored)
     assert list(board["candidate"][:2]) == ["b", "a"]
+    free_text = scored[scored["prompt_id"].str.startswith("free")].groupby("candidate")["chrf"].mean()
+    assert (
+        free_text["a"] > free_text["b"]
+    )  # chrF over the handful of free-text prompts would have put a first
+    assert paired[(paired["candidate"] == "b") & (paired["other"] == "a")].set_index("metric").loc[
+        "exact_match", "verdict"] == "better"  # fmt: skip
     row = board.set_index("candidate").loc["b"]
     assert row["exact_match_n"] == 300 and row["net_wins"] == 1
     assert row["exact_match_low"] < row["exact_match"] < row["exact_match_high"]
