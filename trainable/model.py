@@ -17,6 +17,7 @@ from filelock import FileLock
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from trainable.hardware import resolve_compute_dtype
 from trainable.settings import DEFAULT_MODEL, LoraSettings, ModelSettings
 
 # Llama projection names; presets resolve against the model's real module names.
@@ -86,14 +87,14 @@ def resolve_model(name_or_path: str) -> str:
     return str(target)
 
 
-def build_quantization_config(settings: ModelSettings) -> BitsAndBytesConfig | None:
+def build_quantization_config(settings: ModelSettings, *, device: str) -> BitsAndBytesConfig | None:
     if settings.quantization == "none":
         return None
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=settings.quantization,
         bnb_4bit_use_double_quant=settings.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, settings.compute_dtype),
+        bnb_4bit_compute_dtype=getattr(torch, resolve_compute_dtype(settings.compute_dtype, device)),
         bnb_4bit_quant_storage=torch.uint8,
     )
 
@@ -118,11 +119,11 @@ def _from_pretrained(path: str, settings: ModelSettings, *, device: str, quantiz
                      revision: str | None) -> PreTrainedModel:  # fmt: skip
     # A cached checkpoint carries its quantization settings in its config.json; passing
     # quantization_config=None would override them (its packed weights would then not load).
-    extra = {"quantization_config": build_quantization_config(settings)} if quantize else {}
+    extra = {"quantization_config": build_quantization_config(settings, device=device)} if quantize else {}
     return AutoModelForCausalLM.from_pretrained(
         path,
         revision=revision,
-        dtype=getattr(torch, settings.compute_dtype),
+        dtype=getattr(torch, resolve_compute_dtype(settings.compute_dtype, device)),
         device_map={"": 0} if device == "cuda" else "cpu",
         trust_remote_code=settings.trust_remote_code,
         attn_implementation=settings.attn_implementation,
@@ -155,7 +156,8 @@ def quantized_cache_path(path: str, settings: ModelSettings) -> Path | None:
             return None
         source = [path, Path(config_file).parent.name]
     key = {"source": source, "quantization": settings.quantization, "double_quant": settings.double_quant,
-           "compute_dtype": settings.compute_dtype, "bitsandbytes": bitsandbytes.__version__}  # fmt: skip
+           "compute_dtype": resolve_compute_dtype(settings.compute_dtype, "cuda"),  # the cache is CUDA's
+           "bitsandbytes": bitsandbytes.__version__}  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).name or "model")
     return cache_dir() / "quantized" / f"{name}-{settings.quantization}-{digest}"

@@ -32,7 +32,9 @@ class ModelSettings:
     # QLoRA's recipe: 4-bit NormalFloat, double quantization of the constants, bf16 compute.
     quantization: Quantization = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # "auto": bf16 on GPUs (fp16 where bf16 is missing) and on CPUs with native bf16 instructions, float32
+    # on other CPUs, where bf16 matmuls are emulated about 40x slower (trainable/hardware.py).
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     trust_remote_code: bool = False  # never run code from the hub unless the user asks for it
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = True

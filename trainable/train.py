@@ -24,6 +24,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from trainable.faults import InjectFaults, faults_for
+from trainable.hardware import resolve_compute_dtype
 from trainable.model import build_lora_model, load_base_model, load_tokenizer
 from trainable.settings import METRIC, LoraSettings, ModelSettings, TrainSettings
 
@@ -151,6 +152,7 @@ def build_trainer(
     from trl import SFTConfig, SFTTrainer
 
     train = settings.train
+    compute_dtype = resolve_compute_dtype(settings.model.compute_dtype, device)
     optimizer = train.optimizer
     if optimizer == "auto":
         # Paged optimizer states move to CPU RAM under memory pressure instead of failing (QLoRA).
@@ -182,8 +184,8 @@ def build_trainer(
         optim=optimizer,
         seed=train.seed,
         data_seed=train.seed,
-        bf16=settings.model.compute_dtype == "bfloat16",
-        fp16=settings.model.compute_dtype == "float16",
+        bf16=compute_dtype == "bfloat16",
+        fp16=compute_dtype == "float16",
         use_cpu=device == "cpu",
         eval_strategy="steps",
         eval_steps=train.eval_every,

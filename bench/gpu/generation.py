@@ -1,6 +1,6 @@
 """The report's batched generation against one prompt at a time, on the same 4-bit model and LoRA adapter.
 
-    python bench/gpu/generation.py --adapter EXPERIMENT/.../checkpoint_000002 --out results/
+    python -m bench.gpu.generation --adapter EXPERIMENT/.../checkpoint_000002 --out results/
 
 Both go through `analysis.generate.generate_batched` (left-padded batches of `--batch-size` prompts, the
 report's default; the one-at-a-time run is the same function with batch size 1, i.e. plain HF generate per
@@ -16,13 +16,10 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> None:

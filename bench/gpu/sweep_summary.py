@@ -1,6 +1,6 @@
 """One JSON line about a finished sweep: its wall time and, per trial, the GPU Tune gave it and its speed.
 
-    python bench/gpu/sweep_summary.py EXPERIMENT_DIR --label two-at-a-time --wall-s 123.4 --out results/
+    python -m bench.gpu.sweep_summary EXPERIMENT_DIR --label two-at-a-time --wall-s 123.4 --out results/
 
 Reads results.parquet (the driver's table) and each trial's result.json (Tune's reports, which carry
 `cuda_visible_devices` and `visible_gpus`); the trials' time intervals give how many ran at once.

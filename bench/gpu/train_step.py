@@ -1,21 +1,33 @@
-"""Training-step benchmark: the textbook QLoRA recipe and this project's step, in the same run, same model.
+"""Training-step benchmark: this project's step against the textbook QLoRA recipe, same process, same model,
+same batches, each case repeated, reported as the median and range over the repeats.
 
-    python bench/gpu/train_step.py --out results/            # all cases, Llama-2-7B shape (random weights)
-    python bench/gpu/train_step.py --tiny --cases fixed       # a 2-layer model: checks the script in seconds
+    python -m bench.gpu.train_step --out results/                        # fixed and realistic, 7B shape
+    python -m bench.gpu.train_step --cases fixed,memory --repeats 5       # any cases, more repeats
+    python -m bench.gpu.train_step --shape small --cases fixed --steps 3  # checks the script in a minute
 
-Textbook recipe (as in GPU.md's reference figures): transformers `from_pretrained` with bitsandbytes NF4 +
-double quant + bf16 compute, `prepare_model_for_kbit_training` (reentrant gradient checkpointing), peft
-LoRA (alpha 2r, dropout 0.05), bitsandbytes PagedAdamW32bit, plain loop under bf16 autocast, batches
-padded to their longest example. Project: the same base and LoRA built by `trainable.model`, the CUDA
-fast path (`trainable.fast.apply_fast_path`), LoRA weights in bf16 and trl's fused LM head as trl's
-SFTTrainer sets them up, padding-free batches from trl's collator (what a trial's SFTTrainer runs).
+Both recipes come from `bench.recipes`: the textbook (transformers + bitsandbytes NF4 with double quant and
+bf16 compute, `prepare_model_for_kbit_training`, peft LoRA alpha 2r dropout 0.05, padded batches) and the
+model a trial trains (`trainable.model` + `trainable.fast`, LoRA weights in bf16 and trl's fused LM head as
+trl's SFTTrainer sets them up, padding-free batches from trl's collator). Both train with bitsandbytes'
+PagedAdamW32bit under bf16 autocast in a plain loop.
 
-Counted: tokens/s of real tokens (never padding), median step time (sync before and after each step) after
-warm-up steps; peak memory = torch.cuda.max_memory_allocated from before the model load (bitsandbytes'
-paged optimizer states live outside it, the same in both). MFU against 989 TFLOP/s dense bf16 with model
-FLOPs per real token = 4 N (forward 2N + input-gradient backward 2N, N = all parameters; LoRA weight
-gradients and recomputation not counted) + 12 L d s (attention, s = the token's own example length),
-GPU.md's convention. Writes train_step.jsonl (one line per case) and profile.txt under --out.
+Why repeats: the project's step is bound by the CPU launching kernels, so noise on a shared host moves it by
+tens of percent between runs while the textbook's barely moves; one run's ratio says little. Every repeat
+builds each recipe of a case afresh and trains it on the same batches (drawn from `--seed` and the step's
+index), the textbook beside the project each time, in alternating order (odd repeats run the case's
+variants in reverse) so that drift during the run favours neither side.
+
+Counted per run: tokens/s of real tokens (never padding) over the measured steps; the median step time
+(synchronized before and after each step) after the warm-up steps; peak memory =
+`torch.cuda.max_memory_allocated` from before the model load (bitsandbytes' paged optimizer states live
+outside it, the same for both); MFU against 989 TFLOP/s dense bf16 with model FLOPs per real token =
+4 N + 12 L d s (forward 2N + input-gradient backward 2N over all N parameters, LoRA weight gradients and
+recomputation not counted; attention with s = the token's own example length).
+
+Written under --out: train_step.jsonl (one line per repeat of each recipe of each case),
+train_step-summary.jsonl (per case and recipe: median, min and max over the repeats of the ratio to the
+same repeat's textbook and of the step time, and the step time's spread = (max - min) / median), and with
+--profile, profile.txt (a torch.profiler table of both recipes at the fixed shape).
 """
 
 from __future__ import annotations
@@ -23,219 +35,191 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
-import random
 import statistics
-import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere: the repo's packages
+from bench.recipes import (
+    ALL_LINEAR,
+    LLAMA2_VOCAB,
+    QV,
+    SHAPES,
+    Batches,
+    Example,
+    LlamaShape,
+    build_project_model,
+    build_textbook_model,
+    fixed_batches,
+    make_checkpoint,
+    packed_batch,
+    padded_batch,
+    prepare_like_sft_trainer,
+    realistic_batches,
+)
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-QV = ["q_proj", "v_proj"]
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16
+MEMORY_MARGIN_GIB = 0.25  # left free under the textbook's peak when spending memory on unchecked layers
+Recipe = Literal["textbook", "project"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    p.add_argument("--checkpoint", default="/tmp/llama7b-shape-32k", help="made here if missing")
-    p.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script quickly")
-    p.add_argument("--cases", default="ladder,fixed,long,realistic,memory")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--profile", action="store_true", help="a torch.profiler table of both recipes at 4x1024")
-    args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = make_checkpoint(Path(args.checkpoint), tiny=args.tiny)
-    bench = Bench(args.checkpoint, cfg, out, steps=args.steps, warmup=args.warmup)
-    cases = set(args.cases.split(","))
-    seq = 128 if args.tiny else 1024
-    if "ladder" in cases:  # each piece's share, 4 x 1024, all linear layers, r=16
-        bench.run("textbook", ALL, 16, fixed(4, seq))
-        bench.run("padding-free+bf16-residual", ALL, 16, fixed(4, seq), kernels=False, fuse_lora=False)
-        bench.run("+fused-lora", ALL, 16, fixed(4, seq), kernels=False)
-        bench.run("project", ALL, 16, fixed(4, seq))
-    if "fixed" in cases:
-        if "ladder" not in cases:
-            bench.run("textbook", ALL, 16, fixed(4, seq))
-            bench.run("project", ALL, 16, fixed(4, seq))
-        bench.run("textbook", QV, 16, fixed(4, seq))
-        bench.run("project", QV, 16, fixed(4, seq))
-    if "long" in cases:
-        steps = dict(steps=max(3, args.steps // 2), warmup=2)
-        bench.run("textbook", ALL, 16, fixed(8, 2 * seq), **steps)
-        bench.run("project", ALL, 16, fixed(8, 2 * seq), **steps)
-        bench.run("textbook", QV, 16, fixed(8, 2 * seq), **steps)
-        bench.run("project", QV, 16, fixed(8, 2 * seq), **steps)
-    if "realistic" in cases:
-        for batch in (8, 4):
-            bench.run("textbook", ALL, 16, realistic(batch, tiny=args.tiny))
-            bench.run("project", ALL, 16, realistic(batch, tiny=args.tiny))
-    if "memory" in cases:
-        # Activation memory vs recomputation at 4 x 1024: no checkpointing at all, then as many unchecked
-        # layers as fit within the textbook recipe's peak.
-        done = [r for r in bench.results if r["label"] == "project" and r["targets"] == "all"
-                and r["shape"] == f"4x{seq}"]  # fmt: skip
-        base = done[0] if done else bench.run("project", ALL, 16, fixed(4, seq))
-        none = bench.run(
-            "project", ALL, 16, fixed(4, seq), gradient_checkpointing=False, label="no-checkpointing"
-        )
-        textbook_peak = next((r["peak_gib"] for r in bench.results if r["recipe"] == "textbook"
-                              and r["targets"] == "all" and r["shape"] == f"4x{seq}"), None)  # fmt: skip
-        if textbook_peak is not None:
-            per_layer = (none["peak_gib"] - base["peak_gib"]) / cfg.num_hidden_layers
-            budget = max(0.0, textbook_peak - base["peak_gib"] - 0.25)  # GiB left under the textbook's peak
-            bench.run("project", ALL, 16, fixed(4, seq), activation_memory_gib=budget, tokens_per_batch=4 * seq,
-                      label=f"unchecked-within-textbook-peak ({per_layer:.2f} GiB/layer measured)")  # fmt: skip
-    if args.profile:
-        bench.profile("textbook", ALL, 16, fixed(4, seq))
-        bench.profile("project", ALL, 16, fixed(4, seq))
-    print_table(bench.results)
+@dataclass(frozen=True)
+class Variant:
+    """One recipe of a case: the textbook, or the project with `options` for `build_project_model`.
+    `within_textbook_peak` gives the project's fast path, as activation memory, what the case's textbook
+    peak leaves above the project's own (measured in the same run)."""
+
+    label: str
+    recipe: Recipe
+    options: dict[str, Any] = field(default_factory=dict)
+    within_textbook_peak: bool = False
 
 
-# ------------------------------------------------------------------------------------------- data
+TEXTBOOK = Variant("textbook", "textbook")
+PROJECT = Variant("project", "project")
 
 
-def fixed(batch: int, seq: int) -> dict[str, Any]:
-    """Random tokens, every example `seq` long (no padding), every token a target."""
-    return {"shape": f"{batch}x{seq}", "lengths": lambda rng: [seq] * batch, "prompt_fraction": 0.0}
+@dataclass(frozen=True)
+class Case:
+    """What one repeat measures: every variant, trained on the same batches for the same steps."""
+
+    name: str
+    targets: tuple[str, ...]
+    r: int
+    batches: Batches
+    steps: int
+    warmup: int
+    variants: tuple[Variant, ...]
 
 
-def realistic(batch: int, *, tiny: bool) -> dict[str, Any]:
-    """Example lengths like an instruction dataset's: log-normal, mean about 300 tokens, cut to 2048; the
-    first 40% of each example is the prompt (no loss), as in chat fine-tuning."""
-    mu, cap = math.log(300 / 8 if tiny else 300) - 0.5, 256 if tiny else 2048
-    return {
-        "shape": f"{batch}x~300 (log-normal)" if not tiny else f"{batch}x~38",
-        "lengths": lambda rng: [max(8, min(cap, int(rng.lognormvariate(mu, 1.0)))) for _ in range(batch)],
-        "prompt_fraction": 0.4,
-    }
-
-
-def make_examples(case: dict[str, Any], step: int, vocab: int) -> list[dict[str, list[int]]]:
-    rng = random.Random(1000 + step)  # the same examples for both recipes at each step
-    examples = []
-    for length in case["lengths"](rng):
-        ids = [rng.randrange(vocab) for _ in range(length)]
-        prompt = int(length * case["prompt_fraction"])
-        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
-    return examples
-
-
-def padded_batch(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    """The textbook collation: right-padded to the longest example, pads masked out of attention and loss."""
-    longest = max(len(e["input_ids"]) for e in examples)
-    ids = torch.zeros(len(examples), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(e["input_ids"]), 1, torch.tensor(e["labels"])
-    if bool(mask.all()):
-        return {"input_ids": ids, "labels": labels}  # as the reference script: no mask when nothing is padded
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def packed_batch(examples: list[dict[str, list[int]]]) -> dict[str, Any]:
-    """What a trial's SFTTrainer collates with padding_free=True."""
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    return DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
-
-
-# ------------------------------------------------------------------------------------------- models
-
-
-def make_checkpoint(path: Path, *, tiny: bool) -> Any:
-    """A Llama-2-7B-shaped checkpoint with random weights (bf16 safetensors, as a hub download leaves it)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if tiny:
-        cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
-    else:
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
-    if not (path / "config.json").exists():
-        t = time.perf_counter()
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        model.save_pretrained(path)
-        del model
-        torch.cuda.empty_cache()
-        print(f"made {path} in {time.perf_counter() - t:.1f} s", flush=True)
-    return cfg
-
-
-def textbook_model(ckpt: str, targets: list[str], r: int, *, gradient_checkpointing: bool = True) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map={"": 0})  # fmt: skip
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.05, bias="none",
-                      task_type="CAUSAL_LM")  # fmt: skip
-    return get_peft_model(model, lora)
-
-
-def project_model(ckpt: str, targets: list[str], r: int, *, gradient_checkpointing: bool = True,
-                  **fast: Any) -> tuple[Any, Any]:  # fmt: skip
-    """The model a trial trains: trainable.model's 4-bit base and LoRA, the fast path, then what trl's
-    SFTTrainer does to a quantized PEFT model (LoRA weights to bf16, its fused LM head)."""
-    from trl.trainer.utils import add_fused_lm_head
-
-    from trainable.fast import apply_fast_path
-    from trainable.model import build_lora_model, load_base_model
-    from trainable.settings import LoraSettings, ModelSettings
-
-    settings = ModelSettings(
-        name_or_path=ckpt, gradient_checkpointing=gradient_checkpointing, cache_quantized=False
+def build_cases(
+    shape_name: str, *, steps: int, warmup: int, realistic_steps: int, seed: int
+) -> dict[str, Case]:
+    """The benchmark's cases; on the small shape, the same cases with an eighth of the lengths."""
+    seq, mean, cap = (1024, 300, 2048) if shape_name == "7b" else (128, 38, 256)
+    fixed, long = fixed_batches(4, seq, seed=seed), fixed_batches(8, 2 * seq, seed=seed)
+    ladder = (
+        TEXTBOOK,
+        Variant("padding-free+bf16-residual", "project", {"kernels": False, "fuse_lora": False}),
+        Variant("+fused-lora", "project", {"kernels": False}),
+        PROJECT,
     )
-    lora = LoraSettings(r=r, lora_alpha=2 * r, target_modules=",".join(targets), lora_dropout=0.05)
-    model = build_lora_model(load_base_model(ckpt, settings, device="cuda"), lora,
-                             gradient_checkpointing=gradient_checkpointing)  # fmt: skip
-    report = apply_fast_path(model, **fast)
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.to(torch.bfloat16)
-    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
-    return model, report
+    memory = (
+        TEXTBOOK,
+        PROJECT,
+        Variant("no-checkpointing", "project", {"gradient_checkpointing": False}),
+        Variant("unchecked-within-textbook-peak", "project", within_textbook_peak=True),
+    )
+    both = (TEXTBOOK, PROJECT)
+    realistic8 = realistic_batches(8, mean=mean, cap=cap, seed=seed)
+    realistic4 = realistic_batches(4, mean=mean, cap=cap, seed=seed)
+    cases = [
+        Case("fixed", ALL_LINEAR, 16, fixed, steps, warmup, both),
+        Case("fixed-qv", QV, 16, fixed, steps, warmup, both),
+        Case("ladder", ALL_LINEAR, 16, fixed, steps, warmup, ladder),
+        Case("memory", ALL_LINEAR, 16, fixed, steps, warmup, memory),
+        Case("long", ALL_LINEAR, 16, long, max(3, steps // 2), 2, both),  # 2-2.5 s a textbook step
+        Case("realistic", ALL_LINEAR, 16, realistic8, realistic_steps, warmup, both),
+        Case("realistic-4", ALL_LINEAR, 16, realistic4, realistic_steps, warmup, both),
+    ]
+    return {case.name: case for case in cases}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    p.add_argument("--shape", choices=["7b", "small"], default="7b", help="small: checks the script quickly")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="random-weight checkpoint of the shape, made there if missing "
+                        "(default /tmp/qlora-bench-SHAPE)")  # fmt: skip
+    p.add_argument("--cases", default="fixed,realistic",
+                   help="comma-separated, of: fixed, fixed-qv, ladder, memory, long, realistic, realistic-4")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=3, help="runs of each case in this process (at least 3)")
+    p.add_argument("--steps", type=int, default=8, help="measured steps at fixed lengths")
+    p.add_argument("--realistic-steps", type=int, default=40, help="measured steps at realistic lengths")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--seed", type=int, default=0, help="draws the batches: the same for every recipe and repeat"
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="a torch.profiler table of both recipes, fixed case"
+    )
+    args = p.parse_args(argv)
+    all_cases = build_cases(args.shape, steps=args.steps, warmup=args.warmup,
+                            realistic_steps=args.realistic_steps, seed=args.seed)  # fmt: skip
+    names = [n for n in args.cases.split(",") if n]
+    unknown = [n for n in names if n not in all_cases]
+    if unknown or not names:
+        p.error(f"--cases {args.cases!r}: unknown {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(all_cases)}")  # fmt: skip
+    if args.repeats < 3:
+        p.error(f"--repeats {args.repeats}: at least 3, a median and a range need three runs")
+    if args.realistic_steps < 40 and any(all_cases[n].batches.kind == "realistic" for n in names):
+        p.error(f"--realistic-steps {args.realistic_steps}: at least 40, or the ratio depends on which "
+                "few uneven batches were drawn")  # fmt: skip
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (bitsandbytes' 4-bit GPU kernels and the project's CUDA fast path)")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    shape = SHAPES[args.shape]
+    checkpoint = make_checkpoint(args.checkpoint or Path(f"/tmp/qlora-bench-{args.shape}"), shape,
+                                 vocab_size=LLAMA2_VOCAB, device="cuda")  # fmt: skip
+    bench = Bench(checkpoint, shape, LLAMA2_VOCAB)
+    records: list[dict[str, Any]] = []
+    for repeat in range(args.repeats):
+        for name in names:
+            case = all_cases[name]
+            # Alternate the order so that drift during the run (clocks, other tenants) favours neither side.
+            variants = case.variants if repeat % 2 == 0 else tuple(reversed(case.variants))
+            for variant in variants:
+                record = bench.run(case, variant, repeat=repeat, peaks=peaks_of(records, case.name))
+                print(json.dumps(record), flush=True)
+                append_jsonl(args.out / "train_step.jsonl", [record])
+                records.append(record)
+    summary = summarize(records)
+    append_jsonl(args.out / "train_step-summary.jsonl", summary)
+    print(format_summary(summary), flush=True)
+    if args.profile:
+        bench.profile(all_cases["fixed"], TEXTBOOK, args.out)
+        bench.profile(all_cases["fixed"], PROJECT, args.out)
 
 
 # ------------------------------------------------------------------------------------------- runner
 
 
 class Bench:
-    def __init__(self, ckpt: str, cfg: Any, out: Path, *, steps: int, warmup: int) -> None:
-        self.ckpt, self.cfg, self.out, self.steps, self.warmup = ckpt, cfg, out, steps, warmup
-        self.n_params = count_params(cfg)
-        self.results: list[dict[str, Any]] = []
+    """Builds a case's recipes on one checkpoint and times their steps."""
 
-    def build(self, recipe: str, targets: list[str], r: int, **kw: Any) -> tuple[Any, Any]:
-        if recipe == "textbook":
-            return textbook_model(self.ckpt, targets, r, **kw), None
-        return project_model(self.ckpt, targets, r, **kw)
+    def __init__(self, checkpoint: Path, shape: LlamaShape, vocab_size: int) -> None:
+        self.checkpoint, self.shape, self.vocab_size = checkpoint, shape, vocab_size
+        self.parameters = shape.parameters(vocab_size=vocab_size)
 
-    def step_fn(self, recipe: str, model: Any, optimizer: Any) -> Any:
-        def step(examples: list[dict[str, list[int]]]) -> float:
-            batch = padded_batch(examples) if recipe == "textbook" else packed_batch(examples)
-            batch = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                if recipe == "textbook":
-                    loss = model(**batch).loss
-                else:
-                    loss = model(**batch, fused_lm_head=True, use_cache=False).loss
+    def build(self, case: Case, variant: Variant, peaks: dict[str, float]) -> tuple[Any, dict[str, Any], Any]:
+        """(model, the options it was built with, the fast path's report or None)."""
+        if variant.recipe == "textbook":
+            model = build_textbook_model(self.checkpoint, targets=case.targets, r=case.r, **variant.options)
+            return model, dict(variant.options), None
+        options = dict(variant.options)
+        if variant.within_textbook_peak:
+            options["activation_memory_gib"] = memory_left_under_textbook(peaks, case=case.name)
+            options["tokens_per_batch"] = case.batches.batch_size * case.batches.length
+        model, report = build_project_model(self.checkpoint, targets=case.targets, r=case.r, **options)
+        prepare_like_sft_trainer(model)
+        return model, options, report
+
+    def step_fn(self, recipe: Recipe, model: Any, optimizer: Any) -> Callable[[list[Example]], torch.Tensor]:
+        def step(examples: list[Example]) -> torch.Tensor:
+            if recipe == "textbook":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(**padded_batch(examples, "cuda")).loss
+            else:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(**packed_batch(examples, "cuda"), fused_lm_head=True, use_cache=False).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -243,88 +227,103 @@ class Bench:
 
         return step
 
-    def run(self, recipe: str, targets: list[str], r: int, case: dict[str, Any], *, steps: int | None = None,
-            warmup: int | None = None, label: str | None = None, **kw: Any) -> dict[str, Any]:  # fmt: skip
+    def run(self, case: Case, variant: Variant, *, repeat: int, peaks: dict[str, float]) -> dict[str, Any]:
         import bitsandbytes as bnb
 
-        steps, warmup = steps or self.steps, warmup if warmup is not None else self.warmup
         cleanup()
         torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        model, report = self.build(recipe, targets, r, **kw)
-        build_s = time.perf_counter() - t
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = bnb.optim.PagedAdamW32bit(params, lr=2e-4)
+        start = time.perf_counter()
+        model, options, report = self.build(case, variant, peaks)
+        build_s = time.perf_counter() - start
+        optimizer = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
         model.train()
-        step = self.step_fn(recipe, model, optimizer)
-        times, tokens, flops, losses = [], [], [], []
-        for i in range(warmup + steps):
-            examples = make_examples(case, i, self.cfg.vocab_size)
+        step = self.step_fn(variant.recipe, model, optimizer)
+        times, tokens, padded_tokens, flops, losses = [], [], [], [], []
+        for i in range(case.warmup + case.steps):
+            examples = case.batches.examples(i, vocab_size=self.vocab_size)
             torch.cuda.synchronize()
             t = time.perf_counter()
             loss = step(examples)
             torch.cuda.synchronize()
-            if i >= warmup:
+            if i >= case.warmup:
                 times.append(time.perf_counter() - t)
                 lengths = [len(e["input_ids"]) for e in examples]
                 tokens.append(sum(lengths))
+                padded_tokens.append(len(lengths) * max(lengths))
                 flops.append(sum(n * self.flops_per_token(n) for n in lengths))
                 losses.append(float(loss))
         seconds = sum(times)
-        result = {
-            "recipe": recipe,
-            "label": label or recipe,
-            "targets": "all" if targets == ALL else "+".join(t.split("_")[0] for t in targets),
-            "r": r,
-            "shape": case["shape"],
+        record = {
+            "case": case.name,
+            "repeat": repeat,
+            "label": variant.label,
+            "recipe": variant.recipe,
+            "targets": "all"
+            if case.targets == ALL_LINEAR
+            else "+".join(t.split("_")[0] for t in case.targets),
+            "r": case.r,
+            "batches": case.batches.label,
+            "seed": case.batches.seed,
+            "steps": case.steps,
+            "warmup": case.warmup,
             "tokens_per_s": round(sum(tokens) / seconds, 1),
             "step_s_median": round(statistics.median(times), 4),
+            "step_s": [round(s, 4) for s in times],
             "mfu": round(sum(flops) / seconds / (PEAK_TFLOPS * 1e12), 4),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "loss_first": round(losses[0], 4),
             "loss_last": round(losses[-1], 4),
             "build_s": round(build_s, 1),
-            "steps": steps,
             "real_tokens_per_step": round(sum(tokens) / len(tokens)),
-            "fast_path": None if report is None else fast_path_summary(report),
-            "options": {k: v for k, v in kw.items()},
+            "padded_tokens_per_step": round(sum(padded_tokens) / len(padded_tokens)),
+            "fast_path": fast_path_summary(report),
+            "options": options,
             "device": torch.cuda.get_device_name(),
         }
-        print(json.dumps(result), flush=True)
-        with open(self.out / "train_step.jsonl", "a") as f:
-            f.write(json.dumps(result) + "\n")
-        self.results.append(result)
         del model, optimizer, step
         cleanup()
-        return result
+        return record
 
-    def profile(self, recipe: str, targets: list[str], r: int, case: dict[str, Any]) -> None:
+    def profile(self, case: Case, variant: Variant, out: Path) -> None:
+        """Two steps under torch.profiler after two warm-up steps; appends the tables to profile.txt."""
         import bitsandbytes as bnb
         from torch.profiler import ProfilerActivity, profile
 
         cleanup()
-        model, _ = self.build(recipe, targets, r)
+        model, _, _ = self.build(case, variant, {})
         optimizer = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
         model.train()
-        step = self.step_fn(recipe, model, optimizer)
+        step = self.step_fn(variant.recipe, model, optimizer)
         for i in range(2):
-            step(make_examples(case, i, self.cfg.vocab_size))
+            step(case.batches.examples(i, vocab_size=self.vocab_size))
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for i in range(2):
-                step(make_examples(case, 10 + i, self.cfg.vocab_size))
+            for i in range(2, 4):
+                step(case.batches.examples(i, vocab_size=self.vocab_size))
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
-        kernels = kernel_breakdown(prof)
-        text = f"{recipe} {case['shape']} ({torch.cuda.get_device_name()}), 2 steps\n\n{kernels}\n\n{table}\n"
-        with open(self.out / "profile.txt", "a") as f:
+        text = (f"{variant.label} {case.batches.label} ({torch.cuda.get_device_name()}), 2 steps\n\n"
+                f"{kernel_breakdown(prof)}\n\n{table}\n")  # fmt: skip
+        with open(out / "profile.txt", "a") as f:
             f.write(text + "\n" + "=" * 100 + "\n")
         print(text[:6000], flush=True)
         del model, optimizer, step, prof
         cleanup()
 
     def flops_per_token(self, length: int) -> float:
-        c = self.cfg
-        return 4 * self.n_params + 12 * c.num_hidden_layers * c.hidden_size * length
+        return 4 * self.parameters + 12 * self.shape.num_hidden_layers * self.shape.hidden_size * length
+
+
+def fast_path_summary(report: Any) -> dict[str, Any] | None:
+    """What the fast path changed (None for the textbook), without the long list of cast module names."""
+    if report is None:
+        return None
+    return {k: v for k, v in vars(report).items() if k != "cast_to_compute_dtype"}
+
+
+def cleanup() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def kernel_breakdown(prof: Any) -> str:
@@ -357,32 +356,87 @@ def kernel_breakdown(prof: Any) -> str:
     return "\n".join(lines)
 
 
-def fast_path_summary(report: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(report).items() if k != "cast_to_compute_dtype"}
+# ------------------------------------------------------------------------------------------- summary
 
 
-def count_params(cfg: Any) -> int:
-    d, ff, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    kv = d * cfg.num_key_value_heads // cfg.num_attention_heads
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d
-    return layers * per_layer + 2 * vocab * d + d
+@dataclass(frozen=True)
+class Spread:
+    """The median of a few runs and their range; `relative` = (high - low) / median."""
+
+    median: float
+    low: float
+    high: float
+
+    @property
+    def relative(self) -> float:
+        return (self.high - self.low) / self.median
+
+    def as_dict(self, digits: int = 4) -> dict[str, float]:
+        return {"median": round(self.median, digits), "min": round(self.low, digits),
+                "max": round(self.high, digits), "spread": round(self.relative, 4)}  # fmt: skip
 
 
-def cleanup() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
+def spread(values: Sequence[float]) -> Spread:
+    if not values:
+        raise ValueError("spread of no values")
+    return Spread(statistics.median(values), min(values), max(values))
 
 
-def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"\n{'case':58s} {'tok/s':>8s} {'ratio':>6s} {'MFU':>6s} {'peak GiB':>8s}")
-    textbook: dict[tuple[str, str], float] = {}
-    for r in results:
-        key = (r["targets"], r["shape"])
-        if r["recipe"] == "textbook":
-            textbook[key] = r["tokens_per_s"]
-        ratio = r["tokens_per_s"] / textbook[key] if key in textbook else float("nan")
-        name = f"{r['label']} {r['targets']} r{r['r']} {r['shape']}"
-        print(f"{name[:58]:58s} {r['tokens_per_s']:8.0f} {ratio:6.2f} {r['mfu']:6.1%} {r['peak_gib']:8.2f}")
+def memory_left_under_textbook(peaks: dict[str, float], *, case: str) -> float:
+    """GiB the project may spend on unchecked layers and still peak under the textbook (less a margin)."""
+    if "textbook" not in peaks or "project" not in peaks:
+        raise ValueError(f"case {case}: the textbook's and the project's peaks are needed first, got {peaks}")
+    return round(max(0.0, peaks["textbook"] - peaks["project"] - MEMORY_MARGIN_GIB), 2)
+
+
+def peaks_of(records: Iterable[dict[str, Any]], case: str) -> dict[str, float]:
+    """The peak memory of each label of `case` measured so far (memory does not vary between repeats)."""
+    return {r["label"]: r["peak_gib"] for r in records if r["case"] == case}
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per case and label, over the repeats: the ratio of its tokens/s to the textbook's of the same case
+    and repeat, its tokens/s, and its median step time, each as median, min, max and spread."""
+    textbook = {(r["case"], r["repeat"]): r["tokens_per_s"] for r in records if r["recipe"] == "textbook"}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["case"], r["label"]), []).append(r)
+    summary = []
+    for (case, label), runs in groups.items():
+        ratios = [
+            r["tokens_per_s"] / textbook[case, r["repeat"]] for r in runs if (case, r["repeat"]) in textbook
+        ]
+        summary.append({
+            "case": case,
+            "label": label,
+            "targets": runs[0]["targets"],
+            "batches": runs[0]["batches"],
+            "repeats": len(runs),
+            "steps": runs[0]["steps"],
+            "ratio": spread(ratios).as_dict(3) if ratios else None,
+            "tokens_per_s": spread([r["tokens_per_s"] for r in runs]).as_dict(1),
+            "step_s": spread([r["step_s_median"] for r in runs]).as_dict(4),
+            "peak_gib": max(r["peak_gib"] for r in runs),
+            "mfu_median": round(statistics.median(r["mfu"] for r in runs), 4),
+        })  # fmt: skip
+    return summary
+
+
+def format_summary(summary: Sequence[dict[str, Any]]) -> str:
+    lines = [f"{'case':12s} {'label':32s} {'n':>2s} {'ratio median [min-max]':>24s} "
+             f"{'tok/s median':>12s} {'step spread':>11s} {'peak GiB':>8s}"]  # fmt: skip
+    for s in summary:
+        ratio = s["ratio"]
+        text = f"{ratio['median']:.2f} [{ratio['min']:.2f}-{ratio['max']:.2f}]" if ratio else "-"
+        lines.append(f"{s['case']:12s} {s['label'][:32]:32s} {s['repeats']:2d} {text:>24s} "
+                     f"{s['tokens_per_s']['median']:12.0f} {s['step_s']['spread']:11.1%} {s['peak_gib']:8.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

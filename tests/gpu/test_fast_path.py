@@ -17,24 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from batches import packed, padded
+
+from bench.recipes import SHAPES, build_project_model, build_textbook_model, make_checkpoint
+from bench.recipes import packed_batch as packed
+from bench.recipes import padded_batch as padded
 
 pytestmark = pytest.mark.gpu
-
-ALL = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-layer Llama with random weights (bf16 safetensors), big enough for real GEMM shapes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024)  # fmt: skip
-    path = tmp_path_factory.mktemp("small-llama")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    return path
+    """The benchmarks' small Llama with random weights (bf16 safetensors), big enough for real GEMM shapes."""
+    return make_checkpoint(tmp_path_factory.mktemp("small-llama"), SHAPES["small"], vocab_size=512)
 
 
 def motif_examples(count: int, *, seed: int, vocab: int = 512) -> list[dict[str, list[int]]]:
@@ -54,29 +48,11 @@ def motif_examples(count: int, *, seed: int, vocab: int = 512) -> list[dict[str,
 
 
 def textbook(path: Path, *, r: int = 16, dropout: float = 0.0) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map={"": 0})  # fmt: skip
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL.split(","), lora_dropout=dropout,
-                      task_type="CAUSAL_LM")  # fmt: skip
-    return init_lora(get_peft_model(model, lora))
+    return init_lora(build_textbook_model(path, r=r, dropout=dropout))
 
 
-def project(path: Path, *, r: int = 16, dropout: float = 0.0, kernels: bool = True) -> torch.nn.Module:
-    from trainable.fast import apply_fast_path
-    from trainable.model import build_lora_model, load_base_model
-    from trainable.settings import LoraSettings, ModelSettings
-
-    settings = ModelSettings(name_or_path=str(path), cache_quantized=False)
-    base = load_base_model(str(path), settings, device="cuda")
-    model = build_lora_model(base, LoraSettings(r=r, lora_alpha=2 * r, target_modules=ALL, lora_dropout=dropout),
-                             gradient_checkpointing=True)  # fmt: skip
-    report = apply_fast_path(model, kernels=kernels)
+def project(path: Path, *, r: int = 16, dropout: float = 0.0) -> torch.nn.Module:
+    model, report = build_project_model(path, r=r, dropout=dropout)
     assert report.skipped is None and report.lora_layers == 28 and report.attention_layers == 4
     return init_lora(model)
 

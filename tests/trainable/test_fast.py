@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from batches import packed, padded
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench.recipes import packed_batch as packed
+from bench.recipes import padded_batch as padded
 from trainable.fast import LoraLinearFunction, apply_fast_path, attend
 from trainable.model import find_embedded_gguf, quantized_cache_path
 from trainable.settings import ModelSettings

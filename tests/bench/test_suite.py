@@ -1,0 +1,49 @@
+"""bench/gpu/suite.sh refuses bad paths and unknown stages before it installs or runs anything."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def suite(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(REPO / "bench/gpu/suite.sh"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["stash"], "unknown stage stash"),
+        (["setup", "tests"], "the setup stage needs --wheels DIR"),
+        (["--wheels", "{empty}", "setup"], "no .whl files there"),
+        (["--gguf", "{missing}", "smollm2"], "{missing}: no such file"),
+        (["--adapter", "{empty}", "generation"], "no adapter_config.json there"),
+        (["--out"], "--out needs a value"),
+        (["--carried", "x", "step"], "unknown option --carried"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(args: list[str], message: str, tmp_path: Path) -> None:
+    paths = {"empty": str(tmp_path), "missing": str(tmp_path / "smollm2.gguf")}
+    out = tmp_path / "out"
+    result = suite("--out", str(out), *[a.format(**paths) for a in args])
+    assert result.returncode == 2
+    assert message.format(**paths) in result.stderr
+    assert not out.exists()
+
+
+def test_runs_only_from_the_repository_root(tmp_path: Path) -> None:
+    result = suite("--out", str(tmp_path / "out"), "tests", cwd=tmp_path)
+    assert result.returncode == 2 and "run from the repository root" in result.stderr
+
+
+def test_every_stage_it_accepts_is_documented() -> None:
+    text = (REPO / "bench/gpu/suite.sh").read_text()
+    known = text.split('KNOWN=" ', 1)[1].split(' "', 1)[0].split()
+    usage = suite("--help").stdout
+    stages = usage.split("Stages:", 1)[1].split("Results:", 1)[0]
+    assert sorted(known) == sorted(line.split()[0] for line in stages.splitlines() if line[:3].strip())
