@@ -23,12 +23,13 @@ from typing import Any, Literal
 import pandas as pd
 
 from analysis.experiment import (
-    USABLE_STATUSES,
+    LEADERBOARD,
     Experiment,
     ExperimentError,
     load_experiment,
     resolve_base_model,
 )
+from analysis.rank import choose_candidates
 from trainable.settings import HYPERPARAMETERS
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -45,7 +46,7 @@ def choose_trial(experiment: Experiment, trial: str | None = None) -> tuple[dict
             known = ", ".join(results["trial_id"].astype(str))
             raise ExperimentError(f"--trial {trial!r} matches {len(matches)} trials; the trials are: {known}")
         return matches.iloc[0].to_dict(), "chosen with --trial"
-    board_path = experiment.path / "leaderboard.parquet"
+    board_path = experiment.path / LEADERBOARD
     if board_path.is_file():
         board = pd.read_parquet(board_path)
         ranked = board[board["rank"].notna()].sort_values("rank")
@@ -54,12 +55,12 @@ def choose_trial(experiment: Experiment, trial: str | None = None) -> tuple[dict
             return results[results["trial_id"].astype(str) == first].iloc[
                 0
             ].to_dict(), "#1 of leaderboard.parquet"
-    usable = results[results["status"].isin(USABLE_STATUSES) & results["adapter_path"].notna()]
-    if usable.empty:
+    best_by_loss = choose_candidates(results, top_k=1)
+    if best_by_loss.empty:
         raise ExperimentError(
             f"{experiment.path}: no trial has a usable adapter (statuses: {', '.join(results['status'])})"
         )
-    best = usable.sort_values(["best_eval_loss", "trial_id"], kind="stable").iloc[0]
+    best = best_by_loss.iloc[0]
     return (
         best.to_dict(),
         "best eval loss (no leaderboard.parquet: run python -m analysis.report first to rank by answers)",
@@ -67,7 +68,7 @@ def choose_trial(experiment: Experiment, trial: str | None = None) -> tuple[dict
 
 
 def _scores(experiment: Experiment, trial_id: str) -> dict[str, float]:
-    board_path = experiment.path / "leaderboard.parquet"
+    board_path = experiment.path / LEADERBOARD
     if not board_path.is_file():
         return {}
     board = pd.read_parquet(board_path).set_index("candidate")

@@ -1,10 +1,11 @@
 """The leaderboard: held-out answer quality where it separates the finalists, eval loss where it does not.
 
 The rule (report.top_k, report.loss_tolerance, report.rank_by):
-1. A trial is *usable* when its status is completed or stopped (by the scheduler) and its best eval loss
-   is finite. Trials that are not (error, failed, no loss) are listed last, unranked, with the reason.
-2. The *finalists* are the top_k usable trials by best eval loss plus the QLoRA-recipe trial (always, when
-   it is usable): they answered the held-out prompts. They rank first, ordered by
+1. A trial is *usable* when its status is rankable (trainable.outcome.RANKABLE_STATUSES: completed, or
+   stopped by the scheduler) and its best eval loss is finite. Trials that are not (error, failed, no loss)
+   are listed last, unranked, with the reason.
+2. The *finalists* (choose_candidates) are the top_k usable trials by best eval loss plus the QLoRA-recipe
+   trial (always, when it is usable): they answered the held-out prompts. They rank first, ordered by
    a. net wins: how many other finalists a finalist is measurably better than (paired test on the held-out
       prompts, p < 0.05: McNemar's exact test for exact match, a paired bootstrap for chrF; the first of
       those in rank_by that was scored), minus how many are measurably better than it;
@@ -24,15 +25,16 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from analysis.experiment import USABLE_STATUSES, Experiment
+from analysis.experiment import LEADERBOARD, Experiment
 from analysis.generate import BASE
 from analysis.score import BASELINE
+from trainable.outcome import RANKABLE_STATUSES, Origin
 from trainable.settings import HYPERPARAMETERS
 
 # rank_by name -> leaderboard column.
 QUALITY_COLUMNS = {"exact_match": "exact_match", "chrf": "chrf", "judge": "judge_strength"}
 TESTED = ("exact_match", "chrf")  # the scores with a paired test per prompt
-RECIPE_ORIGIN = "recipe"  # results.parquet's `origin` of the trial that ran the QLoRA paper's recipe
+RECIPE_ORIGIN: Origin = "recipe"  # results.parquet's `origin` of the trial that ran the QLoRA paper's recipe
 TEST_NAMES = {"mcnemar": "McNemar", "paired_bootstrap": "paired bootstrap"}
 
 
@@ -49,6 +51,22 @@ def tested_metric(quality: pd.DataFrame | None, rank_by: Sequence[str]) -> str |
         if name in TESTED and quality is not None and name in quality and quality[name].notna().any():
             return name
     return None
+
+
+def usable_trials(results: pd.DataFrame) -> pd.Series:
+    """Which rows of a results table may be ranked: a rankable status and a finite best eval loss."""
+    loss = pd.to_numeric(results["best_eval_loss"], errors="coerce")
+    return results["status"].isin(RANKABLE_STATUSES) & loss.map(lambda x: math.isfinite(x))
+
+
+def choose_candidates(results: pd.DataFrame, *, top_k: int) -> pd.DataFrame:
+    """The finalists: the `top_k` usable trials that have an adapter, best eval loss first (equal losses by
+    trial id), then the QLoRA-recipe trial (results' `origin`) when it is usable and not among them. The
+    report's finalists; the first row is the adapter to export when there is no leaderboard yet."""
+    usable = results[usable_trials(results) & results["adapter_path"].notna()]
+    ordered = usable.sort_values(["best_eval_loss", "trial_id"], kind="stable")
+    recipe = ordered[ordered["origin"] == RECIPE_ORIGIN]
+    return pd.concat([ordered.head(top_k), recipe]).drop_duplicates("trial_id")
 
 
 def rank_trials(
@@ -81,7 +99,7 @@ def rank_trials(
             table[column] = math.nan
 
     loss = pd.to_numeric(table["best_eval_loss"], errors="coerce")
-    usable = table["status"].isin(USABLE_STATUSES) & loss.map(lambda x: math.isfinite(x))
+    usable = usable_trials(table)
     best = loss[usable].min() if usable.any() else math.nan
     limit = best + loss_tolerance * abs(best) if usable.any() else math.nan
     finalist = usable & table[keys].notna().any(axis=1) if keys else usable & False
@@ -184,7 +202,7 @@ def _failure_note(row: object) -> str:
     status = getattr(row, "status", "")
     if isinstance(error, str) and error:
         return f"{status}: {error.splitlines()[0][:200]}"
-    return f"{status}: no finite eval loss" if status in ("failed", *USABLE_STATUSES) else f"{status}"
+    return f"{status}: no finite eval loss" if status in ("failed", *RANKABLE_STATUSES) else f"{status}"
 
 
 def format_p(p: float) -> str:
@@ -261,7 +279,7 @@ def _status(board: pd.DataFrame, candidate: str) -> str:
 
 def load_leaderboard(experiment: Experiment) -> pd.DataFrame:
     """leaderboard.parquet when the report has run; else the trials ranked by eval loss alone (no answers)."""
-    path = experiment.path / "leaderboard.parquet"
+    path = experiment.path / LEADERBOARD
     if path.is_file():
         return pd.read_parquet(path)
     tolerance = float(experiment.config.get("report", {}).get("loss_tolerance", 0.0))

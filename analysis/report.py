@@ -5,9 +5,10 @@
     python -m analysis.report EXPERIMENT generation.max_new_tokens=32 loss_tolerance=0.05 judge=HUB_ID_OR_URL
     python -m analysis.report s3://bucket/experiments/NAME     # fetched into the local cache, outputs put back
 
-Overrides are dotted keys of the sweep's `report` section (see trainable.settings.ReportSettings).
+Overrides are dotted keys of the sweep's `report` section (see analysis.settings.ReportSettings).
 Writes into the experiment folder: leaderboard.parquet and .csv, generations.parquet, paired_tests.parquet,
-report.html, and judgments.parquet when a judge is set. The sweep driver runs this at the end of a sweep (report.enabled).
+report.html, and judgments.parquet when a judge is set. The sweep driver runs this at the end of a sweep
+(report.enabled).
 """
 
 from __future__ import annotations
@@ -26,14 +27,19 @@ from typing import Any
 import pandas as pd
 
 from analysis.experiment import (
-    USABLE_STATUSES,
+    GENERATIONS,
+    JUDGMENTS,
+    LEADERBOARD,
+    LEADERBOARD_CSV,
+    PAIRED_TESTS,
+    REPORT_OUTPUTS,
+    REPORT_PAGE,
     Experiment,
     ExperimentError,
     load_experiment,
     load_histories,
-    load_report_settings,
     resolve_base_model,
-    write_atomic,
+    write_file,
     write_table,
 )
 from analysis.generate import (
@@ -45,21 +51,13 @@ from analysis.generate import (
     render_prompts,
     spread_over_tasks,
 )
-from analysis.rank import RECIPE_ORIGIN
+from analysis.rank import choose_candidates
 from analysis.score import BASELINE
-from trainable.settings import ReportSettings
+from analysis.settings import ReportSettings, load_report_settings
 
 # Held-out prompts shown side by side on the page (spread over the tasks): two per bundled task; a page of
 # 300 prompts x 6 candidates would bury the rest. Every answer is in generations.parquet.
 SHOWN_PROMPTS = 24
-OUTPUTS = (
-    "leaderboard.parquet",
-    "leaderboard.csv",
-    "generations.parquet",
-    "paired_tests.parquet",
-    "judgments.parquet",
-    "report.html",
-)
 
 
 @dataclass(frozen=True)
@@ -75,14 +73,9 @@ class ReportOutputs:
 
 
 def select_finalists(results: pd.DataFrame, top_k: int) -> list[Candidate]:
-    """The base model, the `top_k` usable trials by best eval loss that have an adapter on disk, and the
-    QLoRA-recipe trial (results' `origin`) when it is usable and not among them."""
-    usable = results[results["status"].isin(USABLE_STATUSES) & results["adapter_path"].notna()]
-    usable = usable[pd.to_numeric(usable["best_eval_loss"], errors="coerce").notna()]
-    ordered = usable.sort_values(["best_eval_loss", "trial_id"], kind="stable")
-    chosen = pd.concat([ordered.head(top_k), ordered[ordered["origin"] == RECIPE_ORIGIN]]).drop_duplicates(
-        "trial_id"
-    )
+    """The base model, then the finalists of analysis.rank.choose_candidates (the `top_k` usable trials by
+    best eval loss that have an adapter on disk, and the QLoRA-recipe trial)."""
+    chosen = choose_candidates(results, top_k=top_k)
     return [Candidate(BASE), *(Candidate(str(r.trial_id), str(r.adapter_path)) for r in chosen.itertuples())]
 
 
@@ -204,17 +197,17 @@ def run_report(
                         base_eval_loss=experiment.base_eval_loss, paired=paired)  # fmt: skip
     recommendation = recommend(board, paired, rank_by=settings.rank_by)
     folder = experiment.path
-    write_table(board, folder / "leaderboard.parquet")
-    write_table(board, folder / "leaderboard.csv")
-    write_table(scored, folder / "generations.parquet")
-    write_table(paired, folder / "paired_tests.parquet")
+    write_table(board, folder, LEADERBOARD)
+    write_table(board, folder, LEADERBOARD_CSV)
+    write_table(scored, folder, GENERATIONS)
+    write_table(paired, folder, PAIRED_TESTS)
     if judgments is not None:
-        write_table(judgments, folder / "judgments.parquet")
+        write_table(judgments, folder, JUDGMENTS)
     seconds = time.perf_counter() - start
     page = build_report_page(experiment, board, scored, paired, timing, settings, judgments,
                              recommendation=recommendation, prompt_note=prompt_set.note, device=device,
                              seconds=seconds)  # fmt: skip
-    write_atomic(folder / "report.html", page.encode("utf-8"))
+    write_file(folder, REPORT_PAGE, page.encode("utf-8"))
     return ReportOutputs(folder, board, scored, paired, recommendation, judgments, timing,
                          time.perf_counter() - start)  # fmt: skip
 
@@ -341,22 +334,16 @@ def fetch_experiment(uri: str) -> Path:
             or relative.split("/")[-1].startswith(".")
         ):
             continue
-        target = local / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
         with filesystem.open_input_stream(info.path) as source:
-            write_atomic(target, source.read())
+            write_file(local, relative, source.read())
     return local
 
 
 def publish_outputs(local: Path, uri: str) -> None:
-    """Put the report's outputs back next to the remote experiment."""
-    from pyarrow import fs
-
-    filesystem, root = fs.FileSystem.from_uri(uri)
-    for name in OUTPUTS:
+    """Put the report's outputs back next to the remote experiment, each written atomically."""
+    for name in REPORT_OUTPUTS:
         if (local / name).is_file():
-            with filesystem.open_output_stream(f"{root.rstrip('/')}/{name}") as out:
-                out.write((local / name).read_bytes())
+            write_file(uri, name, (local / name).read_bytes())
 
 
 def format_summary(outputs: ReportOutputs) -> str:
@@ -372,7 +359,7 @@ def format_summary(outputs: ReportOutputs) -> str:
             f"{row.candidate}: {row.new_tokens} new tokens in {row.seconds:.1f} s ({row.tokens_per_s:.1f} tokens/s)"
         )
     lines.append(f"\n{outputs.recommendation}")
-    lines.append(f"\nreport: {outputs.folder / 'report.html'} ({outputs.seconds:.0f} s)")
+    lines.append(f"\nreport: {outputs.folder / REPORT_PAGE} ({outputs.seconds:.0f} s)")
     return "\n".join(lines)
 
 

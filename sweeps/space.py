@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from trainable.settings import HYPERPARAMETERS, LoraSettings
+from trainable.search_space import KINDS
+from trainable.settings import HYPERPARAMETERS, Hyperparameters
 
 DEFAULT_SPACE: dict[str, dict[str, list[Any]]] = {
     # QLoRA (Dettmers et al. 2023, sec. 4) saw little difference across r once every linear layer is
@@ -36,8 +37,6 @@ QLORA_RECIPE: dict[str, Any] = {
     "learning_rate": 2e-4,
     "lora_dropout": 0.1,
 }
-
-KINDS = ("choice", "uniform", "loguniform", "randint")
 
 
 def check_space(space: dict[str, Any]) -> list[str]:
@@ -74,9 +73,9 @@ def check_space(space: dict[str, Any]) -> list[str]:
 
 
 def check_value(name: str, value: Any) -> list[str]:
-    """Why `value` is not valid for hyperparameter `name` (LoraSettings' rules), or nothing."""
+    """Why `value` is not valid for hyperparameter `name` (Hyperparameters' rules), or nothing."""
     try:
-        dataclasses.replace(LoraSettings(), **{name: value})
+        dataclasses.replace(Hyperparameters(), **{name: value})
     except ValidationError as err:
         return [f"value {value!r}: {e['msg']}" for e in err.errors()]
     except TypeError as err:  # pydantic dataclasses raise this for some non-coercible values
@@ -93,7 +92,8 @@ def contains(space: dict[str, Any], name: str, value: Any) -> bool:
 
 
 def to_tune_space(space: dict[str, Any]) -> dict[str, Any]:
-    """The space as Ray Tune domains, which OptunaSearch turns into Optuna distributions."""
+    """The space as Ray Tune domains, which OptunaSearch turns into Optuna distributions (the same ones
+    trainable.search_space.to_optuna_distributions gives the study that the driver records)."""
     from ray import tune
 
     makers: dict[str, Callable[..., Any]] = {
