@@ -1,6 +1,6 @@
 """The bundled instruction dataset: small tasks with short answers that a program can check.
 
-    python -m trainable.tasks                      # rewrites trainable/data/tasks.jsonl
+    python -m trainable.tasks                      # rewrites trainable/bundled/tasks.jsonl
     python -m trainable.tasks --out /tmp/t.jsonl --seed 1
 
 Each line is an alpaca record plus metadata:
@@ -23,7 +23,8 @@ from typing import Literal
 Check = Literal["exact", "json", "free"]
 Split = Literal["train", "eval", "test"]
 
-BUNDLED_PATH: Path = Path(__file__).resolve().parent / "data" / "tasks.jsonl"
+# Package data; the folder is not named "data" so that it does not sit beside data.py under the same name.
+BUNDLED_PATH: Path = Path(__file__).resolve().parent / "bundled" / "tasks.jsonl"
 DEFAULT_SEED = 0
 # 1,000 train examples are 125 steps of batch 8: one pass fits the 100-300 step budget of a trial.
 # 300 test examples: a 6-point accuracy difference between two adapters is then significant (McNemar

@@ -51,7 +51,7 @@ def _ints(text: str) -> list[int]:
 
 def test_bundled_path_is_the_package_data_file() -> None:
     assert BUNDLED_PATH.is_absolute()
-    assert BUNDLED_PATH == REPO_ROOT / "trainable" / "data" / "tasks.jsonl"
+    assert BUNDLED_PATH == REPO_ROOT / "trainable" / "bundled" / "tasks.jsonl"
 
 
 def test_cli_with_default_seed_reproduces_the_committed_file(tmp_path: Path) -> None:
