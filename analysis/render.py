@@ -187,6 +187,26 @@ def render_table(table: pd.DataFrame, *, table_id: str) -> str:
     )
 
 
+def render_environment(environment: Mapping[str, Any]) -> str:
+    """sweep.json's environment: what the sweep's figures were measured with."""
+    packages = environment.get("packages") or {}
+    cpu = environment.get("cpu") or {}
+    device = str(environment.get("device", "?"))
+    if device == "cuda":
+        device = f"CUDA {environment.get('cuda')}: {', '.join(environment.get('gpus') or [])}"
+    rows = {
+        "packages": ", ".join(f"{name} {version}" for name, version in packages.items()),
+        "device": device,
+        "compute dtype": str(environment.get("compute_dtype", "?")),
+        "CPU": f"{cpu.get('model', '?')}, {cpu.get('cores', '?')} cores, flags {' '.join(cpu.get('flags') or [])}"
+        f"{', native bf16' if cpu.get('native_bf16') else ', no native bf16'}",
+        "Python": str(environment.get("python", "?")),
+        "commit": str(environment.get("commit") or "not run from a git checkout"),
+    }
+    items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in rows.items())
+    return f'<ul class="meta" id="environment">{items}</ul>'
+
+
 def render_report(
     *,
     title: str,

@@ -238,6 +238,7 @@ def build_report_page(
         plot_quality,
     )
     from analysis.render import (
+        render_environment,
         render_generations,
         render_leaderboard,
         render_paired,
@@ -293,6 +294,8 @@ def build_report_page(
         f'<p class="note">On {device}; the whole report took {seconds:.0f} s before this page.</p>'
         + render_table(timing.set_index("candidate"), table_id="timing-table")
     )
+    if experiment.summary.get("environment"):
+        sections["Environment of the sweep"] = render_environment(experiment.summary["environment"])
     model = experiment.model_settings
     data = experiment.summary.get("data", {})
     facts = {

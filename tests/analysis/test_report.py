@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from conftest import EVAL_PROMPTS, REPO_ROOT, TRIALS, USER_PROMPTS
 
 from analysis.experiment import ExperimentError, load_experiment, relocate
@@ -36,6 +37,8 @@ def test_the_driver_wrote_every_output(tiny_sweep: Path) -> None:
     ):
         assert (tiny_sweep / name).is_file(), name
     assert not list(tiny_sweep.glob(".*.tmp-*")), "a temporary file was left behind"
+    page = (tiny_sweep / "report.html").read_text()
+    assert 'id="environment"' in page and f"torch {torch.__version__}" in page  # sweep.json's environment
 
 
 def test_leaderboard_has_every_trial_and_the_base(tiny_sweep: Path) -> None:
