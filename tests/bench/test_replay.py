@@ -5,8 +5,8 @@ seeds change the order. Through Tune on 2 CPUs; a replay of a few trials takes s
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -14,6 +14,7 @@ import pytest
 from analysis.experiment import RESULTS, write_summary, write_table
 from bench.replay import (
     METHODS,
+    Curve,
     Table,
     TableRow,
     load_table,
@@ -23,6 +24,7 @@ from bench.replay import (
     sample_points,
     table_from_experiment,
 )
+from bench.replay import write_table as write_replay_table
 from sweeps.config import load_config
 from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE
 
@@ -35,8 +37,7 @@ CURVES = [[2.0, 1.9, 1.8, 1.7], [1.5, 1.4, 1.3, 1.2], [1.8, 1.2, 0.9, 0.7], [1.0
 BEST_ROW, BEST_LOSS = 3, 0.5  # best at every evaluation, so ASHA never stops it
 
 
-@pytest.fixture
-def table() -> Table:
+def make_table() -> Table:
     rows = [
         # Every evaluation's cost differs (row i, evaluation j: 10(i+1) + j seconds) so that a sum tells
         # which evaluations were counted.
@@ -44,6 +45,24 @@ def table() -> Table:
         for i, ((r, lr), curve) in enumerate(zip(POINTS, CURVES, strict=True))
     ]
     return Table(space=SPACE, rows=rows, source="synthetic", model="none")
+
+
+@pytest.fixture
+def table() -> Table:
+    return make_table()
+
+
+@pytest.fixture(scope="module")
+def replayed(ray_cpus: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The replay command run once for the module: every method, seeds 0 and 1, 16 trials each."""
+    folder = tmp_path_factory.mktemp("replay")
+    path, out, plot = folder / "table.jsonl", folder / "replay.jsonl", folder / "replay.png"
+    write_replay_table(make_table(), path)
+    argv = ["replay", str(path), "--seeds", "2", "--trials", "16", "--out", str(out), "--plot", str(plot)]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    curves = {(c["method"], c["seed"]): c for c in lines if c["kind"] == "curve"}
+    return {"path": path, "lines": lines, "curves": curves, "plot": plot}
 
 
 def test_nearest_row_is_the_recorded_configuration_or_the_closest(table: Table) -> None:
@@ -54,66 +73,66 @@ def test_nearest_row_is_the_recorded_configuration_or_the_closest(table: Table) 
     assert nearest_row(table, {"r": 64, "learning_rate": QLORA_RECIPE["learning_rate"]}) == 2
 
 
-def test_lookup_reports_the_recorded_losses_and_costs(table: Table, ray_cpus: None) -> None:
-    curve = replay(table, method="random", seed=0, trials=5)
-    assert curve.evaluations == [4] * 5  # no scheduler: every trial runs to the end
-    expected_losses = [loss for row in curve.rows for loss in table.rows[row].eval_loss]
-    assert curve.losses == expected_losses
-    expected_cost = [s for row in curve.rows for s in table.rows[row].eval_seconds]
-    assert curve.gpu_seconds == pytest.approx(list(pd.Series(expected_cost).cumsum()))
-    assert curve.best_loss == list(pd.Series(expected_losses).cummin())
+def test_lookup_reports_the_recorded_losses_and_costs(table: Table, replayed: dict[str, Any]) -> None:
+    curve = replayed["curves"][("random", 0)]
+    assert curve["evaluations"] == [4] * 16  # no scheduler: every trial runs to the end
+    expected_losses = [loss for row in curve["rows"] for loss in table.rows[row].eval_loss]
+    assert curve["losses"] == expected_losses
+    expected_cost = [s for row in curve["rows"] for s in table.rows[row].eval_seconds]
+    assert curve["gpu_seconds"] == pytest.approx(list(pd.Series(expected_cost).cumsum()))
+    assert curve["best_loss"] == list(pd.Series(expected_losses).cummin())
 
 
-def test_a_trial_stopped_by_asha_costs_only_the_evaluations_it_ran(table: Table, ray_cpus: None) -> None:
-    # Grace 1, factor 2: a trial worse than the median at its first evaluation stops after it.
-    curve = replay(table, method="random+asha", seed=0, trials=10, grace_period=1, reduction_factor=2)
-    assert 1 in curve.evaluations, curve.evaluations  # some trial was stopped at rung 1
-    assert min(curve.evaluations) < max(curve.evaluations) == 4
-    expected = [
-        s for row, ran in zip(curve.rows, curve.evaluations, strict=True) for s in table.rows[row].eval_seconds[:ran]
-    ]
-    assert curve.gpu_seconds == pytest.approx(list(pd.Series(expected).cumsum()))
-    full = sum(sum(table.rows[row].eval_seconds) for row in curve.rows)
-    assert curve.gpu_seconds[-1] < full
+def test_a_trial_stopped_by_asha_costs_only_the_evaluations_it_ran(
+    table: Table, replayed: dict[str, Any]
+) -> None:
+    # The driver's ASHA over 4 evaluations: grace period 2, so its first rung is at evaluation 2.
+    for seed in (0, 1):
+        curve = replayed["curves"][("random+asha", seed)]
+        assert 2 in curve["evaluations"], curve["evaluations"]  # some trial was stopped at the first rung
+        assert set(curve["evaluations"]) <= {2, 4}
+        ran = zip(curve["rows"], curve["evaluations"], strict=True)
+        expected = [s for row, n in ran for s in table.rows[row].eval_seconds[:n]]
+        assert curve["gpu_seconds"] == pytest.approx(list(pd.Series(expected).cumsum()))
+        assert curve["gpu_seconds"][-1] < sum(sum(table.rows[row].eval_seconds) for row in curve["rows"])
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_finds_the_known_best(table: Table, ray_cpus: None, method: str) -> None:
-    curve = replay(table, method=method, seed=0, trials=16)  # type: ignore[arg-type]
-    assert BEST_ROW in curve.rows
-    assert curve.best_loss[-1] == BEST_LOSS
-    assert math.isfinite(curve.time_to(BEST_LOSS * 1.02))
+def test_every_method_finds_the_known_best(replayed: dict[str, Any], method: str) -> None:
+    for seed in (0, 1):
+        curve = replayed["curves"][(method, seed)]
+        assert BEST_ROW in curve["rows"]
+        assert curve["best_loss"][-1] == BEST_LOSS
 
 
-def test_seeds_change_the_order_and_a_seed_repeats_it(table: Table, ray_cpus: None) -> None:
-    first = replay(table, method="random", seed=0, trials=8)
-    again = replay(table, method="random", seed=0, trials=8)
-    other = replay(table, method="random", seed=1, trials=8)
-    assert first.rows == again.rows
-    assert first.rows != other.rows
+def test_seeds_change_the_order_and_a_seed_repeats_it(table: Table, replayed: dict[str, Any]) -> None:
+    curves = replayed["curves"]
+    assert curves[("random", 0)]["rows"] != curves[("random", 1)]["rows"]
+    assert curves[("tpe+asha", 0)]["rows"] != curves[("tpe+asha", 1)]["rows"]
+    again = replay(table, method="tpe+asha", seed=0, trials=16)  # the same seed replays the same curve
+    assert again.rows == curves[("tpe+asha", 0)]["rows"]
+    assert again.gpu_seconds == curves[("tpe+asha", 0)]["gpu_seconds"]
 
 
-def test_replay_command_writes_curves_summary_and_plot(table: Table, ray_cpus: None, tmp_path: Path) -> None:
-    from bench.replay import write_table as write_replay_table
-
-    path = tmp_path / "table.jsonl"
-    write_replay_table(table, path)
-    assert load_table(path) == table
-    out, plot = tmp_path / "replay.jsonl", tmp_path / "replay.png"
-    argv = ["replay", str(path), "--methods", "tpe+asha", "random", "--seeds", "2", "--trials", "6"]
-    assert main([*argv, "--out", str(out), "--plot", str(plot)]) == 0
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    curves = [line for line in lines if line["kind"] == "curve"]
-    assert sorted((c["method"], c["seed"]) for c in curves) == [("random", 0), ("random", 1), ("tpe+asha", 0), ("tpe+asha", 1)]
+def test_replay_command_writes_the_table_summaries_and_plot(table: Table, replayed: dict[str, Any]) -> None:
+    assert load_table(replayed["path"]) == table
+    lines = replayed["lines"]
     summaries = {line["method"]: line for line in lines if line["kind"] == "summary"}
-    assert summaries["random"]["threshold"] == pytest.approx(BEST_LOSS * 1.02)
-    assert summaries["random"]["seeds"] == 2
+    assert set(summaries) == set(METHODS)
+    for method, summary in summaries.items():
+        times = [
+            Curve(**{k: v for k, v in c.items() if k != "kind"}).time_to(BEST_LOSS * 1.02)
+            for (m, _), c in replayed["curves"].items()
+            if m == method
+        ]
+        assert summary["threshold"] == pytest.approx(BEST_LOSS * 1.02)
+        assert summary["reached"] == 2 and summary["median_gpu_s"] == pytest.approx(sum(times) / 2)
+        assert summary["min_gpu_s"] == min(times) and summary["max_gpu_s"] == max(times)
     ratio = next(line for line in lines if line["kind"] == "ratio")
-    if summaries["random"]["median_gpu_s"] and summaries["tpe+asha"]["median_gpu_s"]:
-        assert ratio["median_ratio"] == pytest.approx(
-            summaries["tpe+asha"]["median_gpu_s"] / summaries["random"]["median_gpu_s"]
-        )
-    assert plot.stat().st_size > 10_000
+    assert ratio["median_ratio"] == pytest.approx(
+        summaries["tpe+asha"]["median_gpu_s"] / summaries["random"]["median_gpu_s"]
+    )
+    assert replayed["plot"].stat().st_size > 10_000
 
 
 def test_table_from_an_experiment_keeps_completed_trials(tmp_path: Path) -> None:
