@@ -243,15 +243,7 @@ class Curve:
         )
 
 
-def replay(
-    table: Table,
-    *,
-    method: Method,
-    seed: int,
-    trials: int,
-    grace_period: int | None = None,
-    reduction_factor: int | None = None,
-) -> Curve:
+def replay(table: Table, *, method: Method, seed: int, trials: int) -> Curve:
     """Run one search method against the table through Tune, as the driver would build it."""
     import optuna
     from ray import tune
@@ -263,13 +255,12 @@ def replay(
     from sweeps.run import build_scheduler, build_searcher
     from sweeps.space import to_tune_space
 
-    tuning = {"grace_period": grace_period, "reduction_factor": reduction_factor}
+    # The driver's defaults (grace period, reduction factor, the recipe first) for every method.
     search = SearchSettings(
         num_samples=trials,
         space=table.space,
         seed=seed,
         scheduler="asha" if method.endswith("+asha") else "none",
-        **{key: value for key, value in tuning.items() if value is not None},
     )
     if method.startswith("tpe"):
         # The default sweep's first points (QLoRA's recipe when it lies in the space), then TPE.
@@ -291,10 +282,14 @@ def replay(
             ),
             run_config=tune.RunConfig(name=f"{method}-{seed}", storage_path=storage, verbose=0),
         ).fit()
-        histories = [result.metrics_dataframe for result in grid]  # in the order Tune created the trials
+        # In the order Tune created the trials, which ran one at a time.
+        histories = [grid[i].metrics_dataframe for i in range(len(grid))]
+        errors = [grid[i].error for i in range(len(grid))]
     rows, evaluations, losses, spent, best = [], [], [], [], []
     total, best_so_far = 0.0, math.inf
-    for history in histories:
+    for number, history in enumerate(histories):
+        if history is None or not len(history):
+            raise RuntimeError(f"{method} seed {seed}: trial {number} reported nothing ({errors[number]})")
         rows.append(int(history["row"].iloc[0]))
         evaluations.append(len(history))
         for loss, seconds in zip(history[METRIC], history["gpu_seconds"], strict=True):

@@ -31,7 +31,10 @@ from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE
 REPO = Path(__file__).resolve().parents[2]
 # Two parameters, four rows at the corners: each row owns a quarter of the space. QLoRA's recipe
 # (r=64, lr 2e-4), which the TPE methods try first, lies in it and maps to row 2, not to the best.
-SPACE = {"r": {"choice": [8, 64]}, "learning_rate": {"loguniform": [1e-4, 1e-3]}}
+SPACE: dict[str, dict[str, list[Any]]] = {
+    "r": {"choice": [8, 64]},
+    "learning_rate": {"loguniform": [1e-4, 1e-3]},
+}
 POINTS = [(8, 1.5e-4), (8, 7e-4), (64, 1.5e-4), (64, 7e-4)]
 CURVES = [[2.0, 1.9, 1.8, 1.7], [1.5, 1.4, 1.3, 1.2], [1.8, 1.2, 0.9, 0.7], [1.0, 0.8, 0.6, 0.5]]
 BEST_ROW, BEST_LOSS = 3, 0.5  # best at every evaluation, so ASHA never stops it
