@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from analysis.experiment import RESULTS, STUDY, is_remote, write_file, write_summary, write_table
-from sweeps.config import ConfigError, SweepConfig, load_config
+from sweeps.config import ConfigError, SearchSettings, SweepConfig, load_config
 from sweeps.plan import SweepPlan, faults_from_environment, plan_sweep, resume_plan, study_folder
 from sweeps.results import collect_results, format_results
 from sweeps.space import to_tune_space
@@ -87,11 +87,8 @@ def describe_plan(plan: SweepPlan) -> str:
 
 
 def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1) -> Any:  # ray.tune.Tuner
-    import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     config, search = plan.config, plan.config.search
     resources = ray.cluster_resources()
@@ -101,28 +98,14 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
     capacity = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // search.cpus_per_trial
     concurrency = search.max_concurrent_trials or max(1, capacity)
     study_storage = search.study_storage or f"sqlite:///{study_folder(plan)}/{STUDY}"
-    searcher = OptunaSearch(
-        points_to_evaluate=config.points_to_evaluate or None,
-        sampler=optuna.samplers.TPESampler(seed=search.seed),
-    )
+    searcher = build_searcher(search, config.points_to_evaluate)
     mirror = StudyMirror(
         storage=study_storage,
         study_name=plan.experiment,
         space=search.space,
         max_steps=config.train.max_steps,
     )
-    reports = math.ceil(config.train.max_steps / config.train.eval_every)
-    use_asha = search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)
-    scheduler = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=reports,
-            grace_period=min(search.grace_period, reports),
-            reduction_factor=search.reduction_factor,
-        )
-        if use_asha
-        else None
-    )
+    scheduler = build_scheduler(search, math.ceil(config.train.max_steps / config.train.eval_every))
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, settings=plan.trial), {"cpu": search.cpus_per_trial, "gpu": gpus}
     )
@@ -154,6 +137,32 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
             verbose=verbosity,
         ),
+    )
+
+
+def build_searcher(search: SearchSettings, points: Sequence[dict[str, Any]]) -> Any:  # OptunaSearch
+    """The sweep's searcher: Optuna's TPE, seeded by search.seed, trying `points` first, in order."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(
+        points_to_evaluate=list(points) or None, sampler=optuna.samplers.TPESampler(seed=search.seed)
+    )
+
+
+def build_scheduler(search: SearchSettings, reports: int) -> Any:  # ASHAScheduler | None
+    """ASHA over a trial's `reports` evaluations, or None when search.scheduler turns it off (or "auto"
+    with a single trial, which has nothing to be compared with)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    use_asha = search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)
+    if not use_asha:
+        return None
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=reports,
+        grace_period=min(search.grace_period, reports),
+        reduction_factor=search.reduction_factor,
     )
 
 
