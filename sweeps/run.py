@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from analysis.experiment import RESULTS, STUDY, is_remote, write_file, write_summary, write_table
-from sweeps.config import ConfigError, SweepConfig, load_config
+from sweeps.config import ConfigError, SearchSettings, SweepConfig, load_config
 from sweeps.plan import SweepPlan, faults_from_environment, plan_sweep, resume_plan, study_folder
 from sweeps.results import collect_results, format_results
 from sweeps.space import to_tune_space
@@ -81,11 +81,8 @@ def describe_plan(plan: SweepPlan) -> str:
 
 
 def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tuner
-    import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     config, search = plan.config, plan.config.search
     resources = ray.cluster_resources()
@@ -95,28 +92,14 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
     capacity = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // search.cpus_per_trial
     concurrency = search.max_concurrent_trials or max(1, capacity)
     study_storage = search.study_storage or f"sqlite:///{study_folder(plan)}/{STUDY}"
-    searcher = OptunaSearch(
-        points_to_evaluate=config.points_to_evaluate or None,
-        sampler=optuna.samplers.TPESampler(seed=search.seed),
-    )
+    searcher = build_searcher(search, config.points_to_evaluate)
     mirror = StudyMirror(
         storage=study_storage,
         study_name=plan.experiment,
         space=search.space,
         max_steps=config.train.max_steps,
     )
-    reports = math.ceil(config.train.max_steps / config.train.eval_every)
-    use_asha = search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)
-    scheduler = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=reports,
-            grace_period=min(search.grace_period, reports),
-            reduction_factor=search.reduction_factor,
-        )
-        if use_asha
-        else None
-    )
+    scheduler = build_scheduler(search, reports=math.ceil(config.train.max_steps / config.train.eval_every))
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, settings=plan.trial), {"cpu": search.cpus_per_trial, "gpu": gpus}
     )
@@ -147,6 +130,41 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
             ),
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
         ),
+    )
+
+
+def build_searcher(search: SearchSettings, points: list[dict[str, Any]]) -> Any:  # OptunaSearch
+    """Optuna's TPE behind Tune's OptunaSearch: `points` first (the recipe, initial points), random trials
+    until search.tpe_startup_trials have finished, then TPE. Tune gives it the space, metric and mode
+    (Tuner's param_space and TuneConfig; by hand: `set_search_properties(METRIC, MODE, to_tune_space(...))`)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=search.tpe_startup_trials,
+        # One joint model of all parameters: the best learning rate depends on r and lora_alpha (the update
+        # scales with alpha/r), which independent per-parameter models cannot see (Falkner et al. 2018, BOHB).
+        multivariate=True,
+        # Trials that are still running count as bad results, so parallel trials spread out instead of all
+        # sampling next to the current best.
+        constant_liar=True,
+        seed=search.seed,
+    )
+    return OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
+
+
+def build_scheduler(search: SearchSettings, *, reports: int) -> Any:  # ASHAScheduler | None
+    """ASHA over the trials' `reports` evaluations, or None when search.scheduler says none (or "auto" with
+    a single trial, where there is nothing to compare)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    if not (search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)):
+        return None
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=reports,
+        grace_period=min(search.grace_period, reports),
+        reduction_factor=search.reduction_factor,
     )
 
 
