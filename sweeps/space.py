@@ -24,7 +24,7 @@ DEFAULT_SPACE: dict[str, dict[str, list[Any]]] = {
     # and data; a decade either side of QLoRA's 2e-4 for 7B, which reaches small models' higher optimum.
     "learning_rate": {"loguniform": [2e-5, 2e-3]},
     # Rank matters much less: QLoRA (sec. 4, fig. 4) found r unrelated to quality once every linear layer
-    # is adapted, and LoRA Without Regret sees low ranks match full fine-tuning on instruction-sized data.
+    # is adapted; LoRA Without Regret sees rank limit LoRA only once the data outgrows the adapter.
     # Powers of two from 8 to 64 span the ranks people ship; 4-bit weights make 64 affordable.
     "r": {"choice": [8, 16, 32, 64]},
     # Nearly fixed: the update scales with alpha/r x learning rate, so alpha trades with the learning rate,
