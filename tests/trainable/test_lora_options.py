@@ -106,3 +106,19 @@ def test_fast_path_leaves_dora_layers_to_peft_with_the_same_loss() -> None:
     out.backward()
     magnitudes = [p.grad for n, p in fast.named_parameters() if "lora_magnitude_vector" in n]
     assert magnitudes and all(g is not None and g.abs().sum() > 0 for g in magnitudes)
+
+
+@pytest.mark.gpu
+def test_on_cuda_dora_and_loraplus_train_with_paged_adamw(prepared: PreparedTrial, tmp_path: Path) -> None:
+    """On a GPU host: the fast path leaves DoRA layers to peft, LoRA+ gets bitsandbytes' paged AdamW (the
+    class `optim: auto` picks on CUDA) with B at ratio x the learning rate, and the run lowers the loss."""
+    hparams = Hyperparameters(r=4, learning_rate=5e-3, use_dora=True, loraplus_lr_ratio=8.0)
+    trainer = setup_trial(hparams, prepared.settings, output_dir=str(tmp_path), device="cuda", callbacks=[])
+    optimizer = trainer.optimizer
+    assert type(optimizer).__module__.startswith("bitsandbytes") and optimizer.is_paged
+    assert {round(g["lr"], 6) for g in optimizer.param_groups if g["params"]} == {0.005, 0.04}
+    base = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] < base
+    # The fused forward plans itself on a layer's first call; DoRA layers were never handed to it.
+    assert not any("_fast_plan" in m.__dict__ for m in trainer.model.modules())
