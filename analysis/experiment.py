@@ -34,9 +34,10 @@ STUDY = "optuna.db"
 LEADERBOARD = "leaderboard.parquet"
 LEADERBOARD_CSV = "leaderboard.csv"
 GENERATIONS = "generations.parquet"
+PAIRED_TESTS = "paired_tests.parquet"
 JUDGMENTS = "judgments.parquet"
 REPORT_PAGE = "report.html"
-REPORT_OUTPUTS = (LEADERBOARD, LEADERBOARD_CSV, GENERATIONS, JUDGMENTS, REPORT_PAGE)
+REPORT_OUTPUTS = (LEADERBOARD, LEADERBOARD_CSV, GENERATIONS, PAIRED_TESTS, JUDGMENTS, REPORT_PAGE)
 
 
 class ExperimentError(ValueError):
