@@ -275,7 +275,7 @@ def replay(table: Table, *, method: Method, seed: int, trials: int) -> Curve:
                 metric=METRIC,
                 mode=MODE,
                 search_alg=searcher,
-                scheduler=build_scheduler(search, table.reports),
+                scheduler=build_scheduler(search, reports=table.reports),
                 num_samples=trials,
                 max_concurrent_trials=1,
                 reuse_actors=True,  # a lookup has no state to leak between trials; a new process costs ~1 s

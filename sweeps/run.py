@@ -105,7 +105,7 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
         space=search.space,
         max_steps=config.train.max_steps,
     )
-    scheduler = build_scheduler(search, math.ceil(config.train.max_steps / config.train.eval_every))
+    scheduler = build_scheduler(search, reports=math.ceil(config.train.max_steps / config.train.eval_every))
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, settings=plan.trial), {"cpu": search.cpus_per_trial, "gpu": gpus}
     )
@@ -140,23 +140,32 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
     )
 
 
-def build_searcher(search: SearchSettings, points: Sequence[dict[str, Any]]) -> Any:  # OptunaSearch
-    """The sweep's searcher: Optuna's TPE, seeded by search.seed, trying `points` first, in order."""
+def build_searcher(search: SearchSettings, points: list[dict[str, Any]]) -> Any:  # OptunaSearch
+    """Optuna's TPE behind Tune's OptunaSearch: `points` first (the recipe, initial points), random trials
+    until search.tpe_startup_trials have finished, then TPE. Tune gives it the space, metric and mode
+    (Tuner's param_space and TuneConfig; by hand: `set_search_properties(METRIC, MODE, to_tune_space(...))`)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(
-        points_to_evaluate=list(points) or None, sampler=optuna.samplers.TPESampler(seed=search.seed)
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=search.tpe_startup_trials,
+        # One joint model of all parameters: the best learning rate depends on r and lora_alpha (the update
+        # scales with alpha/r), which independent per-parameter models cannot see (Falkner et al. 2018, BOHB).
+        multivariate=True,
+        # Trials that are still running count as bad results, so parallel trials spread out instead of all
+        # sampling next to the current best.
+        constant_liar=True,
+        seed=search.seed,
     )
+    return OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
 
 
-def build_scheduler(search: SearchSettings, reports: int) -> Any:  # ASHAScheduler | None
-    """ASHA over a trial's `reports` evaluations, or None when search.scheduler turns it off (or "auto"
-    with a single trial, which has nothing to be compared with)."""
+def build_scheduler(search: SearchSettings, *, reports: int) -> Any:  # ASHAScheduler | None
+    """ASHA over the trials' `reports` evaluations, or None when search.scheduler says none (or "auto" with
+    a single trial, where there is nothing to compare)."""
     from ray.tune.schedulers import ASHAScheduler
 
-    use_asha = search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)
-    if not use_asha:
+    if not (search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)):
         return None
     return ASHAScheduler(
         time_attr="training_iteration",
