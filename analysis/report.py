@@ -3,7 +3,7 @@
     python -m analysis.report experiments/local-20261130-120000
     python -m analysis.report experiments/local-20261130-120000/results.parquet --top-k 3
     python -m analysis.report EXPERIMENT generation.max_new_tokens=32 loss_tolerance=0.05 judge=HUB_ID_OR_URL
-    python -m analysis.report s3://bucket/experiments/NAME     # fetched into the local cache, outputs put back
+    python -m analysis.report s3://bucket/experiments/NAME  # read through the local cache, outputs put back
 
 Overrides are dotted keys of the sweep's `report` section (see trainable.settings.ReportSettings).
 Writes into the experiment folder: leaderboard.parquet and .csv, generations.parquet, report.html, and
@@ -21,7 +21,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -32,6 +31,7 @@ from analysis.experiment import (
     load_experiment,
     load_histories,
     load_report_settings,
+    publish_folder,
     resolve_base_model,
     write_atomic,
     write_table,
@@ -56,6 +56,7 @@ class ReportOutputs:
     judgments: pd.DataFrame | None
     timing: pd.DataFrame  # per candidate: seconds, new tokens, tokens/s
     seconds: float  # the whole report's wall time
+    uri: str | None = None  # where the outputs were put back, for a remote experiment
 
 
 def select_candidates(results: pd.DataFrame, top_k: int) -> list[Candidate]:
@@ -156,7 +157,11 @@ def run_report(
     page = build_report_page(experiment, board, scored, timing, settings, judgments,
                              prompt_note=prompt_note, device=device, seconds=seconds)  # fmt: skip
     write_atomic(folder / "report.html", page.encode("utf-8"))
-    return ReportOutputs(folder, board, scored, judgments, timing, time.perf_counter() - start)
+    if experiment.uri is not None:
+        publish_folder(folder, experiment.uri, names=OUTPUTS)
+    return ReportOutputs(
+        folder, board, scored, judgments, timing, time.perf_counter() - start, uri=experiment.uri
+    )
 
 
 def build_report_page(
@@ -242,43 +247,6 @@ def _escape(text: str) -> str:
     return html.escape(text)
 
 
-def fetch_experiment(uri: str) -> Path:
-    """Copy what the report reads of a remote experiment (tables, trial progress, adapters; no optimizer
-    states) into the local cache; returns the local folder."""
-    from pyarrow import fs
-
-    from trainable.model import cache_dir
-
-    filesystem, root = fs.FileSystem.from_uri(uri)
-    root = root.rstrip("/")
-    local = cache_dir() / "experiments" / Path(root).name
-    wanted_suffixes = (".json", ".parquet", ".csv", ".db", ".safetensors", ".jinja")
-    for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True)):
-        relative = info.path[len(root) :].lstrip("/")
-        if (
-            info.type != fs.FileType.File
-            or not relative.endswith(wanted_suffixes)
-            or relative.split("/")[-1].startswith(".")
-        ):
-            continue
-        target = local / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with filesystem.open_input_stream(info.path) as source:
-            write_atomic(target, source.read())
-    return local
-
-
-def publish_outputs(local: Path, uri: str) -> None:
-    """Put the report's outputs back next to the remote experiment."""
-    from pyarrow import fs
-
-    filesystem, root = fs.FileSystem.from_uri(uri)
-    for name in OUTPUTS:
-        if (local / name).is_file():
-            with filesystem.open_output_stream(f"{root.rstrip('/')}/{name}") as out:
-                out.write((local / name).read_bytes())
-
-
 def format_summary(outputs: ReportOutputs) -> str:
     board = outputs.leaderboard
     shown = [
@@ -300,7 +268,8 @@ def format_summary(outputs: ReportOutputs) -> str:
         lines.append(
             f"{row.candidate}: {row.new_tokens} new tokens in {row.seconds:.1f} s ({row.tokens_per_s:.1f} tokens/s)"
         )
-    lines.append(f"\nreport: {outputs.folder / 'report.html'} ({outputs.seconds:.0f} s)")
+    page = f"{outputs.uri}/report.html" if outputs.uri else outputs.folder / "report.html"
+    lines.append(f"\nreport: {page} ({outputs.seconds:.0f} s)")
     return "\n".join(lines)
 
 
@@ -321,15 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     # 2 busy cores measured 8x slower with spinning than with waiting threads that sleep.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
-    remote = args.experiment if "://" in args.experiment else None
-    path: Any = fetch_experiment(remote) if remote else args.experiment
     try:
-        outputs = run_report(path, overrides=args.overrides, top_k=args.top_k, device=args.device)
+        outputs = run_report(args.experiment, overrides=args.overrides, top_k=args.top_k, device=args.device)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if remote:
-        publish_outputs(outputs.folder, remote)
     print(format_summary(outputs), flush=True)
     return 0
 

@@ -24,8 +24,17 @@ def trial_status(metrics: dict[str, Any], error: Any, max_steps: int, best_loss:
     return "completed" if int(metrics.get("step", 0) or 0) >= max_steps else "stopped"  # early, by ASHA
 
 
+def storage_location(path: str, storage_uri: str) -> str:
+    """A path Tune gives (inside the storage's filesystem, without its scheme) as the storage names it:
+    `s3://bucket/...` for remote storage, so that any machine with access to the storage finds it."""
+    if "://" not in storage_uri or "://" in path:
+        return path
+    return f"{storage_uri.split('://', 1)[0]}://{path.lstrip('/')}"
+
+
 def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
     """One row per trial of a Tune ResultGrid: hyperparameters, metrics, adapter path, status."""
+    storage = config.storage_uri()
     rows = []
     for result in grid:
         history = result.metrics_dataframe
@@ -56,8 +65,8 @@ def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
                 "retries": int(metrics.get("retries", 0) or 0),
                 "restored_from_step": int(metrics.get("restored_from_step", 0) or 0),
                 "eval_history": [float(x) for x in losses],
-                "adapter_path": best.path if best is not None else None,
-                "trial_path": result.path,
+                "adapter_path": storage_location(best.path, storage) if best is not None else None,
+                "trial_path": storage_location(result.path, storage),
                 "error": None
                 if result.error is None
                 else f"{type(result.error).__name__}: {result.error}"[:2000],
@@ -87,6 +96,18 @@ def write_bytes(experiment_uri: str, name: str, data: bytes) -> str:
         out.write(data)
     filesystem.move(staging, final)
     return final if "://" not in experiment_uri else f"{experiment_uri.rstrip('/')}/{name}"
+
+
+def read_bytes(experiment_uri: str, name: str) -> bytes:
+    """A file of the experiment folder (local or a URI); FileNotFoundError when it is not there."""
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(experiment_uri)
+    path = f"{root.rstrip('/')}/{name}"
+    if filesystem.get_file_info(path).type != fs.FileType.File:
+        raise FileNotFoundError(f"{experiment_uri.rstrip('/')}/{name}")
+    with filesystem.open_input_stream(path) as f:
+        return bytes(f.read())
 
 
 def write_table(table: pd.DataFrame, experiment_uri: str, name: str) -> str:

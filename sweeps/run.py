@@ -26,7 +26,7 @@ from typing import Any
 from sweeps.config import ConfigError, SweepConfig, load_config
 from sweeps.results import collect_results, format_summary, write_table
 from sweeps.space import to_tune_space
-from sweeps.study import StudyMirror
+from sweeps.study import StudyMirror, local_study
 from trainable.data import DataError, choose_chat_template, load_splits, tokenize_examples
 from trainable.model import load_module_names, load_tokenizer, resolve_model, resolve_target_modules
 from trainable.settings import METRIC, MODE
@@ -177,7 +177,16 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
     # with a searcher, Tune only keeps one trial pending, so without a cap trials would run one by one.
     capacity = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // search.cpus_per_trial
     concurrency = search.max_concurrent_trials or max(1, capacity)
-    study_storage = search.study_storage or f"sqlite:///{local_experiment_dir(plan)}/optuna.db"
+    remote = "://" in plan.storage_uri
+    if search.study_storage:
+        study_storage, keep_with = search.study_storage, None
+    elif remote:
+        study_storage, keep_with = (
+            f"sqlite:///{local_study(plan.experiment_uri, resume=resume)}",
+            plan.experiment_uri,
+        )
+    else:
+        study_storage, keep_with = f"sqlite:///{plan.experiment_uri}/optuna.db", None
     searcher = OptunaSearch(
         points_to_evaluate=config.initial_points or None,
         sampler=optuna.samplers.TPESampler(seed=search.seed),
@@ -187,6 +196,7 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
         study_name=plan.experiment,
         space=to_tune_space(search.space),
         max_steps=config.train.max_steps,
+        keep_with=keep_with,
     )
     reports = math.ceil(config.train.max_steps / config.train.eval_every)
     use_asha = search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)
@@ -255,38 +265,30 @@ def build_loggers(names: Sequence[str]) -> list[Any]:
     return callbacks
 
 
-def local_experiment_dir(plan: SweepPlan) -> str:
-    """A local folder for files that need a real filesystem (the SQLite study): the experiment folder
-    itself when storage is local."""
-    import os
-
-    path = (
-        plan.experiment_uri
-        if "://" not in plan.storage_uri
-        else os.path.join(os.path.expanduser("~/.cache/qlora-sweeps/studies"), plan.experiment)
-    )
-    os.makedirs(path, exist_ok=True)
-    return path
+def start_experiment(plan: SweepPlan) -> None:
+    """Write sweep.json, before Ray starts: storage that cannot be written to stops the sweep here."""
+    summary = {"config": dataclasses.asdict(plan.config), **plan.summary}
+    try:
+        write_table_json(plan.experiment_uri, "sweep.json", summary)
+    except OSError as err:
+        raise ConfigError(
+            f"storage_path={plan.config.storage_path!r}: cannot write {plan.experiment_uri}/sweep.json ({err}). "
+            "Check that the bucket exists and the credentials may write to it; for an S3-compatible store "
+            "set AWS_ENDPOINT_URL (docs/cluster.md)"
+        ) from err
 
 
 def run_sweep(plan: SweepPlan, *, resume: bool = False) -> str:
-    """Run (or resume) the sweep; returns the path of results.parquet."""
+    """Run (or resume) the sweep of an experiment that start_experiment began; returns where
+    results.parquet is."""
     import ray
 
+    if "://" not in plan.storage_uri:
+        os.makedirs(plan.experiment_uri, exist_ok=True)  # the SQLite study is made there
     ray.init(ignore_reinit_error=True)
-    if not resume:
-        summary = {"config": dataclasses.asdict(plan.config), **plan.summary}
-        write_table_json(plan.experiment_uri, "sweep.json", summary)
     grid = build_tuner(plan, resume=resume).fit()
     table = collect_results(grid, plan.config)
     path = write_table(table, plan.experiment_uri, "results.parquet")
-    if "://" in plan.storage_uri and not plan.config.search.study_storage:
-        # SQLite needs a local file: the study lived beside the driver; keep a copy with the results.
-        from sweeps.results import write_bytes
-
-        local_db = os.path.join(local_experiment_dir(plan), "optuna.db")
-        with open(local_db, "rb") as f:
-            write_bytes(plan.experiment_uri, "optuna.db", f.read())
     print(format_summary(table, path), flush=True)
     if plan.config.report.enabled:
         run_report(plan)
@@ -352,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             storage, _, name = uri.rpartition("/")
             plan = dataclasses.replace(plan, experiment=name, storage_uri=storage)
             check_resumable(plan)
+        else:
+            start_experiment(plan)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

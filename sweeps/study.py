@@ -4,11 +4,18 @@ Tune's OptunaSearch keeps its own in-memory study, saved and restored with Tune'
 resumed sweep's searcher agrees with Tune about which trials exist. This callback mirrors each finished
 trial into the RDB study once (keyed by Tune's trial id), so the stored study holds exactly the trials
 that ran, even when the driver was killed and resumed several times.
+
+SQLite needs a local disk: with remote storage the study lives in the driver's cache (local_study) and a
+copy is put into the experiment each time a trial is recorded, so that a driver resumed on another machine
+(or after the cache was lost) starts from the study as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -16,13 +23,46 @@ from ray.tune import Callback
 from trainable.settings import METRIC
 
 TRIAL_KEY = "tune_trial_id"
+STUDY = "optuna.db"
+
+
+def local_study(experiment_uri: str, *, resume: bool) -> Path:
+    """The SQLite file of a remote experiment's study, in the cache: a new sweep starts without one (an
+    earlier experiment of the same name may have left one); a resumed sweep keeps the one it finds, else
+    takes the copy kept in the experiment."""
+    from sweeps.results import read_bytes
+    from trainable.model import cache_dir
+
+    name = experiment_uri.rstrip("/").rsplit("/", 1)[-1]
+    digest = hashlib.sha256(experiment_uri.encode()).hexdigest()[:8]  # two storages, one experiment name
+    path = cache_dir() / "studies" / f"{name}-{digest}" / STUDY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        path.unlink(missing_ok=True)
+    elif not path.exists():
+        # Killed before its first trial ended, the experiment holds no study yet: it starts empty.
+        with contextlib.suppress(FileNotFoundError):
+            path.write_bytes(read_bytes(experiment_uri, STUDY))
+    return path
 
 
 class StudyMirror(Callback):
-    def __init__(self, *, storage: str, study_name: str, space: dict[str, Any], max_steps: int) -> None:
+    def __init__(
+        self,
+        *,
+        storage: str,
+        study_name: str,
+        space: dict[str, Any],
+        max_steps: int,
+        keep_with: str | None = None,
+    ) -> None:
+        """`keep_with`: the experiment's URI, to put a copy of the SQLite `storage` into after each trial."""
         from ray.tune.search.optuna import OptunaSearch
 
+        if keep_with is not None and not storage.startswith("sqlite:///"):
+            raise ValueError(f"StudyMirror: keep_with needs a SQLite storage, got {storage!r}")
         self.storage = storage
+        self.keep_with = keep_with
         self.study_name = study_name
         self.distributions = OptunaSearch.convert_search_space(space)
         self.max_steps = max_steps
@@ -58,6 +98,10 @@ class StudyMirror(Callback):
                 user_attrs={TRIAL_KEY: trial.trial_id},
             )
         )
+        if self.keep_with is not None:
+            from sweeps.results import write_bytes
+
+            write_bytes(self.keep_with, STUDY, Path(self.storage.removeprefix("sqlite:///")).read_bytes())
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.record(trial, errored=False)
