@@ -23,12 +23,11 @@ import pandas as pd
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from trainable.outcome import METRIC, TrialReport
 from trainable.settings import DataSettings, ModelSettings, ReportSettings
 
 RESULTS = "results.parquet"
 SUMMARY = "sweep.json"
-# A trial that ran to the end or was stopped early by the scheduler has a usable adapter; the others not.
-USABLE_STATUSES = ("completed", "stopped")
 
 
 class ExperimentError(ValueError):
@@ -136,12 +135,13 @@ def load_histories(experiment: Experiment) -> pd.DataFrame:
         progress = Path(row.trial_path) / "progress.csv" if isinstance(row.trial_path, str) else None
         if progress is not None and progress.is_file() and progress.stat().st_size:
             table = pd.read_csv(progress)
-            if "eval_loss" in table:
+            if METRIC in table:
+                reports = [TrialReport.from_tune(r) for r in table.to_dict("records")]
                 frame = pd.DataFrame(
                     {
-                        "step": table["step"] if "step" in table else table.index + 1,
-                        "eval_loss": table["eval_loss"],
-                        "train_loss": table.get("train_loss", math.nan),
+                        "step": [r.step for r in reports],
+                        "eval_loss": [r.eval_loss for r in reports],
+                        "train_loss": [r.train_loss for r in reports],
                     }
                 )
                 frames.append(frame.assign(trial_id=row.trial_id))

@@ -24,7 +24,6 @@ from typing import Any, Literal
 import pandas as pd
 
 from analysis.experiment import (
-    USABLE_STATUSES,
     Experiment,
     ExperimentError,
     is_remote,
@@ -32,6 +31,7 @@ from analysis.experiment import (
     publish_folder,
     resolve_base_model,
 )
+from analysis.rank import choose_candidates
 from trainable.settings import HYPERPARAMETERS
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -57,12 +57,12 @@ def choose_trial(experiment: Experiment, trial: str | None = None) -> tuple[dict
             return results[results["trial_id"].astype(str) == first].iloc[
                 0
             ].to_dict(), "#1 of leaderboard.parquet"
-    usable = results[results["status"].isin(USABLE_STATUSES) & results["adapter_path"].notna()]
-    if usable.empty:
+    best_by_loss = choose_candidates(results, top_k=1)
+    if best_by_loss.empty:
         raise ExperimentError(
             f"{experiment.path}: no trial has a usable adapter (statuses: {', '.join(results['status'])})"
         )
-    best = usable.sort_values(["best_eval_loss", "trial_id"], kind="stable").iloc[0]
+    best = best_by_loss.iloc[0]
     return (
         best.to_dict(),
         "best eval loss (no leaderboard.parquet: run python -m analysis.report first to rank by answers)",

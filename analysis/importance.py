@@ -7,14 +7,16 @@ distribution taken from the recorded search space.
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis.experiment import USABLE_STATUSES, Experiment
+from analysis.experiment import Experiment
+from analysis.rank import usable_trials
+from trainable.outcome import DIRECTION
+from trainable.search_space import to_optuna_distributions
 from trainable.settings import HYPERPARAMETERS
 
 # fANOVA fits a random forest; fewer finished trials than this say nothing about importance.
@@ -50,33 +52,23 @@ def load_study(experiment: Experiment) -> tuple[Any, str]:
 def rebuild_study(experiment: Experiment) -> Any:
     """An in-memory study with one finished trial per usable row of results.parquet (value: best eval loss)."""
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import CategoricalDistribution
 
     space = experiment.config.get("search", {}).get("space", {})
     results = experiment.results
+    recorded = to_optuna_distributions({k: v for k, v in space.items() if k in results})
     distributions: dict[str, Any] = {}
     for name in HYPERPARAMETERS:
-        if name not in results:
-            continue
-        spec = space.get(name)
-        kind, values = next(iter(spec.items())) if isinstance(spec, dict) and spec else ("choice", [])
-        if kind == "loguniform":
-            distributions[name] = FloatDistribution(float(values[0]), float(values[1]), log=True)
-        elif kind == "uniform":
-            distributions[name] = FloatDistribution(float(values[0]), float(values[1]))
-        elif kind == "randint":
-            distributions[name] = IntDistribution(int(values[0]), int(values[1]) - 1)
-        else:
-            choices = (
-                values if spec is not None else sorted(results[name].dropna().unique().tolist(), key=str)
-            )
-            if len(choices) > 1 or spec is not None:
+        if name in recorded:
+            distributions[name] = recorded[name]
+        elif name in results:
+            # Not in the recorded space (an edited sweep.json): the values the trials had, if they vary.
+            choices = sorted(results[name].dropna().unique().tolist(), key=str)
+            if len(choices) > 1:
                 distributions[name] = CategoricalDistribution([_plain(c) for c in choices])
-    study = optuna.create_study(direction="minimize")
-    for row in results.to_dict("records"):
-        loss = row.get("best_eval_loss")
-        if row.get("status") not in USABLE_STATUSES or loss is None or not math.isfinite(loss):
-            continue
+    study = optuna.create_study(direction=DIRECTION)
+    for row in results[usable_trials(results)].to_dict("records"):
+        loss = row["best_eval_loss"]
         params = {k: _plain(row[k]) for k in distributions}
         try:
             study.add_trial(

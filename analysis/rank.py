@@ -1,8 +1,8 @@
 """The leaderboard: eval loss and answer quality combined by one documented rule.
 
 The rule (report.loss_tolerance, report.rank_by):
-1. A trial is *usable* when its status is completed or stopped (by the scheduler) and its best eval loss
-   is finite. Trials that are not (error, failed, no loss) are listed last, unranked, with the reason.
+1. A trial is *usable* when its status is rankable (trainable.outcome.RANKABLE_STATUSES: completed, or
+   stopped by the scheduler) and its best eval loss is finite. Trials that are not (error, failed, no loss) are listed last, unranked, with the reason.
 2. Among usable trials whose best eval loss is within `loss_tolerance` (relative) of the best one, the
    trials that have answer scores (the top-k that generated) rank first, ordered by the `rank_by` scores,
    higher first, each breaking ties of the one before (default: exact-match accuracy, then chrF).
@@ -19,12 +19,26 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from analysis.experiment import USABLE_STATUSES, Experiment
+from analysis.experiment import Experiment
 from analysis.generate import BASE
+from trainable.outcome import RANKABLE_STATUSES
 from trainable.settings import HYPERPARAMETERS
 
 # rank_by name -> leaderboard column.
 QUALITY_COLUMNS = {"exact_match": "exact_match", "chrf": "chrf", "judge": "judge_strength"}
+
+
+def usable_trials(results: pd.DataFrame) -> pd.Series:
+    """Which rows of a results table may be ranked: a rankable status and a finite best eval loss."""
+    loss = pd.to_numeric(results["best_eval_loss"], errors="coerce")
+    return results["status"].isin(RANKABLE_STATUSES) & loss.map(lambda x: math.isfinite(x))
+
+
+def choose_candidates(results: pd.DataFrame, *, top_k: int) -> pd.DataFrame:
+    """The `top_k` usable trials that have an adapter, best eval loss first (equal losses by trial id):
+    the report's candidates, and the adapter to export when there is no leaderboard yet."""
+    usable = results[usable_trials(results) & results["adapter_path"].notna()]
+    return usable.sort_values(["best_eval_loss", "trial_id"], kind="stable").head(top_k)
 
 
 def rank_trials(
@@ -52,7 +66,7 @@ def rank_trials(
             table[column] = math.nan
 
     loss = pd.to_numeric(table["best_eval_loss"], errors="coerce")
-    usable = table["status"].isin(USABLE_STATUSES) & loss.map(lambda x: math.isfinite(x))
+    usable = usable_trials(table)
     best = loss[usable].min() if usable.any() else math.nan
     limit = best + loss_tolerance * abs(best) if usable.any() else math.nan
     scored = table[keys].notna().any(axis=1) if keys else pd.Series(False, index=table.index)
@@ -120,7 +134,7 @@ def _failure_note(row: object) -> str:
     status = getattr(row, "status", "")
     if isinstance(error, str) and error:
         return f"{status}: {error.splitlines()[0][:200]}"
-    return f"{status}: no finite eval loss" if status in ("failed", *USABLE_STATUSES) else f"{status}"
+    return f"{status}: no finite eval loss" if status in ("failed", *RANKABLE_STATUSES) else f"{status}"
 
 
 def load_leaderboard(experiment: Experiment) -> pd.DataFrame:

@@ -25,7 +25,6 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.experiment import (
-    USABLE_STATUSES,
     Experiment,
     ExperimentError,
     load_experiment,
@@ -37,6 +36,7 @@ from analysis.experiment import (
     write_table,
 )
 from analysis.generate import BASE, Candidate, Prompt, build_prompts, generate_for_candidates, render_prompts
+from analysis.rank import choose_candidates
 from trainable.settings import ReportSettings
 
 OUTPUTS = (
@@ -61,9 +61,7 @@ class ReportOutputs:
 
 def select_candidates(results: pd.DataFrame, top_k: int) -> list[Candidate]:
     """The base model, then the `top_k` usable trials by best eval loss that have an adapter on disk."""
-    usable = results[results["status"].isin(USABLE_STATUSES) & results["adapter_path"].notna()]
-    usable = usable[pd.to_numeric(usable["best_eval_loss"], errors="coerce").notna()]
-    best = usable.sort_values(["best_eval_loss", "trial_id"], kind="stable").head(top_k)
+    best = choose_candidates(results, top_k=top_k)
     return [Candidate(BASE), *(Candidate(str(r.trial_id), str(r.adapter_path)) for r in best.itertuples())]
 
 

@@ -20,6 +20,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, check_value, contains
+from trainable.outcome import Origin
 from trainable.settings import (
     STRICT,
     DataSettings,
@@ -86,9 +87,17 @@ class SweepConfig:
 
     @property
     def initial_points(self) -> list[dict[str, Any]]:
+        return [point for _, point in self.labeled_initial_points]
+
+    @property
+    def labeled_initial_points(self) -> list[tuple[Origin, dict[str, Any]]]:
+        """The points the searcher tries first, in order, each with where it came from."""
         recipe = {k: v for k, v in QLORA_RECIPE.items() if k in self.search.space}
-        first = [recipe] if self.search.start_with_qlora_recipe and recipe else []
-        return (first + list(self.search.initial_points))[: self.search.num_samples]
+        first: list[tuple[Origin, dict[str, Any]]] = (
+            [("recipe", recipe)] if self.search.start_with_qlora_recipe and recipe else []
+        )
+        user: list[tuple[Origin, dict[str, Any]]] = [("initial", p) for p in self.search.initial_points]
+        return (first + user)[: self.search.num_samples]
 
     def experiment_name(self, now: datetime.datetime | None = None) -> str:
         stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%d-%H%M%S")

@@ -4,24 +4,32 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
 from sweeps.config import SweepConfig
-from trainable.settings import HYPERPARAMETERS, METRIC
+from trainable.outcome import METRIC, MODE, RANKABLE_STATUSES, Origin, TrialReport, trial_status
+from trainable.settings import HYPERPARAMETERS
 
-RANKED = ("completed", "stopped")  # statuses that may be ranked; oom, failed and error trials come last
 
+def trial_origins(
+    configs: Sequence[Mapping[str, Any]], points: Sequence[tuple[Origin, Mapping[str, Any]]]
+) -> list[Origin]:
+    """Where each trial's hyperparameters came from, for trials in the order Tune created them.
 
-def trial_status(metrics: dict[str, Any], error: Any, max_steps: int, best_loss: float) -> str:
-    if error is not None:
-        return "error"  # crashed, and out of retries
-    if metrics.get("oom"):
-        return "oom"
-    if metrics.get("diverged") or not math.isfinite(best_loss):
-        return "failed"  # NaN/inf loss, or never a finite eval loss
-    return "completed" if int(metrics.get("step", 0) or 0) >= max_steps else "stopped"  # early, by ASHA
+    The searcher suggests the starting points first, in order (OptunaSearch enqueues them in its study),
+    so each point belongs to the first trial not yet claimed whose config holds it exactly; a later trial
+    that the searcher happened to give the same values stays "search".
+    """
+    origins: list[Origin] = ["search"] * len(configs)
+    for origin, point in points:
+        for i, config in enumerate(configs):
+            if origins[i] == "search" and all(k in config and config[k] == v for k, v in point.items()):
+                origins[i] = origin
+                break
+    return origins
 
 
 def storage_location(path: str, storage_uri: str) -> str:
@@ -33,37 +41,45 @@ def storage_location(path: str, storage_uri: str) -> str:
 
 
 def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
-    """One row per trial of a Tune ResultGrid: hyperparameters, metrics, adapter path, status."""
+    """One row per trial of a Tune ResultGrid: hyperparameters, metrics, adapter path, status, origin."""
+    from ray.tune.result import TIME_TOTAL_S, TRIAL_ID
+
     storage = config.storage_uri()
+    results = list(grid)  # in the order Tune created the trials, also after a resume
+    origins = trial_origins([r.config for r in results], config.labeled_initial_points)
     rows = []
-    for result in grid:
+    for result, origin in zip(results, origins, strict=True):
         history = result.metrics_dataframe
         metrics = result.metrics or {}
+        last = TrialReport.from_tune(metrics)
         losses = (
             history[METRIC].dropna()
             if history is not None and METRIC in history
             else pd.Series([], dtype=float)
         )
         best_loss = float(losses.min()) if len(losses) else math.nan
-        best = result.get_best_checkpoint(METRIC, "min") if len(losses) else None
-        last_step = int(metrics.get("step", 0) or 0)
+        best = result.get_best_checkpoint(METRIC, MODE) if len(losses) else None
         lora = {name: result.config.get(name, getattr(config.lora, name)) for name in HYPERPARAMETERS}
+        status = trial_status(
+            last, errored=result.error is not None, best_eval_loss=best_loss, max_steps=config.train.max_steps
+        )
         rows.append(
             {
-                "trial_id": metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
-                "status": trial_status(metrics, result.error, config.train.max_steps, best_loss),
+                "trial_id": metrics.get(TRIAL_ID) or result.path.rstrip("/").rsplit("/", 1)[-1],
+                "status": status,
+                "origin": origin,
                 **lora,
                 "best_eval_loss": best_loss,
                 "final_eval_loss": float(losses.iloc[-1]) if len(losses) else math.nan,
-                "base_eval_loss": float(metrics.get("base_eval_loss", math.nan)),
-                "train_loss": float(metrics.get("train_loss", math.nan)),
-                "steps": last_step,
-                "tokens": int(metrics.get("tokens", 0) or 0),
-                "tokens_per_s": float(metrics.get("tokens_per_s", math.nan)),
-                "peak_memory_gib": float(metrics.get("peak_memory_gib", math.nan)),
-                "wall_time_s": float(metrics.get("time_total_s", math.nan)),
-                "retries": int(metrics.get("retries", 0) or 0),
-                "restored_from_step": int(metrics.get("restored_from_step", 0) or 0),
+                "base_eval_loss": last.base_eval_loss,
+                "train_loss": last.train_loss,
+                "steps": last.step,
+                "tokens": last.tokens,
+                "tokens_per_s": last.tokens_per_s,
+                "peak_memory_gib": last.peak_memory_gib,
+                "wall_time_s": float(metrics.get(TIME_TOTAL_S, math.nan)),
+                "retries": last.retries,
+                "restored_from_step": last.restored_from_step,
                 "eval_history": [float(x) for x in losses],
                 "adapter_path": storage_location(best.path, storage) if best is not None else None,
                 "trial_path": storage_location(result.path, storage),
@@ -76,7 +92,7 @@ def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
     if len(table):
         # Trials that failed, ran out of memory or crashed never rank above one that finished, whatever
         # eval loss they reported before failing.
-        table["_unranked"] = ~table["status"].isin(RANKED)
+        table["_unranked"] = ~table["status"].isin(RANKABLE_STATUSES)
         table = table.sort_values(["_unranked", "best_eval_loss"], na_position="last", kind="stable")
         table = table.drop(columns="_unranked").reset_index(drop=True)
         table.insert(0, "rank", range(1, len(table) + 1))

@@ -28,8 +28,14 @@ from sweeps.results import collect_results, format_summary, write_table
 from sweeps.space import to_tune_space
 from sweeps.study import StudyMirror, local_study
 from trainable.data import DataError, choose_chat_template, load_splits, tokenize_examples
-from trainable.model import load_module_names, load_tokenizer, resolve_model, resolve_target_modules
-from trainable.settings import METRIC, MODE
+from trainable.model import (
+    ModelError,
+    load_module_names,
+    load_tokenizer,
+    resolve_model,
+    resolve_target_modules,
+)
+from trainable.outcome import METRIC, MODE
 from trainable.train import TrialSettings, train_trial
 
 
@@ -194,7 +200,7 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
     mirror = StudyMirror(
         storage=study_storage,
         study_name=plan.experiment,
-        space=to_tune_space(search.space),
+        space=search.space,
         max_steps=config.train.max_steps,
         keep_with=keep_with,
     )
@@ -356,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             check_resumable(plan)
         else:
             start_experiment(plan)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     data = plan.summary["data"]

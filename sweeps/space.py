@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from trainable.search_space import KINDS
 from trainable.settings import HYPERPARAMETERS, LoraSettings
 
 DEFAULT_SPACE: dict[str, dict[str, list[Any]]] = {
@@ -36,8 +37,6 @@ QLORA_RECIPE: dict[str, Any] = {
     "learning_rate": 2e-4,
     "lora_dropout": 0.1,
 }
-
-KINDS = ("choice", "uniform", "loguniform", "randint")
 
 
 def check_space(space: dict[str, Any]) -> list[str]:
@@ -93,7 +92,8 @@ def contains(space: dict[str, Any], name: str, value: Any) -> bool:
 
 
 def to_tune_space(space: dict[str, Any]) -> dict[str, Any]:
-    """The space as Ray Tune domains, which OptunaSearch turns into Optuna distributions."""
+    """The space as Ray Tune domains, which OptunaSearch turns into Optuna distributions (the same ones
+    trainable.search_space.to_optuna_distributions gives the study that the driver records)."""
     from ray import tune
 
     makers: dict[str, Callable[..., Any]] = {

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-from trainable.settings import METRIC
+from trainable.outcome import DIRECTION, Status, TrialReport, trial_status
+from trainable.search_space import to_optuna_distributions
 
 TRIAL_KEY = "tune_trial_id"
 STUDY = "optuna.db"
@@ -52,26 +52,24 @@ class StudyMirror(Callback):
         *,
         storage: str,
         study_name: str,
-        space: dict[str, Any],
+        space: dict[str, dict[str, list[Any]]],
         max_steps: int,
         keep_with: str | None = None,
     ) -> None:
         """`keep_with`: the experiment's URI, to put a copy of the SQLite `storage` into after each trial."""
-        from ray.tune.search.optuna import OptunaSearch
-
         if keep_with is not None and not storage.startswith("sqlite:///"):
             raise ValueError(f"StudyMirror: keep_with needs a SQLite storage, got {storage!r}")
         self.storage = storage
         self.keep_with = keep_with
         self.study_name = study_name
-        self.distributions = OptunaSearch.convert_search_space(space)
+        self.distributions = to_optuna_distributions(space)
         self.max_steps = max_steps
 
     def study(self) -> Any:
         import optuna
 
         return optuna.create_study(
-            storage=self.storage, study_name=self.study_name, direction="minimize", load_if_exists=True
+            storage=self.storage, study_name=self.study_name, direction=DIRECTION, load_if_exists=True
         )
 
     def record(self, trial: Any, *, errored: bool) -> None:
@@ -80,20 +78,22 @@ class StudyMirror(Callback):
         study = self.study()
         if any(t.user_attrs.get(TRIAL_KEY) == trial.trial_id for t in study.get_trials(deepcopy=False)):
             return  # already mirrored before the driver was restarted
-        result = trial.last_result or {}
-        value = result.get(METRIC)
-        state = optuna.trial.TrialState.COMPLETE
-        if errored or value is None or not math.isfinite(value):
-            state, value = optuna.trial.TrialState.FAIL, None
-        elif int(result.get("step", 0)) < self.max_steps:
-            state = optuna.trial.TrialState.PRUNED  # stopped early by the scheduler
+        last = TrialReport.from_tune(trial.last_result or {})
+        # The study sees only the last report, so its loss stands for the best one.
+        status = trial_status(last, errored=errored, best_eval_loss=last.eval_loss, max_steps=self.max_steps)
+        states: dict[Status, optuna.trial.TrialState] = {
+            "completed": optuna.trial.TrialState.COMPLETE,
+            "stopped": optuna.trial.TrialState.PRUNED,  # stopped early by the scheduler
+        }
+        state = states.get(status, optuna.trial.TrialState.FAIL)
+        value = None if state == optuna.trial.TrialState.FAIL else last.eval_loss
         params = {name: trial.config[name] for name in self.distributions if name in trial.config}
         study.add_trial(
             optuna.trial.create_trial(
                 params=params,
                 distributions={name: self.distributions[name] for name in params},
                 value=value if state == optuna.trial.TrialState.COMPLETE else None,
-                intermediate_values={int(result.get("step", 0)): value} if value is not None else {},
+                intermediate_values={last.step: value} if value is not None else {},
                 state=state,
                 user_attrs={TRIAL_KEY: trial.trial_id},
             )

@@ -1,7 +1,10 @@
 """Instruction data: load records in common formats, split them, render chat prompts, tokenize.
 
-Every record becomes a conversation (a list of {"role", "content"} messages). Tokenization renders it with
-the chat template and trains only on the assistant's tokens: prompt tokens get label -100.
+Every record becomes a conversation in OpenAI's shape: {"role", "content"} messages with roles system, user,
+assistant and tool, an assistant turn may carry "tool_calls", and the example may carry the tools it can call.
+Tokenization renders it with the chat template and trains only on the assistant's tokens (tool calls
+included): everything else gets label -100. A template that does not know tools gets the conversation in
+FALLBACK_LAYOUT instead (see `to_fallback_messages`).
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 
+# ShareGPT's "from" values (LLaMA-Factory's layout included) as roles: a function_call turn is the assistant
+# calling a tool (its value the call as JSON), an observation turn is the tool's result.
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -39,31 +45,68 @@ _SHAREGPT_ROLES = {
     "bot": "assistant",
     "model": "assistant",
     "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+# OpenAI's roles: "developer" is its newer name for system, "function" its older one for a tool's result.
+_CHAT_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
 }
 _FORMAT_COLUMNS = {
     "alpaca": ("instruction", "output"),
     "chat": ("messages",),
     "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
+_COLUMN_NAMES = (
+    "instruction", "input", "output", "messages", "conversations", "prompt", "completion", "text", "tools",
+    "system",
+)  # fmt: skip
 _SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+# How a conversation with tools is rendered for a chat template that does not take tools (SmolLM2's, the
+# Alpaca default): the tools' JSON schemas appended to the system message under this header, each tool call
+# as a JSON line {"name": ..., "arguments": {...}} in the assistant's turn (after its text, if any), and the
+# tools' results as a user turn of their own under FALLBACK_RESULT_HEADER. Only plain system, user and
+# assistant turns remain, which every template renders, so any model can learn to call tools.
+FALLBACK_TOOLS_HEADER = (
+    'You can call these tools; to call one, answer with a JSON line {"name": ..., "arguments": {...}}:'
+)
+FALLBACK_RESULT_HEADER = "Tool result:"
 
 
 class DataError(ValueError):
     """Bad data, named by file and line (or row) where there is one."""
 
 
+Message = dict[str, Any]  # {"role", "content"} and, on an assistant turn, maybe "tool_calls"
+
+
 @dataclass(frozen=True)
 class Example:
-    messages: list[dict[str, str]]
+    messages: list[Message]
     task: str | None = None  # the bundled set's task name, for per-task scores
     check: str | None = None  # how an answer is checked: "exact", "json" or "free"
-    origin: str = ""  # file:line (or hub:name:row) for error messages
+    origin: str = ""  # file:line (or source[split]:row) for error messages
+    tools: list[dict[str, Any]] | None = None  # the JSON schemas of the tools the conversation may call
+    # Assistant turns before this message are context, not trained: TRL's conversational prompt/completion
+    # trains on the completion only.
+    train_from: int = 0
+    # Rendered as raw text, prompt then completion, without a chat template: TRL's plain prompt/completion.
+    plain: bool = False
 
     @property
     def reference(self) -> str:
         """The last assistant turn: the answer a generation is compared with."""
-        return next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
+        last = next((m for m in reversed(self.messages) if m["role"] == "assistant"), None)
+        return "" if last is None else render_fallback_turn(last)
 
 
 @dataclass(frozen=True)
@@ -113,16 +156,25 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     raise DataError(f"data.source: {path} has suffix {suffix!r}; expected one of {', '.join(_SUFFIXES)}")
 
 
-def _hub_records(settings: DataSettings, split: str) -> list[dict[str, Any]] | None:
+Numbered = list[tuple[str, dict[str, Any]]]  # rows with where they came from ("file:line"), for errors
+
+
+def _dataset_rows(settings: DataSettings, split: str) -> Numbered | None:
+    """A split of a hub dataset, or of a local folder in the hub's layout (data/train-00000-of-00001.parquet,
+    data/test-...): `datasets` resolves both the same way. None when the dataset has no such split."""
     import datasets
 
     try:
         names = datasets.get_dataset_split_names(settings.source, settings.hub_config)
     except Exception as err:
-        raise DataError(f"data.source: cannot open hub dataset {settings.source!r}: {err}") from err
+        raise DataError(
+            f"data.source: cannot open dataset {settings.source!r} (a hub dataset, or a folder in the hub's "
+            f"layout): {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     if split not in names:
         return None
-    return list(datasets.load_dataset(settings.source, settings.hub_config, split=split))
+    rows = datasets.load_dataset(settings.source, settings.hub_config, split=split)
+    return [(f"{settings.source}[{split}]:{i}", row) for i, row in enumerate(rows, start=1)]
 
 
 def detect_format(row: dict[str, Any], columns: dict[str, str], where: str) -> str:
@@ -131,21 +183,22 @@ def detect_format(row: dict[str, Any], columns: dict[str, str], where: str) -> s
             return fmt
     raise DataError(
         f"{where}: data.format: cannot tell the format from columns {sorted(row)}; expected alpaca "
-        "(instruction/output), chat (messages), sharegpt (conversations) or text; set data.format and "
-        "data.columns"
+        "(instruction/output), chat (messages), sharegpt (conversations), prompt_completion "
+        "(prompt/completion) or text; set data.format and data.columns"
     )
 
 
 def to_example(row: dict[str, Any], fmt: str, settings: DataSettings, where: str) -> Example:
     """One record as a conversation; `where` names the file and line for error messages."""
-    col = {
-        k: settings.columns.get(k, k)
-        for k in ("instruction", "input", "output", "messages", "conversations", "text")
-    }
-    missing = [col[c] for c in _FORMAT_COLUMNS[fmt] if row.get(col[c]) in (None, "")]
+    col = {k: settings.columns.get(k, k) for k in _COLUMN_NAMES}
+    missing = [col[c] for c in _FORMAT_COLUMNS[fmt] if row.get(col[c]) in (None, "", [])]
     if missing:
         raise DataError(f"{where}: missing or empty column(s) {', '.join(missing)} for format {fmt!r}")
     system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+    if fmt == "sharegpt" and isinstance(row.get(col["system"]), str) and row[col["system"]]:
+        system = [{"role": "system", "content": row[col["system"]]}]  # LLaMA-Factory's system column
+    tools = _tools(row.get(col["tools"]), where)
+    base = Example(messages=[], task=row.get("task"), check=row.get("check"), origin=where, tools=tools)
     if fmt == "alpaca":
         prompt = str(row[col["instruction"]])
         if row.get(col["input"]):
@@ -155,45 +208,148 @@ def to_example(row: dict[str, Any], fmt: str, settings: DataSettings, where: str
             {"role": "user", "content": prompt},
             {"role": "assistant", "content": str(row[col["output"]])},
         ]
-    elif fmt == "text":
-        messages = [{"role": "text", "content": str(row[col["text"]])}]
-    else:
-        key, role_key, content_key = (
-            ("messages", "role", "content") if fmt == "chat" else ("conversations", "from", "value")
+        return replace(base, messages=messages)
+    if fmt == "text":
+        return replace(base, messages=[{"role": "text", "content": str(row[col["text"]])}])
+    if fmt == "prompt_completion":
+        prompt, completion = (_list_cell(row[col[c]]) for c in ("prompt", "completion"))
+        if isinstance(prompt, str) and isinstance(completion, str):
+            turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            return replace(base, messages=turns, plain=True)
+        if not isinstance(prompt, list) or not isinstance(completion, list):
+            raise DataError(
+                f"{where}: {col['prompt']!r} and {col['completion']!r} must both be text (plain) or both lists "
+                f"of messages (conversational); got {type(prompt).__name__} and {type(completion).__name__}"
+            )
+        context = system + _chat_turns(prompt, "chat", where, first=1)
+        answer = _chat_turns(completion, "chat", where, first=len(prompt) + 1)
+        if not any(m["role"] == "assistant" for m in answer):
+            raise DataError(f"{where}: the completion has no assistant turn to learn from")
+        return replace(base, messages=context + answer, train_from=len(context))
+    turns = _list_cell(row[col["messages" if fmt == "chat" else "conversations"]])
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: expected a list of turns, got {type(turns).__name__}")
+    messages = system + _chat_turns(turns, fmt, where, first=1)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant turn to learn from")
+    return replace(base, messages=messages)
+
+
+def _json_cell(value: Any) -> Any:
+    """A cell that may hold JSON text (CSV cells, LLaMA-Factory's tools column) as its value."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _list_cell(value: Any) -> Any:
+    """A list of turns, from a cell holding it as JSON text (CSV) or as it is; plain text stays text."""
+    parsed = _json_cell(value)
+    return parsed if isinstance(parsed, list) else value
+
+
+def _tools(value: Any, where: str) -> list[dict[str, Any]] | None:
+    """The tools column as OpenAI's list of {"type": "function", "function": schema}; LLaMA-Factory's bare
+    schemas (a JSON string) are wrapped."""
+    if value in (None, "", []):
+        return None
+    tools = _json_cell(value)
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(
+            f"{where}: the tools column must be a JSON list of tool schemas, got {str(value)[:80]!r}"
         )
-        turns = row[col[key]]
-        if isinstance(turns, str):
-            turns = json.loads(turns)  # CSV cells hold JSON text
-        messages = list(system)
-        for turn in turns:
-            role = turn.get(role_key) if isinstance(turn, dict) else None
-            role = _SHAREGPT_ROLES.get(str(role)) if fmt == "sharegpt" else role
-            if role not in ("system", "user", "assistant") or not isinstance(turn.get(content_key), str):
-                raise DataError(f"{where}: bad turn {turn!r}: needs {role_key!r} and {content_key!r}")
-            messages.append({"role": role, "content": turn[content_key]})
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: the conversation has no assistant turn to learn from")
-    return Example(messages=messages, task=row.get("task"), check=row.get("check"), origin=where)
+    wrapped = [t if "function" in t else {"type": "function", "function": t} for t in tools]
+    unnamed = [t for t in wrapped if not isinstance(t["function"], dict) or "name" not in t["function"]]
+    if unnamed:
+        raise DataError(f"{where}: a tool schema has no 'name': {str(unnamed[0])[:120]}")
+    return wrapped
 
 
-def to_examples(rows: Sequence[dict[str, Any]], settings: DataSettings, origin: str) -> list[Example]:
+def _chat_turns(turns: list[Any], fmt: str, where: str, *, first: int) -> list[Message]:
+    """ShareGPT or OpenAI-style turns as messages; `first` numbers the turns in error messages."""
+    role_key, content_key = ("from", "value") if fmt == "sharegpt" else ("role", "content")
+    roles = _SHAREGPT_ROLES if fmt == "sharegpt" else _CHAT_ROLES
+    messages: list[Message] = []
+    for number, turn in enumerate(turns, start=first):
+        at = f"{where}: turn {number}"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at}: expected an object with {role_key!r} and {content_key!r}, got {turn!r}")
+        if role_key not in turn:
+            raise DataError(f"{at}: no {role_key!r} key (keys: {', '.join(sorted(turn))})")
+        given = turn[role_key]
+        role = roles.get(str(given))
+        if role is None:
+            raise DataError(
+                f"{at}: role {given!r} cannot be rendered (neither by a chat template nor by the fallback "
+                f"layout); {role_key!r} must be one of {', '.join(roles)}"
+            )
+        content = turn.get(content_key)
+        if fmt == "sharegpt" and given == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": _calls(content, at)})
+            continue
+        calls = turn.get("tool_calls") if fmt == "chat" and role == "assistant" else None
+        if content is None and calls:
+            content = ""  # OpenAI: an assistant turn that only calls tools has content null
+        if not isinstance(content, str):
+            raise DataError(
+                f"{at} ({role_key} {given!r}): {content_key!r} must be text, got "
+                f"{'nothing' if content is None else type(content).__name__}"
+            )
+        message: Message = {"role": role, "content": content}
+        if calls:
+            message["tool_calls"] = _calls(calls, at)
+        if role == "tool" and isinstance(turn.get("name"), str):
+            message["name"] = turn["name"]
+        messages.append(message)
+    return messages
+
+
+def _calls(value: Any, at: str) -> list[dict[str, Any]]:
+    """Tool calls as OpenAI's [{"type": "function", "function": {"name", "arguments": {...}}}]: from
+    LLaMA-Factory's function_call value (JSON text of one call or a list) or OpenAI's tool_calls."""
+    calls = _json_cell(value)
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise DataError(
+            f'{at}: a tool call must be JSON {{"name": ..., "arguments": {{...}}}}, got {str(value)[:80]!r}'
+        )
+    out = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(f"{at}: a tool call has no function name: {str(call)[:120]!r}")
+        arguments = _json_cell(function.get("arguments", {}))
+        if isinstance(arguments, str):  # OpenAI sends arguments as JSON text; templates want the object
+            raise DataError(
+                f"{at}: the arguments of tool call {function['name']!r} are not JSON: {arguments[:80]!r}"
+            )
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def to_examples(rows: Numbered, settings: DataSettings) -> list[Example]:
+    """Rows as examples, in the configured format or the one the first row's columns show."""
     if not rows:
         return []
-    fmt = (
-        detect_format(rows[0], settings.columns, f"{origin}:1")
-        if settings.format == "auto"
-        else settings.format
-    )
-    return [to_example(row, fmt, settings, f"{origin}:{i}") for i, row in enumerate(rows, start=1)]
+    where, first = rows[0]
+    fmt = detect_format(first, settings.columns, where) if settings.format == "auto" else settings.format
+    return [to_example(row, fmt, settings, where) for where, row in rows]
 
 
 def load_splits(settings: DataSettings) -> Splits:
-    """Train/eval/test examples from the configured source (bundled set, local file or hub dataset)."""
+    """Train/eval/test examples from the configured source: the bundled set, a local file, a local folder in
+    the hub's layout or a hub dataset."""
     if settings.source == "bundled" or Path(settings.source).suffix.lower() in _SUFFIXES:
         path = BUNDLED_PATH if settings.source == "bundled" else Path(settings.source).expanduser().resolve()
         rows = read_records(path)
         # Rows carry their line numbers (for error messages) through the split.
-        numbered = list(enumerate(rows, start=1))
+        numbered = [(f"{path}:{n}", row) for n, row in enumerate(rows, start=1)]
         if any("split" in r for r in rows):
             parts = {
                 name: [(n, r) for n, r in numbered if r.get("split") == name]
@@ -208,35 +364,19 @@ def load_splits(settings: DataSettings) -> Splits:
             train, held, test = numbered, [], []
         if not held:
             train, held = _hold_out(train, settings)
-
-        def convert(part: list[tuple[int, dict[str, Any]]]) -> list[Example]:
-            if not part:
-                return []
-            fmt = (
-                detect_format(part[0][1], settings.columns, f"{path}:{part[0][0]}")
-                if settings.format == "auto"
-                else settings.format
-            )
-            return [to_example(r, fmt, settings, f"{path}:{n}") for n, r in part]
-
-        splits = Splits(convert(train), convert(held), convert(test))
     else:
-        train_rows = _hub_records(settings, settings.train_split)
-        if train_rows is None:
+        found = _dataset_rows(settings, settings.train_split)
+        if found is None:
             raise DataError(
-                f"data.train_split: hub dataset {settings.source!r} has no split {settings.train_split!r}"
+                f"data.train_split: dataset {settings.source!r} has no split {settings.train_split!r}"
             )
-        eval_rows = _hub_records(settings, settings.eval_split)
-        test_rows = _hub_records(settings, settings.test_split) or []
-        if eval_rows is None:
-            kept, held = _hold_out(list(enumerate(train_rows, start=1)), settings)
-            train_rows, eval_rows = [r for _, r in kept], [r for _, r in held]
-        origin = f"hub:{settings.source}"
-        splits = Splits(
-            to_examples(train_rows, settings, origin),
-            to_examples(eval_rows, settings, origin),
-            to_examples(test_rows, settings, origin),
-        )
+        train, test = found, _dataset_rows(settings, settings.test_split) or []
+        maybe_held = _dataset_rows(settings, settings.eval_split)
+        if maybe_held is None:
+            train, held = _hold_out(train, settings)
+        else:
+            held = maybe_held
+    splits = Splits(to_examples(train, settings), to_examples(held, settings), to_examples(test, settings))
     rng = random.Random(settings.seed)
     train_examples = splits.train
     if settings.max_train_examples is not None and len(train_examples) > settings.max_train_examples:
@@ -250,9 +390,7 @@ def load_splits(settings: DataSettings) -> Splits:
     return Splits(train_examples, evals, splits.test)
 
 
-def _hold_out(
-    rows: list[tuple[int, dict[str, Any]]], settings: DataSettings
-) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, dict[str, Any]]]]:
+def _hold_out(rows: Numbered, settings: DataSettings) -> tuple[Numbered, Numbered]:
     """A fixed, seeded eval_fraction of the training rows (at least one), for sources without an eval split."""
     order = list(range(len(rows)))
     random.Random(settings.seed).shuffle(order)
@@ -278,26 +416,99 @@ def choose_chat_template(tokenizer: Any, setting: str) -> str:
     return own
 
 
-def render_segments(messages: list[dict[str, str]], tokenizer: Any, template: str) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, trained) pieces: assistant turns are trained, the rest not.
+def template_takes_tools(template: str) -> bool:
+    """Whether a chat template renders tools: it reads the `tools` variable and assistant turns' `tool_calls`
+    (as Qwen2.5's, Llama 3.1's, Mistral's and Hermes' do). transformers passes `tools=` to every template and
+    one that does not read it drops the tools without a word, so this is read from the template's source."""
+    import jinja2
+    import jinja2.meta
+
+    try:
+        parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        reads_tools = "tools" in jinja2.meta.find_undeclared_variables(parsed)
+    except jinja2.TemplateSyntaxError:  # a transformers-only tag such as {% generation %}
+        reads_tools = re.search(r"\btools\b", template) is not None
+    return reads_tools and "tool_calls" in template
+
+
+def render_fallback_turn(message: Message) -> str:
+    """An assistant turn's text in FALLBACK_LAYOUT: its content, then each tool call as a JSON line."""
+    calls = [json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                        ensure_ascii=False) for c in message.get("tool_calls", [])]  # fmt: skip
+    return "\n".join(([message["content"]] if message["content"] else []) + calls)
+
+
+def to_fallback_messages(messages: list[Message], tools: list[dict[str, Any]] | None) -> list[Message]:
+    """A conversation with tools in FALLBACK_LAYOUT: only system, user and assistant turns with text."""
+    out: list[Message] = []
+    if tools:
+        schemas = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+        listing = f"{FALLBACK_TOOLS_HEADER}\n{schemas}"
+        if messages and messages[0]["role"] == "system":
+            out.append({"role": "system", "content": f"{messages[0]['content']}\n\n{listing}"})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": listing})
+    for message in messages:
+        if message["role"] == "assistant":
+            out.append({"role": "assistant", "content": render_fallback_turn(message)})
+        elif message["role"] == "tool":
+            # Results of parallel calls share one turn: templates that insist on alternating roles accept it.
+            if out and out[-1]["role"] == "user" and out[-1]["content"].startswith(FALLBACK_RESULT_HEADER):
+                out[-1] = {"role": "user", "content": f"{out[-1]['content']}\n{message['content']}"}
+            else:
+                out.append({"role": "user", "content": f"{FALLBACK_RESULT_HEADER}\n{message['content']}"})
+        else:
+            out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def _renderer(example: Example, tokenizer: Any, template: str) -> tuple[list[Message], Any]:
+    """The example's messages as the template will see them, and a function rendering a prefix of them."""
+    native = template_takes_tools(template)
+    uses_tools = example.tools or any(m["role"] == "tool" or "tool_calls" in m for m in example.messages)
+    messages = (
+        example.messages
+        if native or not uses_tools
+        else to_fallback_messages(example.messages, example.tools)
+    )
+    tools = example.tools if native else None
+
+    def render(count: int, generation_prompt: bool) -> str:
+        if (
+            example.plain
+        ):  # TRL's plain prompt/completion: raw text, BOS before the prompt, EOS after the answer
+            bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+            return bos + "".join(
+                m["content"] + (eos if m["role"] == "assistant" else "") for m in messages[:count]
+            )
+        return tokenizer.apply_chat_template(
+            messages[:count], tools=tools, chat_template=template, tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )  # fmt: skip
+
+    return messages, render
+
+
+def render_segments(example: Example, tokenizer: Any, template: str) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, trained) pieces: assistant turns (from `train_from` on) are
+    trained, the rest not.
 
     Each assistant turn is found by rendering the conversation up to it with and without that turn; the
     template must render a conversation's prefix as a prefix of the whole, as chat templates do.
     """
-    if messages and messages[0]["role"] == "text":
-        return [((tokenizer.bos_token or "") + messages[0]["content"] + (tokenizer.eos_token or ""), True)]
-
-    def render(turns: list[dict[str, str]], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            turns, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-        )
-
+    if example.messages and example.messages[0]["role"] == "text":
+        text = example.messages[0]["content"]
+        return [((tokenizer.bos_token or "") + text + (tokenizer.eos_token or ""), True)]
+    messages, render = _renderer(example, tokenizer, template)
+    # The fallback layout may add a system turn in front: count trained turns from the end instead.
+    first_trained = len(messages) - (len(example.messages) - example.train_from)
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first_trained:
             continue
-        prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
+        prompt, full = render(i, True), render(i + 1, False)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise DataError(
                 "the chat template does not render a conversation's beginning as a prefix of the whole, so "
@@ -332,7 +543,7 @@ def tokenize_examples(
         ids: list[int] = []
         labels: list[int] = []
         try:
-            segments = render_segments(example.messages, tokenizer, template)
+            segments = render_segments(example, tokenizer, template)
         except DataError as err:
             raise DataError(f"{example.origin}: {err}") from None
         except Exception as err:  # the template's own error (jinja raise_exception, a missing variable)
@@ -357,7 +568,5 @@ def tokenize_examples(
 
 def prompt_text(example: Example, tokenizer: Any, template: str) -> str:
     """The rendered prompt of an example's last assistant turn, ready for generation."""
-    last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
-    return tokenizer.apply_chat_template(
-        example.messages[:last], chat_template=template, tokenize=False, add_generation_prompt=True
-    )
+    messages, render = _renderer(example, tokenizer, template)
+    return render(max(i for i, m in enumerate(messages) if m["role"] == "assistant"), True)

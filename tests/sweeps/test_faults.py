@@ -94,6 +94,10 @@ def test_nan_trial_fails_and_is_never_best(faulty_sweep: pd.DataFrame) -> None:
     assert ranked[:2] == ["completed", "completed"] and set(ranked[2:]) == {"oom", "failed"}
 
 
+def test_every_trial_of_the_users_points_is_marked_so(faulty_sweep: pd.DataFrame) -> None:
+    assert set(faulty_sweep["origin"]) == {"initial"}  # 4 points, 4 trials, the recipe off
+
+
 def test_driver_killed_repeatedly_then_resumed(tmp_path: Path, tiny_llama: Path) -> None:
     points = [{"r": 4, "lora_alpha": 8}, {"r": 8, "lora_alpha": 16}]
     config = write_config(tmp_path, tiny_llama, experiment="killed", num_samples=4, points=points)
@@ -120,6 +124,10 @@ def test_driver_killed_repeatedly_then_resumed(tmp_path: Path, tiny_llama: Path)
     table = pd.read_parquet(experiment / "results.parquet")
     assert len(table) == 4 and table["trial_id"].is_unique
     assert set(table["status"]) == {"completed"}
+    # Resumed three times, the table still knows which trials were the user's points.
+    initial = table[table["origin"] == "initial"]
+    assert sorted(zip(initial["r"], initial["lora_alpha"], strict=True)) == [(4, 8), (8, 16)]
+    assert (table["origin"] == "search").sum() == 2
     for trial_path in table["trial_path"]:
         steps = list(pd.read_csv(Path(trial_path) / "progress.csv")["step"])
         assert steps and all(b > a for a, b in itertools.pairwise(steps)), steps  # never ran backwards

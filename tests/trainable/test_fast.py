@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from bench.recipes import packed_batch as packed
 from bench.recipes import padded_batch as padded
 from trainable.fast import LoraLinearFunction, apply_fast_path, attend
-from trainable.model import find_embedded_gguf, quantized_cache_path
+from trainable.model import ModelError, find_embedded_gguf, quantized_cache_path
 from trainable.settings import ModelSettings
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -122,7 +122,7 @@ def test_gguf_override_names_the_file(tmp_path: Path, monkeypatch) -> None:  # t
     monkeypatch.setenv("QLORA_SWEEPS_GGUF", str(gguf))
     assert find_embedded_gguf() == gguf
     monkeypatch.setenv("QLORA_SWEEPS_GGUF", str(tmp_path / "missing.gguf"))
-    with pytest.raises(RuntimeError, match="QLORA_SWEEPS_GGUF"):
+    with pytest.raises(ModelError, match="QLORA_SWEEPS_GGUF"):
         find_embedded_gguf()
 
 

@@ -1,0 +1,91 @@
+"""What a trial tells the driver, and what the driver and the report make of it.
+
+The trial reports a `TrialReport` to Tune (`tune.report(report.to_tune())`); the driver reads Tune's
+results back with `TrialReport.from_tune`, decides each trial's status with `trial_status`, and the
+report ranks the trials whose status is in `RANKABLE_STATUSES`. Every key of the reports is a field
+name here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
+
+# The one metric that the sweep optimizes, the analysis ranks by and Tune's scheduler reads: the name of
+# TrialReport.eval_loss in Tune's results.
+METRIC = "eval_loss"
+MODE: Literal["min"] = "min"
+DIRECTION: Literal["minimize"] = "minimize"  # MODE in Optuna's words
+
+Status = Literal["completed", "stopped", "oom", "failed", "error"]
+STATUSES: tuple[Status, ...] = get_args(Status)
+# A trial that ran to the end or was stopped early by the scheduler has a usable adapter and may be
+# ranked; oom, failed and error trials come last, whatever eval loss they reported before failing.
+RANKABLE_STATUSES: tuple[Status, ...] = ("completed", "stopped")
+
+# Where a trial's hyperparameters came from: QLoRA's recipe (tried first when
+# search.start_with_qlora_recipe), one of the user's search.initial_points, or the searcher.
+Origin = Literal["recipe", "initial", "search"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialReport:
+    """One report of a trial to Tune: after each evaluation, and once more when the trial fails.
+
+    The defaults are what a report that does not know a value says (an out-of-memory trial knows little).
+    """
+
+    eval_loss: float = math.nan  # METRIC: loss on the eval split at `step`
+    train_loss: float = math.nan  # mean training loss over the steps since the previous report
+    grad_norm: float = math.nan  # at the last logged step
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # input tokens seen since the start (a resumed trial included)
+    tokens_per_s: float = math.nan  # training throughput of this process (resumed: since the resume)
+    peak_memory_gib: float = math.nan  # GPU memory allocated at most (CPU: the process's peak RSS)
+    # The GPU Tune gave this trial (Ray sets CUDA_VISIBLE_DEVICES to it) and how many the trial sees.
+    cuda_visible_devices: str = ""
+    visible_gpus: int = 0
+    base_eval_loss: float = math.nan  # the base model's loss on the same eval data: the bar to clear
+    retries: int = 0  # how often this trial was restarted from a checkpoint
+    restored_from_step: int = 0  # the step of the checkpoint the last restart began at
+    oom: bool = False  # CUDA ran out of memory: final, the same config would run out again
+    diverged: bool = False  # a NaN or infinite loss was seen: final
+    # Where the trial ran, to check Tune's placement: the Ray node and the GPUs it was given.
+    node_id: str = ""
+    gpu_ids: str = ""
+    started_at: float = math.nan  # UNIX time this process started the trial
+
+    def to_tune(self) -> dict[str, float | int | str]:
+        """The report as Tune's metrics dict; flags as 0/1 so that progress.csv holds numbers."""
+        return {
+            name: int(value) if isinstance(value, bool) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_tune(cls, result: Mapping[str, Any]) -> TrialReport:
+        """A report from Tune's result dict (or a row of progress.csv). Tune's own keys are ignored; a key
+        that is missing or empty (an older trial, a row from a CSV) takes the field's default."""
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            value = result.get(field.name)
+            if value is None or (isinstance(value, float) and math.isnan(value) and field.type != "float"):
+                continue
+            kind = {"float": float, "int": int, "bool": bool, "str": str}[str(field.type)]
+            values[field.name] = kind(value)
+        return cls(**values)
+
+
+def trial_status(last: TrialReport, *, errored: bool, best_eval_loss: float, max_steps: int) -> Status:
+    """The one rule for a trial's status, from its last report, whether Tune gave up on it (it crashed
+    and ran out of retries), the best eval loss it reported and the steps a full trial trains. A trial
+    that never reported has the default report: no finite eval loss."""
+    if errored:
+        return "error"
+    if last.oom:
+        return "oom"
+    if last.diverged or not math.isfinite(best_eval_loss):
+        return "failed"  # NaN/inf loss, or never a finite eval loss
+    return "completed" if last.step >= max_steps else "stopped"  # stopped early, by the scheduler
