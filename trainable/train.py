@@ -221,19 +221,6 @@ def build_trainer(
     )
 
 
-def report_finished(reporter: TuneReporter, checkpoint_dir: str) -> None:
-    """Report a trial restored from its final checkpoint as that checkpoint's trainer state records it."""
-    from ray import tune
-    from transformers import TrainerState
-
-    state = TrainerState.load_from_json(str(Path(checkpoint_dir) / "trainer_state.json"))
-    evals = [e for e in state.log_history if TRAINER_EVAL_LOSS in e]
-    reporter.last_eval = dict(evals[-1]) if evals else {}
-    reporter.train_losses = [float(e["loss"]) for e in state.log_history if "loss" in e][-1:]
-    report = reporter.report(state)
-    tune.report(report.to_tune(), checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
-
-
 def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
     """Tune's trainable: train one adapter with `hparams` (a subset of LoraSettings' fields).
 
@@ -263,9 +250,8 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
             reporter.base_eval_loss = previous.base_eval_loss
             reporter.restored_from_step = step
             if step >= settings.train.max_steps:
-                # It had finished, but the driver was killed before Tune's saved state knew: report its last
-                # evaluation again rather than resume (the trainer would take a step past max_steps).
-                report_finished(reporter, resume_from)
+                # It had finished, and Tune holds its last report and checkpoint, but the driver was killed
+                # before it saved the trial as ended. Resuming, the trainer would take a step past max_steps.
                 return
         tokenizer = load_tokenizer(settings.model_path, settings.model)
         model = load_base_model(settings.model_path, settings.model, device=device)
