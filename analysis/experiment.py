@@ -1,4 +1,13 @@
-"""An experiment folder as the analysis reads it: sweep.json, results.parquet, the trial folders, optuna.db.
+"""The experiment folder: its file names, how they are written (atomically, locally or to a storage URI)
+and how they are read back. The driver writes through this module; the analysis reads through it.
+
+    experiments/<name>/
+        sweep.json          the config and what the driver resolved from it (written before the trials)
+        optuna.db           the Optuna study
+        results.parquet     one row per trial (written when the sweep ends)
+        <trial folders>     Tune's: progress.csv, result.json, checkpoints with the adapters
+        leaderboard.parquet, leaderboard.csv, generations.parquet, judgments.parquet, report.html
+                            the report's outputs
 
 The folder may have been copied from another machine (or down from cloud storage): every path recorded in
 it is checked, and one that does not exist is looked up again inside the folder. An experiment in remote
@@ -20,14 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
-from pydantic import TypeAdapter, ValidationError
 
 from trainable.outcome import METRIC, TrialReport
-from trainable.settings import DataSettings, ModelSettings, ReportSettings
+from trainable.settings import DataSettings, ModelSettings
 
-RESULTS = "results.parquet"
 SUMMARY = "sweep.json"
+RESULTS = "results.parquet"
+STUDY = "optuna.db"
+LEADERBOARD = "leaderboard.parquet"
+LEADERBOARD_CSV = "leaderboard.csv"
+GENERATIONS = "generations.parquet"
+JUDGMENTS = "judgments.parquet"
+REPORT_PAGE = "report.html"
+REPORT_OUTPUTS = (LEADERBOARD, LEADERBOARD_CSV, GENERATIONS, JUDGMENTS, REPORT_PAGE)
 
 
 class ExperimentError(ValueError):
@@ -158,67 +172,95 @@ def load_histories(experiment: Experiment) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[["trial_id", "step", "eval_loss", "train_loss"]]
 
 
-def load_report_settings(experiment: Experiment, overrides: Sequence[str] = ()) -> ReportSettings:
-    """The sweep's `report` section with dotted overrides (`top_k=3`, `generation.max_new_tokens=32`; a
-    leading `report.` is allowed). Every problem is named by its key, all at once."""
-    data = json.loads(json.dumps(experiment.config.get("report", {})))  # a deep copy
-    problems = []
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        parts = key.strip().removeprefix("report.").split(".")
-        if not sep or not parts[0]:
-            problems.append(f"override {override!r}: expected key=value, e.g. generation.max_new_tokens=32")
-            continue
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                problems.append(f"override {override!r}: report.{part} is a value, not a section")
-                break
-        else:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    if not problems:
-        try:
-            return TypeAdapter(ReportSettings).validate_python(data)
-        except ValidationError as err:
-            for e in err.errors():
-                got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-                problems.append(f"report.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}{got}")
-    raise ExperimentError("report settings: " + "; ".join(problems))
-
-
 def load_generations(experiment: Experiment) -> pd.DataFrame:
     """generations.parquet: one row per prompt x candidate, with answers, scores and generation settings."""
-    path = experiment.path / "generations.parquet"
+    path = experiment.path / GENERATIONS
     if not path.is_file():
         raise ExperimentError(
-            f"{experiment.path}: no generations.parquet; run python -m analysis.report {experiment.path}"
+            f"{experiment.path}: no {GENERATIONS}; run python -m analysis.report {experiment.path}"
         )
     return pd.read_parquet(path)
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write under a temporary name in the same folder, then rename: a reader never sees half a file."""
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.write_bytes(data)
-    os.replace(staging, path)
-    return path
-
-
-def write_table(table: pd.DataFrame, path: Path) -> Path:
-    """A table as Parquet (or CSV, by the suffix), written atomically."""
-    if path.suffix == ".csv":
-        return write_atomic(path, table.to_csv(index=False).encode())
-    import io
-
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    return write_atomic(path, buffer.getvalue())
 
 
 def is_remote(location: str | Path) -> bool:
     """A storage URI (s3://, gs://, ...) rather than a local path."""
     return "://" in str(location)
+
+
+def join(folder: str | Path, name: str) -> str:
+    """`name` inside `folder`, a local path or a storage URI."""
+    return f"{str(folder).rstrip('/')}/{name}"
+
+
+def write_file(folder: str | Path, name: str, data: bytes) -> str:
+    """Write `name` (it may hold subfolders) into `folder`, a local path or a URI pyarrow understands,
+    under a hidden temporary name first and then renamed: no reader ever sees half a file. Returns where."""
+    if not is_remote(folder):
+        target = Path(folder) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging.write_bytes(data)
+        os.replace(staging, target)
+        return str(target)
+    from pyarrow import fs
+
+    filesystem, final = fs.FileSystem.from_uri(join(folder, name))
+    parent, _, base = final.rpartition("/")
+    filesystem.create_dir(parent, recursive=True)
+    remote_staging = f"{parent}/.{base}.tmp-{uuid.uuid4().hex[:8]}"
+    with filesystem.open_output_stream(remote_staging) as out:
+        out.write(data)
+    filesystem.move(remote_staging, final)
+    return join(folder, name)
+
+
+def read_file(folder: str | Path, name: str) -> bytes:
+    """The bytes of `name` in `folder` (local or a storage URI); FileNotFoundError when it is not there."""
+    if not is_remote(folder):
+        return (Path(folder) / name).read_bytes()
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(join(folder, name))
+    try:
+        with filesystem.open_input_stream(path) as f:
+            return bytes(f.read())
+    except OSError as err:  # pyarrow raises OSError (or its FileNotFoundError subclass) for a missing file
+        raise FileNotFoundError(join(folder, name)) from err
+
+
+def write_summary(folder: str | Path, summary: dict[str, Any]) -> str:
+    """sweep.json: the config and what the driver resolved from it."""
+    return write_file(folder, SUMMARY, json.dumps(summary, indent=2, default=str).encode())
+
+
+def read_summary(folder: str | Path) -> dict[str, Any]:
+    """sweep.json as written by write_summary; FileNotFoundError when the folder has none."""
+    summary: dict[str, Any] = json.loads(read_file(folder, SUMMARY))
+    return summary
+
+
+def experiment_names(storage: str | Path, *, prefix: str) -> list[str]:
+    """The experiment folders under `storage` (local or a storage URI) whose names start with `prefix`,
+    sorted (names end in a UTC timestamp, so the newest is last)."""
+    from pyarrow import fs
+
+    location = str(storage) if is_remote(storage) else str(Path(storage).resolve())
+    filesystem, root = fs.FileSystem.from_uri(location)
+    infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    return sorted(
+        i.base_name for i in infos if i.type == fs.FileType.Directory and i.base_name.startswith(prefix)
+    )
+
+
+def write_table(table: pd.DataFrame, folder: str | Path, name: str) -> str:
+    """A table as Parquet (or CSV, by the name's suffix), written atomically into `folder`."""
+    if name.endswith(".csv"):
+        return write_file(folder, name, table.to_csv(index=False).encode())
+    import io
+
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    return write_file(folder, name, buffer.getvalue())
 
 
 # What the analysis reads of a remote experiment: its tables, each trial's progress and the adapters of the
@@ -254,28 +296,16 @@ def fetch_experiment(uri: str) -> Path:
         target = local / relative
         if target.is_file() and target.stat().st_size == info.size:
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
         with filesystem.open_input_stream(info.path) as source:
-            write_atomic(target, source.read())
+            write_file(local, relative, source.read())
     return local
 
 
 def publish_folder(local: Path, uri: str, *, names: Sequence[str] | None = None) -> str:
-    """Put the files of `local` (only `names`, when given) into the folder at `uri`, each under a hidden
-    temporary name first and then renamed; returns `uri`."""
-    from pyarrow import fs
-
-    filesystem, root = fs.FileSystem.from_uri(uri)
-    root = root.rstrip("/")
+    """Put the files of `local` (only `names`, when given) into the folder at `uri`, each written
+    atomically (write_file); returns `uri`."""
     files = [local / n for n in names] if names is not None else sorted(local.rglob("*"))
     for path in files:
-        if not path.is_file():
-            continue
-        final = f"{root}/{path.relative_to(local).as_posix()}"
-        parent, _, base = final.rpartition("/")
-        filesystem.create_dir(parent, recursive=True)
-        staging = f"{parent}/.{base}.tmp-{uuid.uuid4().hex[:8]}"
-        with filesystem.open_output_stream(staging) as out:
-            out.write(path.read_bytes())
-        filesystem.move(staging, final)
+        if path.is_file():
+            write_file(uri, path.relative_to(local).as_posix(), path.read_bytes())
     return uri

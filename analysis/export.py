@@ -24,6 +24,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from analysis.experiment import (
+    LEADERBOARD,
     Experiment,
     ExperimentError,
     is_remote,
@@ -48,7 +49,7 @@ def choose_trial(experiment: Experiment, trial: str | None = None) -> tuple[dict
             known = ", ".join(results["trial_id"].astype(str))
             raise ExperimentError(f"--trial {trial!r} matches {len(matches)} trials; the trials are: {known}")
         return matches.iloc[0].to_dict(), "chosen with --trial"
-    board_path = experiment.path / "leaderboard.parquet"
+    board_path = experiment.path / LEADERBOARD
     if board_path.is_file():
         board = pd.read_parquet(board_path)
         ranked = board[board["rank"].notna()].sort_values("rank")
@@ -70,7 +71,7 @@ def choose_trial(experiment: Experiment, trial: str | None = None) -> tuple[dict
 
 
 def _scores(experiment: Experiment, trial_id: str) -> dict[str, float]:
-    board_path = experiment.path / "leaderboard.parquet"
+    board_path = experiment.path / LEADERBOARD
     if not board_path.is_file():
         return {}
     board = pd.read_parquet(board_path).set_index("candidate")

@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.settings import GenerationSettings
 from trainable.data import Example, prompt_text
-from trainable.settings import GenerationSettings
 
 BASE = "base"  # the candidate name of the base model without adapter
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis.experiment import Experiment
+from analysis.experiment import RESULTS, STUDY, Experiment
 from analysis.rank import usable_trials
 from trainable.outcome import DIRECTION
 from trainable.search_space import to_optuna_distributions
@@ -36,17 +36,17 @@ def load_study(experiment: Experiment) -> tuple[Any, str]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    db = experiment.path / "optuna.db"
+    db = experiment.path / STUDY
     if db.is_file():
-        copy = Path(tempfile.mkdtemp(prefix="study-")) / "optuna.db"
+        copy = Path(tempfile.mkdtemp(prefix="study-")) / STUDY
         shutil.copyfile(db, copy)
         storage = f"sqlite:///{copy}"
         names = optuna.get_all_study_names(storage)
         # The driver names the study after the experiment folder; a renamed copy keeps the old name.
         name = experiment.name if experiment.name in names else (names[0] if len(names) == 1 else None)
         if name is not None:
-            return optuna.load_study(study_name=name, storage=storage), "optuna.db"
-    return rebuild_study(experiment), "results.parquet"
+            return optuna.load_study(study_name=name, storage=storage), STUDY
+    return rebuild_study(experiment), RESULTS
 
 
 def rebuild_study(experiment: Experiment) -> Any:

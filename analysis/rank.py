@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from analysis.experiment import Experiment
+from analysis.experiment import LEADERBOARD, Experiment
 from analysis.generate import BASE
 from trainable.outcome import RANKABLE_STATUSES
 from trainable.settings import HYPERPARAMETERS
@@ -139,7 +139,7 @@ def _failure_note(row: object) -> str:
 
 def load_leaderboard(experiment: Experiment) -> pd.DataFrame:
     """leaderboard.parquet when the report has run; else the trials ranked by eval loss alone (no answers)."""
-    path = experiment.path / "leaderboard.parquet"
+    path = experiment.path / LEADERBOARD
     if path.is_file():
         return pd.read_parquet(path)
     tolerance = float(experiment.config.get("report", {}).get("loss_tolerance", 0.0))

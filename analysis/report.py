@@ -5,7 +5,7 @@
     python -m analysis.report EXPERIMENT generation.max_new_tokens=32 loss_tolerance=0.05 judge=HUB_ID_OR_URL
     python -m analysis.report s3://bucket/experiments/NAME  # read through the local cache, outputs put back
 
-Overrides are dotted keys of the sweep's `report` section (see trainable.settings.ReportSettings).
+Overrides are dotted keys of the sweep's `report` section (see analysis.settings.ReportSettings).
 Writes into the experiment folder: leaderboard.parquet and .csv, generations.parquet, report.html, and
 judgments.parquet when a judge is set. The sweep driver runs this at the end of a sweep (report.enabled).
 """
@@ -25,27 +25,25 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.experiment import (
+    GENERATIONS,
+    JUDGMENTS,
+    LEADERBOARD,
+    LEADERBOARD_CSV,
+    REPORT_OUTPUTS,
+    REPORT_PAGE,
     Experiment,
     ExperimentError,
+    join,
     load_experiment,
     load_histories,
-    load_report_settings,
     publish_folder,
     resolve_base_model,
-    write_atomic,
+    write_file,
     write_table,
 )
 from analysis.generate import BASE, Candidate, Prompt, build_prompts, generate_for_candidates, render_prompts
 from analysis.rank import choose_candidates
-from trainable.settings import ReportSettings
-
-OUTPUTS = (
-    "leaderboard.parquet",
-    "leaderboard.csv",
-    "generations.parquet",
-    "judgments.parquet",
-    "report.html",
-)
+from analysis.settings import ReportSettings, load_report_settings
 
 
 @dataclass(frozen=True)
@@ -146,17 +144,17 @@ def run_report(
     board = rank_trials(experiment.results, quality, loss_tolerance=settings.loss_tolerance,
                         rank_by=settings.rank_by, base_eval_loss=experiment.base_eval_loss)  # fmt: skip
     folder = experiment.path
-    write_table(board, folder / "leaderboard.parquet")
-    write_table(board, folder / "leaderboard.csv")
-    write_table(scored, folder / "generations.parquet")
+    write_table(board, folder, LEADERBOARD)
+    write_table(board, folder, LEADERBOARD_CSV)
+    write_table(scored, folder, GENERATIONS)
     if judgments is not None:
-        write_table(judgments, folder / "judgments.parquet")
+        write_table(judgments, folder, JUDGMENTS)
     seconds = time.perf_counter() - start
     page = build_report_page(experiment, board, scored, timing, settings, judgments,
                              prompt_note=prompt_note, device=device, seconds=seconds)  # fmt: skip
-    write_atomic(folder / "report.html", page.encode("utf-8"))
+    write_file(folder, REPORT_PAGE, page.encode("utf-8"))
     if experiment.uri is not None:
-        publish_folder(folder, experiment.uri, names=OUTPUTS)
+        publish_folder(folder, experiment.uri, names=REPORT_OUTPUTS)
     return ReportOutputs(
         folder, board, scored, judgments, timing, time.perf_counter() - start, uri=experiment.uri
     )
@@ -266,7 +264,7 @@ def format_summary(outputs: ReportOutputs) -> str:
         lines.append(
             f"{row.candidate}: {row.new_tokens} new tokens in {row.seconds:.1f} s ({row.tokens_per_s:.1f} tokens/s)"
         )
-    page = f"{outputs.uri}/report.html" if outputs.uri else outputs.folder / "report.html"
+    page = join(outputs.uri, REPORT_PAGE) if outputs.uri else outputs.folder / REPORT_PAGE
     lines.append(f"\nreport: {page} ({outputs.seconds:.0f} s)")
     return "\n".join(lines)
 

@@ -150,13 +150,13 @@ def build_project_model(
     options, for measuring each piece's share)."""
     from trainable.fast import apply_fast_path
     from trainable.model import build_lora_model, load_base_model
-    from trainable.settings import LoraSettings, ModelSettings
+    from trainable.settings import Hyperparameters, ModelSettings
 
     settings = ModelSettings(name_or_path=str(path), gradient_checkpointing=gradient_checkpointing,
                              cache_quantized=False)  # fmt: skip
-    lora = LoraSettings(r=r, lora_alpha=2 * r, target_modules=",".join(targets), lora_dropout=dropout)
+    hparams = Hyperparameters(r=r, lora_alpha=2 * r, target_modules=",".join(targets), lora_dropout=dropout)
     base = load_base_model(str(path), settings, device="cuda")
-    model = build_lora_model(base, lora, gradient_checkpointing=gradient_checkpointing)
+    model = build_lora_model(base, hparams, gradient_checkpointing=gradient_checkpointing)
     report = apply_fast_path(model, kernels=kernels, fuse_lora=fuse_lora,
                              activation_memory_gib=activation_memory_gib, tokens_per_batch=tokens_per_batch)  # fmt: skip
     return model, report

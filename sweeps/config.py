@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import re
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,31 +18,22 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from analysis.settings import ReportSettings
 from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, check_value, contains
 from trainable.outcome import Origin
 from trainable.settings import (
     STRICT,
     DataSettings,
-    LoraSettings,
+    Hyperparameters,
     ModelSettings,
-    ReportSettings,
     TrainSettings,
+    apply_override,
+    format_problems,
+    parse_yaml,
+    validation_problems,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 reads 1e-4 as a string (it wants 1.0e-4); learning rates are written that way."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+.0123456789")
-)
-
-
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)
 
 
 class ConfigError(ValueError):
@@ -56,7 +46,8 @@ class SearchSettings:
     space: dict[str, dict[str, list[Any]]] = field(default_factory=lambda: dict(DEFAULT_SPACE))
     # Evaluate QLoRA's recipe (sweeps.space.QLORA_RECIPE, restricted to the searched keys) first.
     start_with_qlora_recipe: bool = True
-    initial_points: list[dict[str, Any]] = field(default_factory=list)  # more hand-picked first trials
+    # More hand-picked first trials, after the recipe; each must fit in num_samples.
+    initial_points: list[dict[str, Any]] = field(default_factory=list)
     seed: int = 0  # Optuna's TPE sampler
     # ASHA stops trials whose eval loss trails at a rung; "auto" turns it on for sweeps of 2+ trials.
     scheduler: Literal["auto", "asha", "none"] = "auto"
@@ -81,23 +72,28 @@ class SweepConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: Hyperparameters = field(default_factory=Hyperparameters)  # values of those not searched
     search: SearchSettings = field(default_factory=SearchSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
 
     @property
-    def initial_points(self) -> list[dict[str, Any]]:
-        return [point for _, point in self.labeled_initial_points]
+    def recipe_point(self) -> dict[str, Any] | None:
+        """QLoRA's recipe restricted to the searched keys, when search.start_with_qlora_recipe is on."""
+        recipe = {k: v for k, v in QLORA_RECIPE.items() if k in self.search.space}
+        return recipe if self.search.start_with_qlora_recipe and recipe else None
 
     @property
-    def labeled_initial_points(self) -> list[tuple[Origin, dict[str, Any]]]:
-        """The points the searcher tries first, in order, each with where it came from."""
-        recipe = {k: v for k, v in QLORA_RECIPE.items() if k in self.search.space}
-        first: list[tuple[Origin, dict[str, Any]]] = (
-            [("recipe", recipe)] if self.search.start_with_qlora_recipe and recipe else []
-        )
-        user: list[tuple[Origin, dict[str, Any]]] = [("initial", p) for p in self.search.initial_points]
-        return (first + user)[: self.search.num_samples]
+    def points_to_evaluate(self) -> list[dict[str, Any]]:
+        """The trials the searcher runs before TPE samples: the recipe (if on), then search.initial_points.
+        Validation makes sure they all fit in search.num_samples."""
+        return [point for _, point in self.labeled_points_to_evaluate]
+
+    @property
+    def labeled_points_to_evaluate(self) -> list[tuple[Origin, dict[str, Any]]]:
+        """points_to_evaluate, each with where it came from."""
+        recipe = self.recipe_point
+        first: list[tuple[Origin, dict[str, Any]]] = [("recipe", recipe)] if recipe else []
+        return first + [("initial", p) for p in self.search.initial_points]
 
     def experiment_name(self, now: datetime.datetime | None = None) -> str:
         stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%d-%H%M%S")
@@ -124,21 +120,6 @@ def find_config(name_or_path: str) -> Path:
     return named
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Set `a.b.c=value` in nested dicts; the value is parsed as YAML ("50" -> 50, "[8, 16]" -> list)."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.max_steps=50")
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = parse_yaml(raw) if raw.strip() else ""
-
-
 def load_config(name_or_path: str = "local", overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     path = find_config(name_or_path)
     try:
@@ -152,7 +133,10 @@ def load_config(name_or_path: str = "local", overrides: list[str] | tuple[str, .
         # Spelled out so that an override of one parameter (search.space.r.choice=[8]) keeps the others.
         search["space"] = copy.deepcopy(DEFAULT_SPACE)
     for override in overrides:
-        apply_override(data, override)
+        try:
+            apply_override(data, override)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return validate_config(data, origin=str(path))
 
 
@@ -160,12 +144,7 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
     try:
         config = TypeAdapter(SweepConfig).validate_python(data)
     except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-            problems.append(f"{loc}: {e['msg']}{got}")
-        raise ConfigError(_format(origin, problems)) from None
+        raise ConfigError(format_problems(origin, validation_problems(err))) from None
     problems = check_space(config.search.space)
     bad_params = {p.split(":")[0].split(".")[2] for p in problems}
     train = config.train
@@ -174,9 +153,13 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
             f"train.eval_every: {train.eval_every} is more than train.max_steps={train.max_steps}; "
             "a trial would report once, at the end, and the scheduler could not compare trials"
         )
-    for i, point in enumerate(config.initial_points):
+    recipe = config.recipe_point
+    # Each point is named as the user wrote it: the recipe by its switch, the others by their own index.
+    labelled = [("search.start_with_qlora_recipe (QLoRA's {})", recipe)] if recipe else []
+    labelled += [(f"search.initial_points[{i}].{{}}", p) for i, p in enumerate(config.search.initial_points)]
+    for label, point in labelled:
         for name, value in point.items():
-            key = f"search.initial_points[{i}].{name}"
+            key = label.format(name)
             if name not in config.search.space:
                 problems.append(f"{key}: not in search.space ({', '.join(config.search.space)})")
             elif name in bad_params:
@@ -185,6 +168,13 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
                 problems.append(f"{key}: {value!r} lies outside search.space.{name}")
             else:
                 problems += [f"{key}: {p}" for p in check_value(name, value)]
+    if len(labelled) > config.search.num_samples:
+        points = f"{'QLoRA recipe and ' if recipe else ''}{len(config.search.initial_points)} point(s)"
+        problems.append(
+            f"search.initial_points: {points} need search.num_samples >= {len(labelled)}, got "
+            f"{config.search.num_samples}; the last would never run. Raise search.num_samples or drop points"
+            + (" (or set search.start_with_qlora_recipe=false)" if recipe else "")
+        )
     if config.search.scheduler == "asha" and config.search.num_samples < 2:
         problems.append("search.scheduler: asha needs search.num_samples >= 2; use 'auto' or 'none'")
     if "://" in config.storage_path and "?" in config.storage_path:
@@ -194,9 +184,5 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
             "set an S3-compatible store's endpoint with AWS_ENDPOINT_URL (docs/cluster.md)"
         )
     if problems:
-        raise ConfigError(_format(origin, problems))
+        raise ConfigError(format_problems(origin, problems))
     return config
-
-
-def _format(origin: str, problems: list[str]) -> str:
-    return f"{origin}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)

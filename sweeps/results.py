@@ -1,9 +1,9 @@
-"""The sweep's results table: one row per trial, written as results.parquet into the experiment folder."""
+"""The sweep's results table: one row per trial, written as results.parquet into the experiment folder
+(through analysis.experiment)."""
 
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,7 +46,7 @@ def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
 
     storage = config.storage_uri()
     results = list(grid)  # in the order Tune created the trials, also after a resume
-    origins = trial_origins([r.config for r in results], config.labeled_initial_points)
+    origins = trial_origins([r.config for r in results], config.labeled_points_to_evaluate)
     rows = []
     for result, origin in zip(results, origins, strict=True):
         history = result.metrics_dataframe
@@ -99,42 +99,8 @@ def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
     return table
 
 
-def write_bytes(experiment_uri: str, name: str, data: bytes) -> str:
-    """Write a file into the experiment folder (local or a pyarrow filesystem URI), under a temporary
-    name first so that no reader ever sees half a file."""
-    from pyarrow import fs
-
-    filesystem, root = fs.FileSystem.from_uri(experiment_uri)
-    filesystem.create_dir(root, recursive=True)
-    final = f"{root.rstrip('/')}/{name}"
-    staging = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    with filesystem.open_output_stream(staging) as out:
-        out.write(data)
-    filesystem.move(staging, final)
-    return final if "://" not in experiment_uri else f"{experiment_uri.rstrip('/')}/{name}"
-
-
-def read_bytes(experiment_uri: str, name: str) -> bytes:
-    """A file of the experiment folder (local or a URI); FileNotFoundError when it is not there."""
-    from pyarrow import fs
-
-    filesystem, root = fs.FileSystem.from_uri(experiment_uri)
-    path = f"{root.rstrip('/')}/{name}"
-    if filesystem.get_file_info(path).type != fs.FileType.File:
-        raise FileNotFoundError(f"{experiment_uri.rstrip('/')}/{name}")
-    with filesystem.open_input_stream(path) as f:
-        return bytes(f.read())
-
-
-def write_table(table: pd.DataFrame, experiment_uri: str, name: str) -> str:
-    import io
-
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    return write_bytes(experiment_uri, name, buffer.getvalue())
-
-
-def format_summary(table: pd.DataFrame, path: str, *, top: int = 10) -> str:
+def format_results(table: pd.DataFrame, path: str, *, top: int = 10) -> str:  # 10 rows fit one screen
+    """The results table as the driver prints it at the end: the best `top` trials and where they are."""
     if table.empty:
         return f"no trials ran; {path}"
     columns = [

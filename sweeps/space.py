@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from trainable.search_space import KINDS
-from trainable.settings import HYPERPARAMETERS, LoraSettings
+from trainable.settings import HYPERPARAMETERS, Hyperparameters
 
 DEFAULT_SPACE: dict[str, dict[str, list[Any]]] = {
     # QLoRA (Dettmers et al. 2023, sec. 4) saw little difference across r once every linear layer is
@@ -73,9 +73,9 @@ def check_space(space: dict[str, Any]) -> list[str]:
 
 
 def check_value(name: str, value: Any) -> list[str]:
-    """Why `value` is not valid for hyperparameter `name` (LoraSettings' rules), or nothing."""
+    """Why `value` is not valid for hyperparameter `name` (Hyperparameters' rules), or nothing."""
     try:
-        dataclasses.replace(LoraSettings(), **{name: value})
+        dataclasses.replace(Hyperparameters(), **{name: value})
     except ValidationError as err:
         return [f"value {value!r}: {e['msg']}" for e in err.errors()]
     except TypeError as err:  # pydantic dataclasses raise this for some non-coercible values

@@ -5,15 +5,13 @@ resumed sweep's searcher agrees with Tune about which trials exist. This callbac
 trial into the RDB study once (keyed by Tune's trial id), so the stored study holds exactly the trials
 that ran, even when the driver was killed and resumed several times.
 
-SQLite needs a local disk: with remote storage the study lives in the driver's cache (local_study) and a
+SQLite needs a local disk: with remote storage the study lives in the driver's cache (sweeps.plan.study_file) and a
 copy is put into the experiment each time a trial is recorded, so that a driver resumed on another machine
 (or after the cache was lost) starts from the study as it was.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +21,6 @@ from trainable.outcome import DIRECTION, Status, TrialReport, trial_status
 from trainable.search_space import to_optuna_distributions
 
 TRIAL_KEY = "tune_trial_id"
-STUDY = "optuna.db"
-
-
-def local_study(experiment_uri: str, *, resume: bool) -> Path:
-    """The SQLite file of a remote experiment's study, in the cache: a new sweep starts without one (an
-    earlier experiment of the same name may have left one); a resumed sweep keeps the one it finds, else
-    takes the copy kept in the experiment."""
-    from sweeps.results import read_bytes
-    from trainable.model import cache_dir
-
-    name = experiment_uri.rstrip("/").rsplit("/", 1)[-1]
-    digest = hashlib.sha256(experiment_uri.encode()).hexdigest()[:8]  # two storages, one experiment name
-    path = cache_dir() / "studies" / f"{name}-{digest}" / STUDY
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        path.unlink(missing_ok=True)
-    elif not path.exists():
-        # Killed before its first trial ended, the experiment holds no study yet: it starts empty.
-        with contextlib.suppress(FileNotFoundError):
-            path.write_bytes(read_bytes(experiment_uri, STUDY))
-    return path
 
 
 class StudyMirror(Callback):
@@ -99,9 +76,9 @@ class StudyMirror(Callback):
             )
         )
         if self.keep_with is not None:
-            from sweeps.results import write_bytes
+            from analysis.experiment import STUDY, write_file
 
-            write_bytes(self.keep_with, STUDY, Path(self.storage.removeprefix("sqlite:///")).read_bytes())
+            write_file(self.keep_with, STUDY, Path(self.storage.removeprefix("sqlite:///")).read_bytes())
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.record(trial, errored=False)

@@ -1,11 +1,16 @@
 """Fault injection for testing the sweep's fault handling with real faults, through the real code path.
 
-    QLORA_SWEEPS_FAULTS="kill@4:r=8; oom@2:lora_alpha=16; nan@3"
+    QLORA_SWEEPS_FAULTS="kill@4:r=8; oom@2:lora_alpha=16; nan@3" python -m sweeps.run ...
+
+The driver reads the specification once from its own environment (parse_faults; a bad one stops it before
+Ray starts) and hands the faults to every trial in its TrialSettings, so trials on any node get them. A
+trial adds the InjectFaults callback only when faults match its hyperparameters; with none (always,
+outside tests) nothing of this module runs in a trial.
 
 Each entry is `action@step[:key=value,...]`: at that optimizer step, a trial whose hyperparameters match
 every key=value (all trials when none are given) gets the fault. `kill` ends the trial's process with
 SIGKILL on its first attempt only (as a lost node would), `oom` raises torch.cuda.OutOfMemoryError, `nan`
-writes NaN into the LoRA weights so the loss turns NaN. Unset (always, outside tests), it does nothing.
+writes NaN into the LoRA weights so the loss turns NaN.
 """
 
 from __future__ import annotations
@@ -19,34 +24,39 @@ import torch
 from transformers import TrainerCallback
 
 ENV = "QLORA_SWEEPS_FAULTS"
+Action = Literal["kill", "oom", "nan"]
+ACTIONS: tuple[Action, ...] = ("kill", "oom", "nan")
 
 
 @dataclass(frozen=True)
 class Fault:
-    action: Literal["kill", "oom", "nan"]
+    action: Action
     step: int
-    match: dict[str, str]
+    match: tuple[tuple[str, str], ...] = ()  # (hyperparameter, value as text) pairs a trial must all have
+
+    def applies_to(self, hparams: dict[str, Any]) -> bool:
+        return all(str(hparams.get(key)) == value for key, value in self.match)
 
 
-def parse_faults(text: str) -> list[Fault]:
+def parse_faults(text: str) -> tuple[Fault, ...]:
+    """The faults of a specification such as "kill@4:r=8; nan@3"; ValueError naming a bad entry."""
     faults = []
     for entry in filter(None, (e.strip() for e in text.split(";"))):
         head, _, conditions = entry.partition(":")
-        action, _, step = head.partition("@")
-        if action not in ("kill", "oom", "nan") or not step.isdigit():
-            raise ValueError(f"{ENV}: bad entry {entry!r}; expected action@step[:key=value,...]")
-        match = dict(c.split("=", 1) for c in conditions.split(",") if "=" in c)
+        action, _, step = head.strip().partition("@")
+        pairs = [c.split("=", 1) for c in conditions.split(",") if c.strip()]
+        if action not in ACTIONS or not step.strip().isdigit() or any(len(p) != 2 for p in pairs):
+            raise ValueError(
+                f"{ENV}: bad entry {entry!r}; expected action@step[:key=value,...] with action one of "
+                f"{', '.join(ACTIONS)}"
+            )
+        match = tuple((key.strip(), value.strip()) for key, value in pairs)
         faults.append(Fault(action, int(step), match))  # type: ignore[arg-type]
-    return faults
-
-
-def faults_for(hparams: dict[str, Any]) -> list[Fault]:
-    faults = parse_faults(os.environ.get(ENV, ""))
-    return [f for f in faults if all(str(hparams.get(k)) == v for k, v in f.match.items())]
+    return tuple(faults)
 
 
 class InjectFaults(TrainerCallback):
-    def __init__(self, faults: list[Fault], *, retries: int) -> None:
+    def __init__(self, faults: tuple[Fault, ...], *, retries: int) -> None:
         self.faults = faults
         self.retries = retries
 

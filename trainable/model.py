@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from trainable.hardware import resolve_compute_dtype
-from trainable.settings import DEFAULT_MODEL, LoraSettings, ModelSettings
+from trainable.settings import DEFAULT_MODEL, Hyperparameters, ModelSettings
 
 # Llama projection names; presets resolve against the model's real module names.
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
@@ -307,12 +307,12 @@ def resolve_target_modules(spec: str, available: set[str]) -> list[str]:
 
 
 def build_lora_model(
-    model: PreTrainedModel, lora: LoraSettings, *, gradient_checkpointing: bool
+    model: PreTrainedModel, hparams: Hyperparameters, *, gradient_checkpointing: bool
 ) -> Any:  # peft.PeftModel
     """Attach LoRA adapters (the trial's r, alpha, targets, dropout, bias) to a frozen, maybe 4-bit, base."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    targets = resolve_target_modules(lora.target_modules, linear_module_names(model))
+    targets = resolve_target_modules(hparams.target_modules, linear_module_names(model))
     if getattr(model, "is_loaded_in_4bit", False):
         # Casts norms to fp32 and makes inputs require grads so checkpointed blocks still backpropagate.
         model = prepare_model_for_kbit_training(
@@ -324,11 +324,11 @@ def build_lora_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.lora_alpha,
+        r=hparams.r,
+        lora_alpha=hparams.lora_alpha,
         target_modules=targets,
-        lora_dropout=lora.lora_dropout,
-        bias=lora.bias,
+        lora_dropout=hparams.lora_dropout,
+        bias=hparams.bias,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

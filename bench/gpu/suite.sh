@@ -32,7 +32,7 @@ Stages:
   smollm2 *       one trial of the default model under Ray Tune, one GPU
   smollm2-report *  the same with the report on (generation on CUDA)
   llama7b *       one trial of a Llama-2-7B-shaped model (random weights) under Ray Tune, one GPU
-  setup-time *    bench/gpu/trial_setup.py: process start to first optimizer step, 7B shape
+  setup-time *    python -m bench.gpu.trial_setup: process start to first optimizer step, 7B shape
   two-gpu *       four trials two at a time (one per GPU), then one at a time
   generation *    bench/gpu/generation.py: the report's batched generation against one prompt at a time
 
@@ -178,7 +178,7 @@ PY
       ;;
     setup-time)
       run python3 -m bench.gpu.make_model --shape 7b --tokenizer smollm2 --out /tmp/llama7b-shape
-      run env CUDA_VISIBLE_DEVICES=0 python3 bench/gpu/trial_setup.py --model /tmp/llama7b-shape --out "$OUT" --cold
+      run env CUDA_VISIBLE_DEVICES=0 python3 -m bench.gpu.trial_setup --model /tmp/llama7b-shape --out "$OUT" --cold
       ;;
     two-gpu)
       sweep two-at-a-time bench/gpu/two-gpu.yaml

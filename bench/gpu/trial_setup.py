@@ -1,16 +1,17 @@
 """Trial setup time: from a fresh Python process to the end of the first optimizer step, on the trial's code.
 
-    python bench/gpu/trial_setup.py --model /tmp/llama7b-shape --out results/
+    python -m bench.gpu.trial_setup --model /tmp/llama7b-shape --out results/
 
 Runs the measured process several times: without the quantized-base cache, then filling it (first trial
 on a node), then from it (every later trial on that node), each with the page cache warm (the checkpoint
-was just read) and, where the machine lets us drop it, cold. The measured process does what
-`trainable.train.train_trial` does before training (tokenizer, 4-bit base, LoRA, trl SFTTrainer with the
-fast path; the data comes tokenized from the driver, as `sweeps.run.prepare_sweep` hands it to every
-trial) and times each part; the first optimizer step ends the clock. The base model's eval loss, which a
-fresh trial also computes before training, is timed separately.
+was just read) and, where the machine lets us drop it, cold. The measured process prepares the trial's
+inputs as the driver does (`trainable.prepare.prepare_trial`: the bundled data, tokenized once; excluded
+from the clock, since a trial receives them ready-made) and then runs the trial's own setup,
+`trainable.train.setup_trial` (tokenizer, 4-bit base, LoRA, trl SFTTrainer with the fast path), timing each
+part; the first optimizer step ends the clock. The base model's eval loss, which a fresh trial also
+computes before training, is timed separately.
 
-Writes setup.jsonl (one line per run) under --out.
+Run from the repository root (as bench/gpu/suite.sh does). Writes setup.jsonl (one line per run) under --out.
 """
 
 from __future__ import annotations
@@ -23,48 +24,34 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def measured_process(model: str, cache: str) -> None:
     """The body of one measured process; `START` (set by the parent just before spawning) is time zero."""
     start = float(os.environ["START"])
     marks: dict[str, float] = {"python_started": time.time() - start}
-    sys.path.insert(0, str(REPO))
     import torch
     from transformers import TrainerCallback
 
-    from trainable.data import choose_chat_template, load_splits, tokenize_examples
-    from trainable.model import build_lora_model, load_base_model, load_tokenizer
-    from trainable.settings import DataSettings, LoraSettings, ModelSettings, TrainSettings
-    from trainable.train import TrialSettings, build_trainer
+    from trainable.prepare import prepare_trial
+    from trainable.settings import DataSettings, Hyperparameters, ModelSettings, TrainSettings
+    from trainable.train import setup_trial
 
     marks["imports"] = time.time() - start
     settings = ModelSettings(name_or_path=model, cache_quantized=cache != "off")
-    # What the driver hands every trial: the bundled data, tokenized once (prepare_sweep).
-    tokenizer = load_tokenizer(model, settings)
-    data = DataSettings(max_length=512, max_eval_examples=16)
-    splits = load_splits(data)
-    template = choose_chat_template(tokenizer, "auto")
-    train = tokenize_examples(splits.train, tokenizer, template=template, max_length=512)
-    evals = tokenize_examples(splits.eval, tokenizer, template=template, max_length=512)
-    trial = TrialSettings(model_path=model, model=settings, train=TrainSettings(max_steps=1, batch_size=4,
-                          eval_every=1), lora=LoraSettings(), train_data=train.as_columns(),
-                          eval_data=evals.as_columns())  # fmt: skip
+    # What the driver hands every trial (sweeps.plan.plan_sweep calls the same function).
+    trial = prepare_trial(
+        model=settings,
+        data=DataSettings(max_length=512, max_eval_examples=16),
+        train=TrainSettings(max_steps=1, batch_size=4, eval_every=1),
+    ).settings
     start_trial = time.time()  # a trial receives the above ready-made
     marks["driver_work_excluded"] = start_trial - start - marks["imports"]
     shift = marks["driver_work_excluded"]
 
     def mark(name: str) -> None:
+        if name == "base_model_loaded":
+            torch.cuda.synchronize()  # the copy to the GPU is asynchronous
         marks[name] = time.time() - start - shift
-
-    tokenizer = load_tokenizer(model, settings)
-    mark("tokenizer")
-    base = load_base_model(model, settings, device="cuda")
-    torch.cuda.synchronize()
-    mark("base_model_loaded")
-    peft_model = build_lora_model(base, trial.lora, gradient_checkpointing=True)
-    mark("lora_attached")
 
     class FirstStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
@@ -73,10 +60,8 @@ def measured_process(model: str, cache: str) -> None:
             control.should_training_stop = True
 
     output = f"/tmp/setup-trial-{os.getpid()}"
-    trainer = build_trainer(
-        peft_model, tokenizer, trial, trial.lora, output, device="cuda", callbacks=[FirstStep()]
-    )
-    mark("trainer_built")
+    trainer = setup_trial(Hyperparameters(), trial, output_dir=output, device="cuda", callbacks=[FirstStep()],
+                          on_stage=mark)  # fmt: skip
     t = time.time()
     base_eval = trainer.evaluate()["eval_loss"]
     torch.cuda.synchronize()
@@ -120,8 +105,8 @@ def main() -> None:
             print(f"skip {label}: cannot drop the page cache here", flush=True)
             continue
         env = dict(os.environ, QLORA_SWEEPS_CACHE=str(cache_dir), START=repr(time.time()))
-        proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--child", mode], env=env,
-                              capture_output=True, text=True)  # fmt: skip
+        command = [sys.executable, "-m", "bench.gpu.trial_setup", "--model", args.model, "--child", mode]
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             print(f"{label}: failed\n{proc.stderr[-3000:]}", flush=True)

@@ -16,9 +16,10 @@ from analysis.generate import (
     generate_for_candidates,
     render_prompts,
 )
+from analysis.settings import GenerationSettings
 from trainable.data import DEFAULT_CHAT_TEMPLATE, Example
 from trainable.model import load_base_model, load_tokenizer
-from trainable.settings import GenerationSettings, ModelSettings
+from trainable.settings import ModelSettings
 
 # Full precision, no quantization: batched and one-by-one runs then agree to the last token.
 EXACT = ModelSettings(quantization="none", compute_dtype="float32")

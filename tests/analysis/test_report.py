@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from conftest import EVAL_PROMPTS, REPO_ROOT, TRIALS, USER_PROMPTS
 
-from analysis.experiment import ExperimentError, load_experiment, load_report_settings, relocate
+from analysis.experiment import ExperimentError, load_experiment, relocate
+from analysis.settings import load_report_settings
 
 
 def run_module(

@@ -166,6 +166,18 @@ def test_bad_input_is_named_before_ray_starts(
     assert not (tmp_path / "experiments").exists()
 
 
+def test_a_bad_fault_spec_stops_the_driver_before_ray(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    monkeypatch.setenv("QLORA_SWEEPS_FAULTS", "oom@2:r=4; explode@3")
+    assert main(["--config", "local", f"storage_path={tmp_path / 'experiments'}"]) == 2
+    assert "QLORA_SWEEPS_FAULTS: bad entry 'explode@3'" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "experiments").exists()
+
+
 @pytest.mark.parametrize(
     ("name_or_path", "named"),
     [

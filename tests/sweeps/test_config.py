@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.config import CONFIG_DIR, ConfigError, apply_override, load_config
+from sweeps.config import CONFIG_DIR, ConfigError, load_config
 from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, to_tune_space
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -16,7 +16,7 @@ def test_every_bundled_config_loads_and_starts_with_its_command(path: Path) -> N
     assert config.name == path.stem
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# python -m sweeps.run --config " + path.stem)
-    assert config.initial_points, "every bundled sweep evaluates a known point first"
+    assert config.points_to_evaluate, "every bundled sweep evaluates a known point first"
 
 
 def test_local_is_the_default_and_a_single_trial() -> None:
@@ -28,7 +28,7 @@ def test_local_is_the_default_and_a_single_trial() -> None:
 
 def test_llama2_config_starts_with_the_qlora_recipe() -> None:
     config = load_config("llama2-7b")
-    assert config.initial_points[0] == QLORA_RECIPE
+    assert config.points_to_evaluate[0] == QLORA_RECIPE
     assert config.search.gpus_per_trial == 1
 
 
@@ -80,7 +80,36 @@ def test_unknown_config_name_lists_the_known_ones() -> None:
 
 def test_override_needs_key_and_value() -> None:
     with pytest.raises(ConfigError, match="key=value"):
-        apply_override({}, "train.max_steps")
+        load_config("local", ["train.max_steps"])
+
+
+def test_a_bad_user_point_is_named_by_its_own_index_after_the_recipe() -> None:
+    overrides = ["search.start_with_qlora_recipe=true", "search.num_samples=4"]
+    points = "search.initial_points=[{r: 16, lora_alpha: 32}, {r: 12}]"
+    with pytest.raises(ConfigError) as err:
+        load_config("local", [*overrides, points])
+    assert "search.initial_points[1].r: 12 lies outside search.space.r" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config("local", [*overrides, "search.initial_points=[{r: 12}]"])
+    assert "search.initial_points[0].r" in str(err.value) and "initial_points[1]" not in str(err.value)
+
+
+def test_a_recipe_outside_the_space_is_named_as_the_recipe() -> None:
+    with pytest.raises(ConfigError, match=r"search.start_with_qlora_recipe \(QLoRA's r\): 64 lies outside"):
+        load_config("local", ["search.start_with_qlora_recipe=true", "search.space.r.choice=[8, 16]"])
+
+
+def test_points_that_cannot_all_run_are_an_error_not_dropped() -> None:
+    recipe_and_point = ["search.start_with_qlora_recipe=true", "search.num_samples=1"]
+    with pytest.raises(ConfigError, match=r"search.initial_points: QLoRA recipe and 1 point\(s\) need "
+                       r"search.num_samples >= 2, got 1"):  # fmt: skip
+        load_config("local", recipe_and_point)
+    config = load_config("local", [*recipe_and_point[:1], "search.num_samples=2"])
+    assert len(config.points_to_evaluate) == 2 and config.points_to_evaluate[0] == {
+        k: v for k, v in QLORA_RECIPE.items() if k in config.search.space
+    }
+    with pytest.raises(ConfigError, match=r"search\.num_samples >= 3, got 2"):
+        load_config("local", ["search.num_samples=2", "search.initial_points=[{r: 8}, {r: 16}, {r: 32}]"])
 
 
 def test_default_space_is_valid_and_holds_the_recipe() -> None:

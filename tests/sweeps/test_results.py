@@ -73,14 +73,14 @@ def test_results_table_through_tune(tmp_path: Path) -> None:
             "train.eval_every=2",
         ],
     )
-    assert len(config.initial_points) == 2  # the recipe, then the user's point
+    assert len(config.points_to_evaluate) == 2  # the recipe, then the user's point
     grid = tune.Tuner(
         report_trial,
         param_space=to_tune_space(config.search.space),
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,
-            search_alg=OptunaSearch(points_to_evaluate=config.initial_points, seed=0),
+            search_alg=OptunaSearch(points_to_evaluate=config.points_to_evaluate, seed=0),
             num_samples=config.search.num_samples,
             max_concurrent_trials=2,
         ),

@@ -137,10 +137,10 @@ def test_as_dict_sums_to_the_allocated_peak() -> None:
 def test_unchecked_layers_are_counted_as_the_fast_path_counts_them(tiny_llama: Path) -> None:
     from trainable.fast import uncheckpoint_layers
     from trainable.model import build_lora_model, load_base_model
-    from trainable.settings import LoraSettings, ModelSettings
+    from trainable.settings import Hyperparameters, ModelSettings
 
     settings = ModelSettings(name_or_path=str(tiny_llama), quantization="none", compute_dtype="float32")
-    lora = LoraSettings(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1)
+    lora = Hyperparameters(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1)
     model = build_lora_model(load_base_model(str(tiny_llama), settings, device="cpu"), lora,
                              gradient_checkpointing=True)  # fmt: skip
     shape = load_model_shape(tiny_llama)

@@ -16,7 +16,7 @@ from trainable.model import (
     load_module_names,
     resolve_target_modules,
 )
-from trainable.settings import LoraSettings, ModelSettings
+from trainable.settings import Hyperparameters, ModelSettings
 
 LLAMA_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -54,7 +54,9 @@ def test_base_is_nf4_with_double_quant_and_lora_sits_exactly_on_targets(tiny_lla
         assert module.weight.dtype == torch.uint8
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
 
-    peft_model = build_lora_model(model, LoraSettings(r=4, target_modules="qv"), gradient_checkpointing=True)
+    peft_model = build_lora_model(
+        model, Hyperparameters(r=4, target_modules="qv"), gradient_checkpointing=True
+    )
     adapted = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
     assert {n.rsplit(".", 1)[-1] for n in adapted} == {"q_proj", "v_proj"}
     assert len(adapted) == 2 * 2
@@ -65,7 +67,7 @@ def test_base_is_nf4_with_double_quant_and_lora_sits_exactly_on_targets(tiny_lla
 def test_bias_setting_trains_biases(tiny_llama: Path) -> None:
     model = load_base_model(str(tiny_llama), ModelSettings(quantization="none"), device="cpu")
     # Llama has no biases in its projections; 'all' must then train exactly the LoRA weights still.
-    peft_model = build_lora_model(model, LoraSettings(r=4, bias="all"), gradient_checkpointing=False)
+    peft_model = build_lora_model(model, Hyperparameters(r=4, bias="all"), gradient_checkpointing=False)
     assert all("lora_" in n or "bias" in n for n, p in peft_model.named_parameters() if p.requires_grad)
 
 
@@ -86,7 +88,7 @@ def lora_grads_after_an_eval_pass(model: torch.nn.Module) -> list[torch.Tensor |
 def test_evaluation_does_not_freeze_4bit_training(tiny_llama: Path) -> None:
     """An eval pass under no_grad must leave LoRA gradients alive (see keep_4bit_trainable_on_cpu)."""
     model = load_base_model(str(tiny_llama), ModelSettings(), device="cpu")
-    model = build_lora_model(model, LoraSettings(r=4), gradient_checkpointing=False)
+    model = build_lora_model(model, Hyperparameters(r=4), gradient_checkpointing=False)
     grads = lora_grads_after_an_eval_pass(model)
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
@@ -98,7 +100,7 @@ def test_without_the_switch_an_eval_pass_freezes_training(tiny_llama: Path) -> N
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = True
-    model = build_lora_model(model, LoraSettings(r=4), gradient_checkpointing=True)
+    model = build_lora_model(model, Hyperparameters(r=4), gradient_checkpointing=True)
     grads = lora_grads_after_an_eval_pass(model)
     frozen = [g for g in grads if g is None or g.abs().sum() == 0]
     assert len(frozen) >= len(grads) // 2
@@ -113,37 +115,29 @@ def test_cpu_repacking_switch_is_turned_off(tiny_llama: Path) -> None:
 
 
 def test_training_changes_lora_weights_and_leaves_the_base_alone(tiny_llama: Path, tmp_path: Path) -> None:
-    import dataclasses
-
-    from trainable.data import choose_chat_template, load_splits, tokenize_examples
-    from trainable.model import load_tokenizer
+    from trainable.prepare import prepare_trial
     from trainable.settings import DataSettings, TrainSettings
-    from trainable.train import TrialSettings, build_trainer
+    from trainable.train import setup_trial
 
-    settings = ModelSettings(gradient_checkpointing=False)
-    tokenizer = load_tokenizer(str(tiny_llama), settings)
-    splits = load_splits(DataSettings(max_train_examples=32, max_eval_examples=4))
-    template = choose_chat_template(tokenizer, "auto")
-    columns = {
-        name: tokenize_examples(
-            getattr(splits, name), tokenizer, template=template, max_length=128
-        ).as_columns()
-        for name in ("train", "eval")
-    }
-    lora = LoraSettings(r=4, learning_rate=1e-2)
-    trial = TrialSettings(
-        model_path=str(tiny_llama),
-        model=settings,
+    prepared = prepare_trial(
+        model=ModelSettings(name_or_path=str(tiny_llama), gradient_checkpointing=False),
+        data=DataSettings(max_length=128, max_train_examples=32, max_eval_examples=4),
         train=TrainSettings(max_steps=3, eval_every=3, batch_size=4),
-        lora=lora,
-        train_data=columns["train"],
-        eval_data=columns["eval"],
     )
-    model = build_lora_model(
-        load_base_model(str(tiny_llama), settings, device="cpu"), lora, gradient_checkpointing=False
+    hparams = Hyperparameters(r=4, learning_rate=1e-2)
+    stages: list[str] = []
+    trainer = setup_trial(
+        hparams,
+        prepared.settings,
+        output_dir=str(tmp_path),
+        device="cpu",
+        callbacks=[],
+        on_stage=stages.append,
     )
+    assert stages == ["tokenizer", "base_model_loaded", "lora_attached", "trainer_built"]
+    model = trainer.model
+    assert model.peft_config["default"].r == 4 and trainer.args.learning_rate == 1e-2
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = build_trainer(model, tokenizer, trial, lora, str(tmp_path), device="cpu", callbacks=[])
     trainer.evaluate()  # an eval pass first, as every trial does
     trainer.train()
     after = dict(model.named_parameters())
@@ -152,4 +146,3 @@ def test_training_changes_lora_weights_and_leaves_the_base_alone(tiny_llama: Pat
     assert lora_names and base_names
     assert all(not torch.equal(before[n], after[n]) for n in lora_names if "lora_B" in n)
     assert all(torch.equal(before[n], after[n].detach()) for n in base_names)
-    assert dataclasses.asdict(trial.lora) == dataclasses.asdict(lora)

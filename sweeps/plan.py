@@ -1,0 +1,165 @@
+"""Planning a sweep: check the config against the model, prepare the trials' inputs once, and, for
+--resume, find the interrupted experiment and make sure it is the same sweep.
+
+    plan = plan_sweep(load_config("local"))                     # a new experiment
+    plan = resume_plan(plan_sweep(load_config("local")))         # the newest experiment of this config
+
+Everything here runs before Ray starts; a problem raises ConfigError or DataError naming the key, file or
+line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from analysis.experiment import STUDY, experiment_names, is_remote, join, read_file, read_summary
+from sweeps.config import ConfigError, SweepConfig
+from trainable.faults import ENV as FAULTS_ENV
+from trainable.faults import Fault, parse_faults
+from trainable.model import cache_dir, load_module_names, resolve_model, resolve_target_modules
+from trainable.prepare import prepare_trial
+from trainable.train import TrialSettings
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A checked sweep, ready for Ray: the config plus what was resolved from it."""
+
+    config: SweepConfig
+    experiment: str  # the experiment folder's name
+    storage_uri: str  # where experiment folders live: an absolute local path or a storage URI
+    trial: TrialSettings
+    summary: dict[str, Any]  # what was resolved (model path, data counts, template), saved as sweep.json
+
+    @property
+    def experiment_uri(self) -> str:
+        return join(self.storage_uri, self.experiment)
+
+
+def plan_sweep(config: SweepConfig, *, faults: tuple[Fault, ...] = ()) -> SweepPlan:
+    """Resolve the model, check every target_modules value against it, load and tokenize the data."""
+    model_path = resolve_model(config.model.name_or_path)
+    available = load_module_names(model_path, config.model)
+    check_target_modules(config, available)
+    prepared = prepare_trial(
+        model=config.model,
+        data=config.data,
+        train=config.train,
+        default_hparams=config.lora,
+        cpus=config.search.cpus_per_trial,
+        faults=faults,
+    )
+    summary = {
+        "fingerprint": fingerprint(config, prepared.settings),
+        "model_path": prepared.settings.model_path,
+        "chat_template": prepared.chat_template,
+        "linear_modules": sorted(available),
+        "data": prepared.data,
+    }
+    return SweepPlan(config, config.experiment_name(), config.storage_uri(), prepared.settings, summary)
+
+
+def faults_from_environment() -> tuple[Fault, ...]:
+    """The faults to inject (tests of the fault handling only), read once here in the driver from
+    QLORA_SWEEPS_FAULTS; a bad specification is a ConfigError before Ray starts."""
+    try:
+        return parse_faults(os.environ.get(FAULTS_ENV, ""))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_target_modules(config: SweepConfig, available: set[str]) -> None:
+    """Every target_modules value the sweep may use (defaults, space, points) must name linear layers of the
+    model; all problems at once."""
+    targets = {("lora.target_modules", config.lora.target_modules)}
+    space_targets = config.search.space.get("target_modules", {}).get("choice", [])
+    targets |= {("search.space.target_modules", t) for t in space_targets}
+    targets |= {
+        (f"search.initial_points[{i}].target_modules", p["target_modules"])
+        for i, p in enumerate(config.search.initial_points)
+        if "target_modules" in p
+    }
+    recipe = config.recipe_point or {}
+    if "target_modules" in recipe:
+        targets.add(("search.start_with_qlora_recipe (QLoRA's target_modules)", recipe["target_modules"]))
+    problems = []
+    for key, spec in sorted(targets):
+        try:
+            resolve_target_modules(spec, available)
+        except ValueError as err:
+            problems.append(f"{key}: {err}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def fingerprint(config: SweepConfig, trial: TrialSettings) -> dict[str, str]:
+    """Hashes of what a resumed sweep must share with the interrupted one, part by part."""
+
+    def digest(value: Any) -> str:
+        # 16 hex digits (64 bits): plenty to tell one user's sweeps apart, short enough to read in sweep.json.
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {
+        "model": digest([trial.model_path, dataclasses.asdict(config.model)]),
+        "data": digest([trial.train_data, trial.eval_data]),
+        "search space": digest([config.search.space, config.points_to_evaluate, config.search.num_samples]),
+        "training settings": digest([dataclasses.asdict(config.train), dataclasses.asdict(config.lora)]),
+    }
+
+
+def find_experiment(config: SweepConfig) -> str:
+    """The name of the experiment to resume: `experiment` when the config names one, else the newest of
+    this config under its storage."""
+    if config.experiment:
+        return config.experiment
+    names = experiment_names(config.storage_uri(), prefix=f"{config.name}-")
+    if not names:
+        raise ConfigError(f"--resume: no experiment of config {config.name!r} under {config.storage_uri()}")
+    return names[-1]
+
+
+def resume_plan(plan: SweepPlan) -> SweepPlan:
+    """The plan pointed at the experiment to resume, after checking that it is the same sweep: the same
+    model, data, search space and training settings as the interrupted one."""
+    plan = dataclasses.replace(plan, experiment=find_experiment(plan.config))
+    try:
+        saved = read_summary(plan.experiment_uri)
+    except FileNotFoundError as err:
+        raise ConfigError(f"--resume: {plan.experiment_uri} holds no sweep.json; nothing to resume") from err
+    changed = [
+        part for part, value in plan.summary["fingerprint"].items() if saved["fingerprint"].get(part) != value
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume: the {', '.join(changed)} differ from those of {plan.experiment_uri}; a resumed sweep "
+            "must be the same sweep. Rerun with the original config and overrides, or start a new experiment."
+        )
+    return plan
+
+
+def study_file(plan: SweepPlan, *, resume: bool) -> Path:
+    """The SQLite file of the sweep's study, which needs a real filesystem: in the experiment folder when
+    storage is local; else in the node's cache (QLORA_SWEEPS_CACHE or XDG_CACHE_HOME), from where the
+    StudyMirror copies it into the experiment after each trial. There a new sweep starts without one (an
+    earlier experiment of the same name may have left one), and a resumed sweep keeps the one it finds,
+    else takes the copy kept in the experiment (resumed on another machine, or the cache was cleared)."""
+    if not is_remote(plan.storage_uri):
+        os.makedirs(plan.experiment_uri, exist_ok=True)
+        return Path(plan.experiment_uri) / STUDY
+    digest = hashlib.sha256(plan.experiment_uri.encode()).hexdigest()[:8]  # one name in two storages
+    path = cache_dir() / "studies" / f"{plan.experiment}-{digest}" / STUDY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        path.unlink(missing_ok=True)
+    elif not path.exists():
+        # Killed before its first trial ended, the experiment holds no study yet: it starts empty.
+        with contextlib.suppress(FileNotFoundError):
+            path.write_bytes(read_file(plan.experiment_uri, STUDY))
+    return path

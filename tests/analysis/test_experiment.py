@@ -1,0 +1,47 @@
+"""The experiment folder's writes and reads, on a local path and through a storage URI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis.experiment import (
+    REPORT_PAGE,
+    RESULTS,
+    experiment_names,
+    read_file,
+    read_summary,
+    write_file,
+    write_summary,
+    write_table,
+)
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "uri"])
+def test_writes_are_whole_and_read_back(tmp_path: Path, remote: bool) -> None:
+    folder = f"file://{tmp_path}/exp" if remote else str(tmp_path / "exp")
+    write_file(folder, "trial_a/checkpoint/adapter.json", b'{"r": 8}')
+    write_summary(folder, {"fingerprint": {"data": "abc"}, "n": 1.5})
+    table = pd.DataFrame({"trial_id": ["a", "b"], "best_eval_loss": [1.0, 2.0]})
+    write_table(table, folder, RESULTS)
+    write_table(table, folder, "leaderboard.csv")
+    assert read_file(folder, "trial_a/checkpoint/adapter.json") == b'{"r": 8}'
+    assert read_summary(folder) == {"fingerprint": {"data": "abc"}, "n": 1.5}
+    assert pd.read_parquet(tmp_path / "exp" / RESULTS).equals(table)
+    assert pd.read_csv(tmp_path / "exp" / "leaderboard.csv").equals(table)
+    write_file(folder, REPORT_PAGE, b"<html>old</html>")
+    write_file(folder, REPORT_PAGE, b"<html>new</html>")  # replaced whole
+    assert (tmp_path / "exp" / REPORT_PAGE).read_bytes() == b"<html>new</html>"
+    assert not [p for p in (tmp_path / "exp").rglob("*") if ".tmp-" in p.name], "a staging file was left"
+    with pytest.raises(FileNotFoundError):
+        read_file(folder, "no-such-file")
+
+
+def test_experiment_names_are_listed_oldest_first(tmp_path: Path) -> None:
+    for name in ("local-20261130-120000", "local-20261129-090000", "other-20261201-000000"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "local-notes.txt").write_text("not a folder")
+    assert experiment_names(tmp_path, prefix="local-") == ["local-20261129-090000", "local-20261130-120000"]
+    assert experiment_names(tmp_path / "missing", prefix="local-") == []

@@ -1,0 +1,75 @@
+"""A trial's inputs, prepared once: the model resolved, the data loaded, rendered with the chat template,
+tokenized and cut to data.max_length, all packed into the TrialSettings every trial of a sweep receives.
+
+    trial = prepare_trial(model=ModelSettings(name_or_path="smollm2"), data=DataSettings(max_length=256))
+    train_by_hand({"r": 8}, trial.settings, output_dir="my-trial")   # trainable.train
+
+The driver (sweeps.plan), the benchmarks and the tests all prepare trials through prepare_trial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainable.data import DataError, choose_chat_template, load_splits, tokenize_examples
+from trainable.faults import Fault
+from trainable.model import load_tokenizer, resolve_model
+from trainable.settings import DataSettings, Hyperparameters, ModelSettings, TrainSettings
+from trainable.train import TrialSettings
+
+# Fewer training examples than this cannot fill a single batch of the default size (train.batch_size: 8).
+MIN_TRAIN_EXAMPLES = 8
+
+
+@dataclass(frozen=True)
+class PreparedTrial:
+    settings: TrialSettings
+    chat_template: str  # the template the data was rendered with
+    data: dict[str, Any] = field(default_factory=dict)  # counts: examples, tokens, truncated, dropped
+
+
+def prepare_trial(
+    *,
+    model: ModelSettings | None = None,
+    data: DataSettings | None = None,
+    train: TrainSettings | None = None,
+    default_hparams: Hyperparameters | None = None,
+    cpus: int = 1,
+    faults: tuple[Fault, ...] = (),
+) -> PreparedTrial:
+    """Resolve the model (the embedded default is converted once), load the splits, render and tokenize
+    the train and eval examples. Raises DataError naming the file, line or key; nothing is trained here."""
+    model = model or ModelSettings()
+    data = data or DataSettings()
+    model_path = resolve_model(model.name_or_path)
+    tokenizer = load_tokenizer(model_path, model)
+    template = choose_chat_template(tokenizer, data.chat_template)
+    splits = load_splits(data)
+    max_length = data.max_length
+    train_set = tokenize_examples(splits.train, tokenizer, template=template, max_length=max_length)
+    eval_set = tokenize_examples(splits.eval, tokenizer, template=template, max_length=max_length)
+    if len(train_set.input_ids) < MIN_TRAIN_EXAMPLES or not eval_set.input_ids:
+        raise DataError(
+            f"data: after cutting to data.max_length={max_length}, {len(train_set.input_ids)} training and "
+            f"{len(eval_set.input_ids)} eval examples keep a trained token; raise data.max_length"
+        )
+    settings = TrialSettings(
+        model_path=model_path,
+        model=model,
+        train=train or TrainSettings(),
+        default_hparams=default_hparams or Hyperparameters(),
+        train_data=train_set.as_columns(),
+        eval_data=eval_set.as_columns(),
+        cpus=cpus,
+        faults=faults,
+    )
+    counts = {
+        "train_examples": len(train_set.input_ids),
+        "eval_examples": len(eval_set.input_ids),
+        "test_examples": len(splits.test),
+        "train_tokens": train_set.tokens,
+        "truncated": {"train": train_set.truncated, "eval": eval_set.truncated},
+        "dropped": {"train": train_set.dropped, "eval": eval_set.dropped},
+    }
+    return PreparedTrial(settings=settings, chat_template=template, data=counts)
