@@ -3,7 +3,7 @@
     python -m analysis.report experiments/local-20261130-120000
     python -m analysis.report experiments/local-20261130-120000/results.parquet --top-k 3
     python -m analysis.report EXPERIMENT generation.max_new_tokens=32 loss_tolerance=0.05 judge=HUB_ID_OR_URL
-    python -m analysis.report s3://bucket/experiments/NAME     # fetched into the local cache, outputs put back
+    python -m analysis.report s3://bucket/experiments/NAME  # read through the local cache, outputs put back
 
 Overrides are dotted keys of the sweep's `report` section (see analysis.settings.ReportSettings).
 Writes into the experiment folder: leaderboard.parquet and .csv, generations.parquet, paired_tests.parquet,
@@ -22,7 +22,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -36,8 +35,10 @@ from analysis.experiment import (
     REPORT_PAGE,
     Experiment,
     ExperimentError,
+    join,
     load_experiment,
     load_histories,
+    publish_folder,
     resolve_base_model,
     write_file,
     write_table,
@@ -70,6 +71,7 @@ class ReportOutputs:
     judgments: pd.DataFrame | None
     timing: pd.DataFrame  # per candidate: seconds, new tokens, tokens/s
     seconds: float  # the whole report's wall time
+    uri: str | None = None  # where the outputs were put back, for a remote experiment
 
 
 def select_finalists(results: pd.DataFrame, top_k: int) -> list[Candidate]:
@@ -208,8 +210,10 @@ def run_report(
                              recommendation=recommendation, prompt_note=prompt_set.note, device=device,
                              seconds=seconds)  # fmt: skip
     write_file(folder, REPORT_PAGE, page.encode("utf-8"))
+    if experiment.uri is not None:
+        publish_folder(folder, experiment.uri, names=REPORT_OUTPUTS)
     return ReportOutputs(folder, board, scored, paired, recommendation, judgments, timing,
-                         time.perf_counter() - start)  # fmt: skip
+                         time.perf_counter() - start, uri=experiment.uri)  # fmt: skip
 
 
 def build_report_page(
@@ -318,37 +322,6 @@ def _escape(text: str) -> str:
     return html.escape(text)
 
 
-def fetch_experiment(uri: str) -> Path:
-    """Copy what the report reads of a remote experiment (tables, trial progress, adapters; no optimizer
-    states) into the local cache; returns the local folder."""
-    from pyarrow import fs
-
-    from trainable.model import cache_dir
-
-    filesystem, root = fs.FileSystem.from_uri(uri)
-    root = root.rstrip("/")
-    local = cache_dir() / "experiments" / Path(root).name
-    wanted_suffixes = (".json", ".parquet", ".csv", ".db", ".safetensors", ".jinja")
-    for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True)):
-        relative = info.path[len(root) :].lstrip("/")
-        if (
-            info.type != fs.FileType.File
-            or not relative.endswith(wanted_suffixes)
-            or relative.split("/")[-1].startswith(".")
-        ):
-            continue
-        with filesystem.open_input_stream(info.path) as source:
-            write_file(local, relative, source.read())
-    return local
-
-
-def publish_outputs(local: Path, uri: str) -> None:
-    """Put the report's outputs back next to the remote experiment, each written atomically."""
-    for name in REPORT_OUTPUTS:
-        if (local / name).is_file():
-            write_file(uri, name, (local / name).read_bytes())
-
-
 def format_summary(outputs: ReportOutputs) -> str:
     board = outputs.leaderboard.copy()
     for column in ("exact_match", "exact_match_low", "exact_match_high"):
@@ -362,7 +335,8 @@ def format_summary(outputs: ReportOutputs) -> str:
             f"{row.candidate}: {row.new_tokens} new tokens in {row.seconds:.1f} s ({row.tokens_per_s:.1f} tokens/s)"
         )
     lines.append(f"\n{outputs.recommendation}")
-    lines.append(f"\nreport: {outputs.folder / REPORT_PAGE} ({outputs.seconds:.0f} s)")
+    page = join(outputs.uri, REPORT_PAGE) if outputs.uri else outputs.folder / REPORT_PAGE
+    lines.append(f"\nreport: {page} ({outputs.seconds:.0f} s)")
     return "\n".join(lines)
 
 
@@ -383,15 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     # 2 busy cores measured 8x slower with spinning than with waiting threads that sleep.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
-    remote = args.experiment if "://" in args.experiment else None
-    path: Any = fetch_experiment(remote) if remote else args.experiment
     try:
-        outputs = run_report(path, overrides=args.overrides, top_k=args.top_k, device=args.device)
+        outputs = run_report(args.experiment, overrides=args.overrides, top_k=args.top_k, device=args.device)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if remote:
-        publish_outputs(outputs.folder, remote)
     print(format_summary(outputs), flush=True)
     return 0
 

@@ -194,6 +194,12 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
         )
     if config.search.scheduler == "asha" and config.search.num_samples < 2:
         problems.append("search.scheduler: asha needs search.num_samples >= 2; use 'auto' or 'none'")
+    if "://" in config.storage_path and "?" in config.storage_path:
+        # Experiment and trial folders are joined onto storage_path, which a query string would end up in.
+        problems.append(
+            f"storage_path: {config.storage_path!r} has a query string; give the bucket and prefix only and "
+            "set an S3-compatible store's endpoint with AWS_ENDPOINT_URL (docs/cluster.md)"
+        )
     if problems:
         raise ConfigError(format_problems(origin, problems))
     return config

@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from analysis.experiment import RESULTS, STUDY, is_remote, write_file, write_summary, write_table
+from analysis.experiment import RESULTS, SUMMARY, is_remote, write_summary, write_table
 from sweeps.config import ConfigError, SearchSettings, SweepConfig, load_config
-from sweeps.plan import SweepPlan, faults_from_environment, plan_sweep, resume_plan, study_folder
+from sweeps.plan import SweepPlan, faults_from_environment, plan_sweep, resume_plan, study_file
 from sweeps.results import collect_results, format_results
 from sweeps.space import to_tune_space
 from sweeps.study import StudyMirror
@@ -42,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_sweep(config, faults=faults_from_environment())
         if args.resume:
             plan = resume_plan(plan)
+        else:
+            start_experiment(plan)
     except (ConfigError, DataError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -50,24 +51,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def start_experiment(plan: SweepPlan) -> None:
+    """Write sweep.json, before Ray starts: storage that cannot be written to stops the sweep here."""
+    try:
+        write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
+    except OSError as err:
+        raise ConfigError(
+            f"storage_path={plan.config.storage_path!r}: cannot write {plan.experiment_uri}/{SUMMARY} ({err}). "
+            "Check that the bucket exists and the credentials may write to it; for an S3-compatible store "
+            "set AWS_ENDPOINT_URL (docs/cluster.md)"
+        ) from err
+
+
 def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1) -> str:
-    """Run (or resume) the planned sweep, write its results and report; returns where results.parquet is.
-    `verbosity`: Tune's console output, 0 none, 1 the progress table, 2 each trial's start and results too;
-    every trial prints one line per evaluation at any verbosity."""
+    """Run (or resume) the sweep of an experiment that start_experiment began, write its results and report;
+    returns where results.parquet is. `verbosity`: Tune's console output, 0 none, 1 the progress table, 2
+    each trial's start and results too; every trial prints one line per evaluation at any verbosity."""
     import optuna
     import ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per created study or trial is noise here
     ray.init(ignore_reinit_error=True)
-    if not resume:
-        write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
     grid = build_tuner(plan, resume=resume, verbosity=verbosity).fit()
     table = collect_results(grid, plan.config)
     path = write_table(table, plan.experiment_uri, RESULTS)
-    if is_remote(plan.storage_uri) and not plan.config.search.study_storage:
-        # SQLite needs a local file: the study lived beside the driver; keep a copy with the results.
-        with open(os.path.join(study_folder(plan), STUDY), "rb") as f:
-            write_file(plan.experiment_uri, STUDY, f.read())
     print(format_results(table, path), flush=True)
     if plan.config.report.enabled:
         start_report(plan)
@@ -97,13 +104,16 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
     # with a searcher, Tune only keeps one trial pending, so without a cap trials would run one by one.
     capacity = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // search.cpus_per_trial
     concurrency = search.max_concurrent_trials or max(1, capacity)
-    study_storage = search.study_storage or f"sqlite:///{study_folder(plan)}/{STUDY}"
+    # With remote storage the SQLite study lives in the cache and the mirror keeps a copy in the experiment.
+    keep_with = plan.experiment_uri if is_remote(plan.storage_uri) and not search.study_storage else None
+    study_storage = search.study_storage or f"sqlite:///{study_file(plan, resume=resume)}"
     searcher = build_searcher(search, config.points_to_evaluate)
     mirror = StudyMirror(
         storage=study_storage,
         study_name=plan.experiment,
         space=search.space,
         max_steps=config.train.max_steps,
+        keep_with=keep_with,
     )
     scheduler = build_scheduler(search, reports=math.ceil(config.train.max_steps / config.train.eval_every))
     trainable = tune.with_resources(

@@ -348,6 +348,10 @@ def run_trial(
             reporter.retries = previous.retries + 1
             reporter.base_eval_loss = previous.base_eval_loss
             reporter.restored_from_step = step
+            if step >= settings.train.max_steps:
+                # It had finished, and Tune holds its last report and checkpoint, but the driver was killed
+                # before it saved the trial as ended. Resuming, the trainer would take a step past max_steps.
+                return
         callbacks: list[Any] = [reporter]
         faults = tuple(f for f in settings.faults if f.applies_to(searched))
         if faults:

@@ -55,6 +55,7 @@ def test_dotted_overrides_are_typed() -> None:
         ("search.scheduler=asha", "search.scheduler"),
         ("data.max_length=2", "data.max_length"),
         ("search.initial_points=[{r: 12}]", "search.initial_points[0].r"),
+        ("storage_path=s3://b/x?endpoint_override=localhost:9000", "AWS_ENDPOINT_URL"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override: str, named: str) -> None:
