@@ -254,7 +254,9 @@ def build_trainer(
         include_num_input_tokens_seen="all" if padding_free else "non_padding",  # padding-free: all are real
         padding_free=padding_free,
         prediction_loss_only=True,  # eval_loss is all we need; gathering logits costs most of an eval pass
-        activation_checkpointing=False,  # already set up by build_lora_model, with the right kwargs
+        # Already set up by build_lora_model, with the right kwargs. (transformers 5.20 renamed it
+        # activation_checkpointing; the old name, which 5.17 knows too, only warns, and trials hide that.)
+        gradient_checkpointing=False,
         max_length=None,  # the driver already cut examples to data.max_length and counted the cuts
         report_to="none",
         disable_tqdm=True,
