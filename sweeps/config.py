@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import math
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -48,7 +49,11 @@ class SearchSettings:
     start_with_qlora_recipe: bool = True
     # More hand-picked first trials, after the recipe; each must fit in num_samples.
     initial_points: list[dict[str, Any]] = field(default_factory=list)
-    seed: int = 0  # Optuna's TPE sampler
+    # Optuna's TPE sampler: the same seed (and results) give the same suggestions; another seed, another sweep.
+    seed: int = 0
+    # Finished trials (the recipe and initial points count) before TPE models the results; the trials until
+    # then are sampled at random. None: tpe_startup_trials(num_samples), a few (docs/search.md).
+    startup_trials: Annotated[int, Field(ge=1)] | None = None
     # ASHA stops trials whose eval loss trails at a rung; "auto" turns it on for sweeps of 2+ trials.
     scheduler: Literal["auto", "asha", "none"] = "auto"
     grace_period: Annotated[int, Field(ge=1)] = 2  # evaluations every trial gets before it may be stopped
@@ -70,6 +75,18 @@ class SearchSettings:
     # Optuna's study storage (an RDB URL); default: a SQLite file in the experiment folder.
     study_storage: str | None = None
     loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+
+    @property
+    def tpe_startup_trials(self) -> int:
+        """search.startup_trials, or by default a quarter of the sweep, at least 3 and at most Optuna's 10.
+
+        Optuna's own default, 10, makes every sweep of 10 trials or fewer a random search. A quarter keeps
+        three quarters of the trials for TPE; 3 is the fewest from which TPE's split into good and bad
+        trials (the best 10%, at least one) has something on each side; 10 is enough evidence however
+        large the sweep. Our judgement, to be settled by the time-to-best replay (docs/search.md)."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return min(10, max(3, math.ceil(self.num_samples / 4)))
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -186,6 +203,12 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
         )
     if config.search.scheduler == "asha" and config.search.num_samples < 2:
         problems.append("search.scheduler: asha needs search.num_samples >= 2; use 'auto' or 'none'")
+    if "://" in config.storage_path and "?" in config.storage_path:
+        # Experiment and trial folders are joined onto storage_path, which a query string would end up in.
+        problems.append(
+            f"storage_path: {config.storage_path!r} has a query string; give the bucket and prefix only and "
+            "set an S3-compatible store's endpoint with AWS_ENDPOINT_URL (docs/cluster.md)"
+        )
     if problems:
         raise ConfigError(format_problems(origin, problems))
     return config

@@ -33,10 +33,19 @@ def trial_origins(
     return origins
 
 
+def storage_location(path: str, storage_uri: str) -> str:
+    """A path Tune gives (inside the storage's filesystem, without its scheme) as the storage names it:
+    `s3://bucket/...` for remote storage, so that any machine with access to the storage finds it."""
+    if "://" not in storage_uri or "://" in path:
+        return path
+    return f"{storage_uri.split('://', 1)[0]}://{path.lstrip('/')}"
+
+
 def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
     """One row per trial of a Tune ResultGrid: hyperparameters, metrics, adapter path, status, origin."""
     from ray.tune.result import TIME_TOTAL_S, TRIAL_ID
 
+    storage = config.storage_uri()
     results = list(grid)  # in the order Tune created the trials, also after a resume
     origins = trial_origins([r.config for r in results], config.labeled_points_to_evaluate)
     rows = []
@@ -79,8 +88,8 @@ def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
                 "retries": last.retries,
                 "restored_from_step": last.restored_from_step,
                 "eval_history": [float(x) for x in losses],
-                "adapter_path": best.path if best is not None else None,
-                "trial_path": result.path,
+                "adapter_path": storage_location(best.path, storage) if best is not None else None,
+                "trial_path": storage_location(result.path, storage),
                 "error": None
                 if result.error is None
                 else f"{type(result.error).__name__}: {result.error}"[:2000],

@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from analysis.experiment import RESULTS, STUDY, is_remote, write_file, write_summary, write_table
+from analysis.experiment import RESULTS, SUMMARY, is_remote, write_summary, write_table
 from sweeps.budget import BudgetSearcher
-from sweeps.config import ConfigError, load_config
-from sweeps.plan import SweepPlan, faults_from_environment, plan_sweep, resume_plan, study_folder
+from sweeps.config import ConfigError, SearchSettings, load_config
+from sweeps.plan import SweepPlan, faults_from_environment, plan_sweep, resume_plan, study_file
 from sweeps.resources import TrialResources, plan_resources, trial_gpus
 from sweeps.results import collect_results, format_results
 from sweeps.space import to_tune_space
@@ -44,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_sweep(config, faults=faults_from_environment())
         if args.resume:
             plan = resume_plan(plan)
+        else:
+            start_experiment(plan)
     except (ConfigError, DataError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -52,24 +53,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def start_experiment(plan: SweepPlan) -> None:
+    """Write sweep.json, before Ray starts: storage that cannot be written to stops the sweep here."""
+    try:
+        write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
+    except OSError as err:
+        raise ConfigError(
+            f"storage_path={plan.config.storage_path!r}: cannot write {plan.experiment_uri}/{SUMMARY} ({err}). "
+            "Check that the bucket exists and the credentials may write to it; for an S3-compatible store "
+            "set AWS_ENDPOINT_URL (docs/cluster.md)"
+        ) from err
+
+
 def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1) -> str:
-    """Run (or resume) the planned sweep, write its results and report; returns where results.parquet is.
-    `verbosity`: Tune's console output, 0 none, 1 the progress table, 2 each trial's start and results too;
-    every trial prints one line per evaluation at any verbosity."""
+    """Run (or resume) the sweep of an experiment that start_experiment began, write its results and report;
+    returns where results.parquet is. `verbosity`: Tune's console output, 0 none, 1 the progress table, 2
+    each trial's start and results too; every trial prints one line per evaluation at any verbosity."""
     import optuna
     import ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per created study or trial is noise here
     ray.init(ignore_reinit_error=True)
-    if not resume:
-        write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
     grid = build_tuner(plan, resume=resume, verbosity=verbosity).fit()
     table = collect_results(grid, plan.config)
     path = write_table(table, plan.experiment_uri, RESULTS)
-    if is_remote(plan.storage_uri) and not plan.config.search.study_storage:
-        # SQLite needs a local file: the study lived beside the driver; keep a copy with the results.
-        with open(os.path.join(study_folder(plan), STUDY), "rb") as f:
-            write_file(plan.experiment_uri, STUDY, f.read())
     print(format_results(table, path), flush=True)
     if plan.config.report.enabled:
         start_report(plan)
@@ -89,39 +96,25 @@ def describe_plan(plan: SweepPlan) -> str:
 
 
 def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1) -> Any:  # ray.tune.Tuner
-    import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     config, search = plan.config, plan.config.search
     resources = plan_resources(plan, ray.cluster_resources())
     print(describe_resources(resources), flush=True)
     trial = dataclasses.replace(plan.trial, gpu_share=resources.gpu_share, memory=resources.memory)
-    study_storage = search.study_storage or f"sqlite:///{study_folder(plan)}/{STUDY}"
-    searcher = OptunaSearch(
-        points_to_evaluate=config.points_to_evaluate or None,
-        sampler=optuna.samplers.TPESampler(seed=search.seed),
-    )
+    # With remote storage the SQLite study lives in the cache and the mirror keeps a copy in the experiment.
+    keep_with = plan.experiment_uri if is_remote(plan.storage_uri) and not search.study_storage else None
+    study_storage = search.study_storage or f"sqlite:///{study_file(plan, resume=resume)}"
+    searcher = build_searcher(search, config.points_to_evaluate)
     mirror = StudyMirror(
         storage=study_storage,
         study_name=plan.experiment,
         space=search.space,
         max_steps=config.train.max_steps,
+        keep_with=keep_with,
     )
-    reports = math.ceil(config.train.max_steps / config.train.eval_every)
-    use_asha = search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)
-    scheduler = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=reports,
-            grace_period=min(search.grace_period, reports),
-            reduction_factor=search.reduction_factor,
-        )
-        if use_asha
-        else None
-    )
+    scheduler = build_scheduler(search, reports=math.ceil(config.train.max_steps / config.train.eval_every))
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, settings=trial),
         {"cpu": search.cpus_per_trial, "gpu": resources.gpu_share},
@@ -158,6 +151,41 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
             verbose=verbosity,
         ),
+    )
+
+
+def build_searcher(search: SearchSettings, points: list[dict[str, Any]]) -> Any:  # OptunaSearch
+    """Optuna's TPE behind Tune's OptunaSearch: `points` first (the recipe, initial points), random trials
+    until search.tpe_startup_trials have finished, then TPE. Tune gives it the space, metric and mode
+    (Tuner's param_space and TuneConfig; by hand: `set_search_properties(METRIC, MODE, to_tune_space(...))`)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=search.tpe_startup_trials,
+        # One joint model of all parameters: the best learning rate depends on r and lora_alpha (the update
+        # scales with alpha/r), which independent per-parameter models cannot see (Falkner et al. 2018, BOHB).
+        multivariate=True,
+        # Trials that are still running count as bad results, so parallel trials spread out instead of all
+        # sampling next to the current best.
+        constant_liar=True,
+        seed=search.seed,
+    )
+    return OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
+
+
+def build_scheduler(search: SearchSettings, *, reports: int) -> Any:  # ASHAScheduler | None
+    """ASHA over the trials' `reports` evaluations, or None when search.scheduler says none (or "auto" with
+    a single trial, where there is nothing to compare)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    if not (search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)):
+        return None
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=reports,
+        grace_period=min(search.grace_period, reports),
+        reduction_factor=search.reduction_factor,
     )
 
 

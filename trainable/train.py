@@ -269,6 +269,7 @@ def build_trainer(
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    loraplus = build_loraplus_optimizer(model, args, ratio=hparams.loraplus_lr_ratio)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -276,10 +277,32 @@ def build_trainer(
         eval_dataset=Dataset.from_dict(trial.eval_data),
         processing_class=tokenizer,
         callbacks=callbacks,
+        optimizers=(loraplus, None),  # None: the trainer builds its own (and always the LR schedule)
     )
     # The trainer prints every log dict; a sweep prints one line per evaluation instead (train_trial).
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def build_loraplus_optimizer(model: Any, args: Any, *, ratio: float) -> torch.optim.Optimizer | None:
+    """LoRA+ (Hayou et al. 2024): the B matrices learn `ratio` times faster than A (args.learning_rate),
+    with the optimizer class and settings the trainer would build from `args.optim` (paged AdamW from
+    bitsandbytes on CUDA, torch AdamW on CPU). None for ratio 1: plain LoRA, the trainer's own optimizer."""
+    if ratio == 1:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    return create_loraplus_optimizer(
+        model,
+        optimizer_cls,
+        lr=args.learning_rate,
+        loraplus_lr_ratio=ratio,
+        loraplus_weight_decay=args.weight_decay,
+        **kwargs,
+    )
 
 
 def setup_trial(
@@ -352,6 +375,10 @@ def run_trial(
             reporter.retries = previous.retries + 1
             reporter.base_eval_loss = previous.base_eval_loss
             reporter.restored_from_step = step
+            if step >= settings.train.max_steps:
+                # It had finished, and Tune holds its last report and checkpoint, but the driver was killed
+                # before it saved the trial as ended. Resuming, the trainer would take a step past max_steps.
+                return
         callbacks: list[Any] = [reporter]
         faults = tuple(f for f in settings.faults if f.applies_to(searched))
         if faults:

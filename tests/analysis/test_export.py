@@ -54,7 +54,7 @@ def test_exported_adapter_and_merged_model_compute_like_the_trial(tiny_sweep: Pa
     experiment = load_experiment(copy)
     row = experiment.results.sort_values("best_eval_loss").iloc[-1]  # not the default choice: --trial works
     strengthen(Path(row["adapter_path"]), 300.0)
-    out = export_trial(copy, trial=str(row["trial_id"])[:6], out=tmp_path / "export", merge=True)
+    out = Path(export_trial(copy, trial=str(row["trial_id"])[:6], out=tmp_path / "export", merge=True))
     assert (out / "adapter_model.safetensors").is_file() and not (out / "optimizer.pt").exists()
     card = (out / "README.md").read_text()
     assert str(row["trial_id"]) in card and "learning_rate" in card and "best eval loss" in card
