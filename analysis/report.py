@@ -310,10 +310,20 @@ def build_report_page(
         "held-out prompts": prompt_note,
         "ranking": f"finalists by measurable held-out differences (paired tests, p < 0.05); else within {100 * settings.loss_tolerance:g}% of the best eval loss by {', '.join(settings.rank_by)}; then by eval loss",
         "finalists": f"top {settings.top_k} by eval loss + the QLoRA-recipe trial; with the base model and the {BASELINE} baseline: {', '.join(candidates)}",
+        "cost": describe_cost(results),
     }  # fmt: skip
     return render_report(title=f"Sweep report: {experiment.name}", facts=facts,
                          leaderboard_html=render_leaderboard(board, rank_by=settings.rank_by),
                          figures=figures, sections=sections, recommendation=recommendation)  # fmt: skip
+
+
+def describe_cost(results: pd.DataFrame) -> str:
+    """The sweep's GPU-hours (each trial's wall time x the GPUs it held) and dollars, where results hold
+    them (sweeps before cost was recorded do not)."""
+    if "gpu_seconds" not in results:
+        return "not recorded"
+    text = f"{results['gpu_seconds'].sum() / 3600:.3g} GPU-hours over {results['wall_time_s'].sum() / 3600:.3g} trial-hours"
+    return text + (f", ${results['cost_usd'].sum():.2f}" if results["cost_usd"].notna().any() else "")
 
 
 def _escape(text: str) -> str:

@@ -62,6 +62,15 @@ class SearchSettings:
     max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
     cpus_per_trial: Annotated[int, Field(ge=1)] = 2
     gpus_per_trial: Literal["auto", 0, 1] = "auto"  # auto: 1 if the cluster has GPUs, else CPU trials
+    # Trials sharing one GPU, each its own process with 1/N of the card (Ray's fractional GPUs). auto: as
+    # many as the largest configuration of the space fits, by its memory estimate (sweeps/resources.py).
+    trials_per_gpu: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = "auto"
+    # The GPU's memory; None: read from the driver's GPU, or from a GPU worker. Set on a CPU sweep, it
+    # turns the memory check on as if the trials ran on such a GPU.
+    gpu_memory_gib: Annotated[float, Field(gt=0)] | None = None
+    price_per_gpu_hour: Annotated[float, Field(ge=0)] | None = None  # dollars; None: no dollar figures
+    # Launch no new trial once the trials' GPU-hours (CPU sweeps: trial-hours) reach this; None: no cap.
+    budget_gpu_hours: Annotated[float, Field(gt=0)] | None = None
     max_failures: Annotated[int, Field(ge=0)] = 2  # retries of a crashed trial, from its last checkpoint
     # Optuna's study storage (an RDB URL); default: a SQLite file in the experiment folder.
     study_storage: str | None = None

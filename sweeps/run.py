@@ -21,8 +21,10 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from analysis.experiment import RESULTS, SUMMARY, is_remote, write_summary, write_table
-from sweeps.config import ConfigError, SearchSettings, SweepConfig, load_config
+from sweeps.budget import BudgetSearcher
+from sweeps.config import ConfigError, SearchSettings, load_config
 from sweeps.plan import SweepPlan, faults_from_environment, plan_sweep, resume_plan, study_file
+from sweeps.resources import TrialResources, plan_resources, trial_gpus
 from sweeps.results import collect_results, format_results
 from sweeps.space import to_tune_space
 from sweeps.study import StudyMirror
@@ -98,12 +100,9 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
     from ray import tune
 
     config, search = plan.config, plan.config.search
-    resources = ray.cluster_resources()
-    gpus = trial_gpus(config, resources)
-    # As many trials at once as the cluster holds now (an autoscaling cluster should set the cap itself):
-    # with a searcher, Tune only keeps one trial pending, so without a cap trials would run one by one.
-    capacity = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // search.cpus_per_trial
-    concurrency = search.max_concurrent_trials or max(1, capacity)
+    resources = plan_resources(plan, ray.cluster_resources())
+    print(describe_resources(resources), flush=True)
+    trial = dataclasses.replace(plan.trial, gpu_share=resources.gpu_share, memory=resources.memory)
     # With remote storage the SQLite study lives in the cache and the mirror keeps a copy in the experiment.
     keep_with = plan.experiment_uri if is_remote(plan.storage_uri) and not search.study_storage else None
     study_storage = search.study_storage or f"sqlite:///{study_file(plan, resume=resume)}"
@@ -117,7 +116,8 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
     )
     scheduler = build_scheduler(search, reports=math.ceil(config.train.max_steps / config.train.eval_every))
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, settings=plan.trial), {"cpu": search.cpus_per_trial, "gpu": gpus}
+        tune.with_parameters(train_trial, settings=trial),
+        {"cpu": search.cpus_per_trial, "gpu": resources.gpu_share},
     )
     if resume:
         # Finished trials stay as they are; unfinished and crashed ones continue from their last checkpoint;
@@ -129,10 +129,14 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,
-            search_alg=searcher,
+            search_alg=searcher
+            if search.budget_gpu_hours is None
+            else BudgetSearcher(
+                searcher, budget_gpu_hours=search.budget_gpu_hours, gpu_share=resources.gpu_share
+            ),
             scheduler=scheduler,
             num_samples=search.num_samples,
-            max_concurrent_trials=concurrency,
+            max_concurrent_trials=resources.concurrency,
         ),
         run_config=tune.RunConfig(
             name=plan.experiment,
@@ -185,12 +189,16 @@ def build_scheduler(search: SearchSettings, *, reports: int) -> Any:  # ASHASche
     )
 
 
-def trial_gpus(config: SweepConfig, resources: dict[str, float]) -> int:
-    """GPUs per trial: `search.gpus_per_trial`, where "auto" means 1 if the cluster has GPUs."""
-    gpus = config.search.gpus_per_trial
-    if gpus == "auto":
-        return 1 if resources.get("GPU", 0) >= 1 else 0
-    return gpus
+def describe_resources(resources: TrialResources) -> str:
+    memory = resources.memory
+    where = f"{resources.trials_per_gpu} trial(s) per GPU" if resources.gpus else "CPU trials"
+    check = (
+        f"memory check: each trial's estimate against {memory.card_gib * memory.share:.3g} GiB "
+        f"(1/{resources.trials_per_gpu} of {memory.card_gib:.3g} GiB)"
+        if memory
+        else "memory check: off"
+    )
+    return f"resources: {where}, {resources.concurrency} at once; {check}"
 
 
 def build_loggers(names: Sequence[str]) -> list[Any]:

@@ -34,6 +34,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from trainable.faults import Fault, InjectFaults
 from trainable.hardware import resolve_compute_dtype
+from trainable.memory import TrialMemory, estimate_trial_memory, fits
 from trainable.model import build_lora_model, load_base_model, load_tokenizer
 from trainable.outcome import TrialReport
 from trainable.settings import Hyperparameters, ModelSettings, TrainSettings
@@ -68,6 +69,8 @@ class TrialSettings:
     train_data: dict[str, list[list[int]]]  # input_ids and labels, tokenized once by the driver
     eval_data: dict[str, list[list[int]]]
     cpus: int = 1
+    gpu_share: float = 0.0  # GPUs this trial holds (1 / search.trials_per_gpu), 0 for CPU trials
+    memory: TrialMemory | None = None  # set: estimate the trial's peak first and skip it if it cannot fit
     # Tests of the fault handling only (trainable/faults.py); empty in every real sweep.
     faults: tuple[Fault, ...] = ()
 
@@ -118,12 +121,16 @@ class TuneReporter(TrainerCallback):
         base_eval_loss: float | None,
         retries: int,
         restored_from_step: int,
+        estimated_memory_gib: float = math.nan,
+        gpu_share: float = 0.0,
     ) -> None:
         self.send = send  # where each report goes, with its checkpoint
         self.device = device
         self.base_eval_loss = base_eval_loss
         self.retries = retries  # how often this trial was restarted from a checkpoint
         self.restored_from_step = restored_from_step
+        self.estimated_memory_gib = estimated_memory_gib
+        self.gpu_share = gpu_share
         self.diverged = False  # a NaN or infinite loss was seen
         # Where the trial ran, to check Tune's placement: the Ray node and the GPUs it was given.
         in_ray = ray.is_initialized()  # not when trained by hand
@@ -186,6 +193,8 @@ class TuneReporter(TrainerCallback):
             node_id=self.node_id,
             gpu_ids=self.gpu_ids,
             started_at=self.started_at,
+            estimated_memory_gib=self.estimated_memory_gib,
+            gpu_share=self.gpu_share,
         )
         self.train_losses = []
         return report
@@ -331,15 +340,33 @@ def run_trial(
     evaluation and its checkpoint to `send`; `resume_from` is a checkpoint folder it reported earlier.
 
     Two failures are final and reported instead of raised: CUDA out of memory (status 'oom'; the same
-    config would run out again) and a NaN/inf loss (status 'failed'). Anything else raises.
+    config would run out again) and a NaN/inf loss (status 'failed'). Anything else raises. With
+    settings.memory, a trial whose estimated peak exceeds its share of the card loads nothing and reports
+    skipped_oom.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(settings.cpus)
     hparams = trial_hparams(searched, settings.default_hparams)
+    estimated = math.nan
+    if settings.memory is not None:
+        estimate = estimate_trial_memory(settings.memory, hparams)
+        estimated = estimate.total_gib
+        if not fits(estimate, card_gib=settings.memory.card_gib, share=settings.memory.share):
+            # An infinite loss, not NaN: OptunaSearch tells NaN as a failed trial, which TPE ignores; an
+            # infinite loss ranks worst, so TPE samples less in this region.
+            skipped = TrialReport(eval_loss=math.inf, skipped_oom=True, estimated_memory_gib=estimated,
+                                  gpu_share=settings.gpu_share)  # fmt: skip
+            send(skipped.to_tune(), None)
+            return
+    if device == "cuda" and 0 < settings.gpu_share < 1:
+        # Trials sharing a card: this one's allocator may take only its share, so a trial that outgrows its
+        # plan runs out of memory itself (status oom) instead of starving its neighbours.
+        torch.cuda.set_per_process_memory_fraction(settings.gpu_share)
     set_seed(settings.train.seed)
     output_dir = tempfile.mkdtemp(prefix="trial-")
-    reporter = TuneReporter(send=send, device=device, base_eval_loss=None, retries=0, restored_from_step=0)
+    reporter = TuneReporter(send=send, device=device, base_eval_loss=None, retries=0, restored_from_step=0,
+                            estimated_memory_gib=estimated, gpu_share=settings.gpu_share)  # fmt: skip
     try:
         resume_step = None
         if resume_from is not None:  # a retried or resumed trial continues where its last report left it
@@ -366,7 +393,9 @@ def run_trial(
         if reporter.diverged:
             send(reporter.report(trainer.state, eval_loss=math.nan).to_tune(), None)
     except torch.cuda.OutOfMemoryError:
-        send(TrialReport(oom=True, retries=reporter.retries).to_tune(), None)
+        oom = TrialReport(oom=True, retries=reporter.retries, estimated_memory_gib=estimated,
+                          gpu_share=settings.gpu_share)  # fmt: skip
+        send(oom.to_tune(), None)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
         if device == "cuda":

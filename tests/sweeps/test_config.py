@@ -32,6 +32,13 @@ def test_llama2_config_starts_with_the_qlora_recipe() -> None:
     assert config.search.gpus_per_trial == 1
 
 
+def test_cost_settings_default_to_auto_packing_and_no_price_or_budget() -> None:
+    search = load_config("local", ["search.trials_per_gpu=3"]).search
+    assert search.trials_per_gpu == 3
+    search = load_config("local").search
+    assert (search.trials_per_gpu, search.price_per_gpu_hour, search.budget_gpu_hours) == ("auto", None, None)
+
+
 def test_dotted_overrides_are_typed() -> None:
     config = load_config(
         "local", ["train.max_steps=50", "search.space.r.choice=[8, 16]", "lora.learning_rate=1e-4"]
@@ -56,6 +63,11 @@ def test_dotted_overrides_are_typed() -> None:
         ("data.max_length=2", "data.max_length"),
         ("search.initial_points=[{r: 12}]", "search.initial_points[0].r"),
         ("storage_path=s3://b/x?endpoint_override=localhost:9000", "AWS_ENDPOINT_URL"),
+        ("search.trials_per_gpu=0", "search.trials_per_gpu"),
+        ("search.trials_per_gpu=some", "search.trials_per_gpu"),
+        ("search.budget_gpu_hours=0", "search.budget_gpu_hours"),
+        ("search.price_per_gpu_hour=-1", "search.price_per_gpu_hour"),
+        ("search.gpu_memory_gib=0", "search.gpu_memory_gib"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override: str, named: str) -> None:
