@@ -414,10 +414,13 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
     trial_id = tune.get_context().get_trial_id()
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir:  # an evaluation (a failure is told by the driver's summary)
+            # Before tune.report, flushed: after a trial's last report (or a scheduler's stop) Tune may end
+            # this process, and a line still in its stdout buffer, or not yet printed, never reaches Ray's log.
+            line = describe_evaluation(trial_id, TrialReport.from_tune(metrics), settings.train.max_steps)
+            print(line, flush=True)
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
-        if checkpoint_dir:  # an evaluation (a failure is told by the driver's summary)
-            print(describe_evaluation(trial_id, TrialReport.from_tune(metrics), settings.train.max_steps))
 
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as resume_from:
