@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from trainable.outcome import METRIC, TrialReport
+from trainable.outcome import METRIC, TRAIN_LOSS, TrialReport
 from trainable.settings import DataSettings, ModelSettings
 
 SUMMARY = "sweep.json"
@@ -138,8 +138,12 @@ def resolve_base_model(experiment: Experiment) -> str:
     return resolve_model(experiment.model_settings.name_or_path)
 
 
+# load_histories' columns: the trial, then TrialReport fields.
+HISTORY_COLUMNS = ("trial_id", "step", METRIC, TRAIN_LOSS)
+
+
 def load_histories(experiment: Experiment) -> pd.DataFrame:
-    """Every report of every trial, one row each: trial_id, step, eval_loss, train_loss.
+    """Every report of every trial, one row each: HISTORY_COLUMNS (trial_id, step, eval_loss, train_loss).
 
     Read from the trial folders' progress.csv; a trial whose folder is gone falls back on the eval_history
     list in results.parquet (steps then counted in train.eval_every units).
@@ -152,25 +156,18 @@ def load_histories(experiment: Experiment) -> pd.DataFrame:
             table = pd.read_csv(progress)
             if METRIC in table:
                 reports = [TrialReport.from_tune(r) for r in table.to_dict("records")]
-                frame = pd.DataFrame(
-                    {
-                        "step": [r.step for r in reports],
-                        "eval_loss": [r.eval_loss for r in reports],
-                        "train_loss": [r.train_loss for r in reports],
-                    }
-                )
+                fields = HISTORY_COLUMNS[1:]
+                frame = pd.DataFrame({name: [getattr(r, name) for r in reports] for name in fields})
                 frames.append(frame.assign(trial_id=row.trial_id))
                 continue
         history = list(row.eval_history) if row.eval_history is not None else []
         steps = [eval_every * (i + 1) for i in range(len(history))]
         frames.append(
-            pd.DataFrame(
-                {"step": steps, "eval_loss": history, "train_loss": math.nan, "trial_id": row.trial_id}
-            )
+            pd.DataFrame({"step": steps, METRIC: history, TRAIN_LOSS: math.nan, "trial_id": row.trial_id})
         )
     if not frames:
-        return pd.DataFrame(columns=["trial_id", "step", "eval_loss", "train_loss"])
-    return pd.concat(frames, ignore_index=True)[["trial_id", "step", "eval_loss", "train_loss"]]
+        return pd.DataFrame(columns=list(HISTORY_COLUMNS))
+    return pd.concat(frames, ignore_index=True)[list(HISTORY_COLUMNS)]
 
 
 def load_generations(experiment: Experiment) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from analysis.importance import Importance
 from analysis.score import BASELINE
+from trainable.outcome import METRIC
 from trainable.settings import HYPERPARAMETERS
 
 LOG_SCALE = {"learning_rate"}  # searched on a log scale; drawn on one
@@ -59,11 +60,11 @@ def plot_eval_curves(
     figure = Figure(figsize=(8, 4.5))
     axis = figure.subplots()
     for trial_id, group in histories.groupby("trial_id", sort=False):
-        group = group.dropna(subset=["eval_loss"]).sort_values("step")
+        group = group.dropna(subset=[METRIC]).sort_values("step")
         if group.empty:
             continue
         best = trial_id == highlight
-        axis.plot(group["step"], group["eval_loss"], marker="o", markersize=3, linewidth=2.5 if best else 1.2,
+        axis.plot(group["step"], group[METRIC], marker="o", markersize=3, linewidth=2.5 if best else 1.2,
                   label=f"{trial_id} (#1)" if best else str(trial_id), zorder=3 if best else 2)  # fmt: skip
     if math.isfinite(base_eval_loss):
         axis.axhline(base_eval_loss, color="gray", linestyle="--", linewidth=1, label="base model")

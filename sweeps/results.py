@@ -11,7 +11,7 @@ import pandas as pd
 
 from sweeps.budget import SECONDS_PER_HOUR, dollars, gpu_seconds
 from sweeps.config import SweepConfig
-from trainable.outcome import METRIC, MODE, RANKABLE_STATUSES, Origin, TrialReport, trial_status
+from trainable.outcome import METRIC, MODE, RANKABLE_STATUSES, TRAIN_LOSS, Origin, TrialReport, trial_status
 from trainable.settings import HYPERPARAMETERS
 
 
@@ -75,7 +75,7 @@ def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
                 "best_eval_loss": best_loss,
                 "final_eval_loss": float(losses.iloc[-1]) if len(losses) else math.nan,
                 "base_eval_loss": last.base_eval_loss,
-                "train_loss": last.train_loss,
+                TRAIN_LOSS: last.train_loss,
                 "steps": last.step,
                 "tokens": last.tokens,
                 "tokens_per_s": last.tokens_per_s,

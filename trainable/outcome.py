@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 # TrialReport.eval_loss in Tune's results.
 METRIC = "eval_loss"
 MODE: Literal["min"] = "min"
+TRAIN_LOSS = "train_loss"  # the name of TrialReport.train_loss, the other loss a trial's history shows
 DIRECTION: Literal["minimize"] = "minimize"  # MODE in Optuna's words
 
 Status = Literal["completed", "stopped", "oom", "skipped_oom", "failed", "error"]

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from trainable.outcome import METRIC, RANKABLE_STATUSES, STATUSES, TrialReport, trial_status
+from trainable.outcome import METRIC, RANKABLE_STATUSES, STATUSES, TRAIN_LOSS, TrialReport, trial_status
 
 FULL = TrialReport(
     eval_loss=1.25,
@@ -36,6 +36,7 @@ FULL = TrialReport(
 def test_report_survives_tune_and_back() -> None:
     metrics = FULL.to_tune()
     assert metrics[METRIC] == 1.25  # the key Tune's scheduler and checkpoints are told to read
+    assert metrics[TRAIN_LOSS] == FULL.train_loss
     assert metrics["diverged"] == 1 and type(metrics["diverged"]) is int  # progress.csv holds numbers
     # Tune adds its own keys to every result; they are not part of the report.
     assert TrialReport.from_tune({**metrics, "training_iteration": 4, "trial_id": "x"}) == FULL
