@@ -272,7 +272,12 @@ def build_trainer(
         dataloader_num_workers=0,
     )
     loraplus = build_loraplus_optimizer(model, args, ratio=hparams.loraplus_lr_ratio)
-    trainer = SFTTrainer(
+    trainer_class = SFTTrainer
+    if device == "cpu":  # the same loss from the labelled tokens only (trainable/compact.py says why)
+        from trainable.compact import CompactLossTrainer
+
+        trainer_class = CompactLossTrainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=Dataset.from_dict(trial.train_data),

@@ -1,0 +1,50 @@
+"""A CPU trial's loss from the labelled tokens only equals trl's loss over every position, and so do its
+gradients (trainable/compact.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from trl import SFTTrainer
+
+from trainable.compact import CompactLossTrainer
+from trainable.prepare import prepare_trial
+from trainable.settings import DataSettings, Hyperparameters, ModelSettings, TrainSettings
+from trainable.train import setup_trial
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 97])
+def test_compact_loss_and_gradients_equal_trl(
+    tiny_llama: Path, tmp_path: Path, num_items_in_batch: int | None
+) -> None:
+    model_settings = ModelSettings(name_or_path=str(tiny_llama), gradient_checkpointing=False)
+    trial = prepare_trial(
+        model=model_settings,
+        data=DataSettings(max_length=128, max_train_examples=16, max_eval_examples=4),
+        train=TrainSettings(max_steps=1, eval_every=1, batch_size=8),
+    ).settings
+    hparams = Hyperparameters(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    trainer = setup_trial(hparams, trial, output_dir=str(tmp_path), device="cpu", callbacks=[])
+    assert isinstance(trainer, CompactLossTrainer)  # what a CPU trial trains with
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels = batch["labels"]
+    # The batch has what the compact loss leaves out: padding and prompt tokens without a label.
+    assert 0 < int((labels != -100).sum()) < labels.numel() // 2
+    model = trainer.model
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    torch.nn.init.normal_(lora[1], std=0.02)  # LoRA B starts at zero: give every gradient a nonzero path
+
+    def loss_and_grads(compute_loss) -> tuple[torch.Tensor, list[torch.Tensor]]:  # type: ignore[no-untyped-def]
+        loss = compute_loss(model, dict(batch), num_items_in_batch=num_items_in_batch)
+        return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, lora)]
+
+    compact_loss, compact_grads = loss_and_grads(trainer.compute_loss)
+    trl_loss, trl_grads = loss_and_grads(lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k))
+    assert torch.isfinite(compact_loss) and compact_loss > 0
+    torch.testing.assert_close(compact_loss, trl_loss, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(compact_grads, trl_grads, strict=True):
+        # Equal up to float32 summation order: the two sum the same terms in other orders.
+        assert torch.linalg.vector_norm(ours - theirs) <= 1e-4 * torch.linalg.vector_norm(theirs) + 1e-9
+    assert any(g.abs().sum() > 0 for g in compact_grads)
