@@ -42,6 +42,7 @@ from analysis.experiment import (
 )
 from analysis.generate import BASE, Candidate, Prompt, build_prompts, generate_for_candidates, render_prompts
 from analysis.rank import choose_candidates
+from analysis.seeds import describe_seed_spread, pool_seeds
 from analysis.settings import ReportSettings, load_report_settings
 
 
@@ -129,7 +130,8 @@ def run_report(
         settings = dataclasses.replace(settings, top_k=top_k)
     check_settings(settings)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    candidates = select_candidates(experiment.results, settings.top_k)
+    results = pool_seeds(experiment.results)  # with seed re-checks: one row per configuration
+    candidates = select_candidates(results, settings.top_k)
     prompts, prompt_note = build_prompt_set(experiment, settings)
     generations, timing = generate_answers(experiment, candidates, prompts, settings, device=device)
     scored = score_generations(generations)
@@ -139,7 +141,7 @@ def run_report(
         judge = load_judge(settings.judge, endpoint_model=settings.judge_model, device=device)
         judgments = run_judge(build_comparisons(scored), judge)
         quality = quality.join(fit_bradley_terry(judgments, list(quality.index)))
-    board = rank_trials(experiment.results, quality, loss_tolerance=settings.loss_tolerance,
+    board = rank_trials(results, quality, loss_tolerance=settings.loss_tolerance,
                         rank_by=settings.rank_by, base_eval_loss=experiment.base_eval_loss)  # fmt: skip
     folder = experiment.path
     write_table(board, folder, LEADERBOARD)
@@ -226,6 +228,8 @@ def build_report_page(
         "ranking": f"within {100 * settings.loss_tolerance:g}% of the best eval loss, by {', '.join(settings.rank_by)}; then by eval loss",
         "candidates": f"top {settings.top_k} by eval loss + the base model: {', '.join(candidates)}",
     }  # fmt: skip
+    if (seeds := describe_seed_spread(board)) is not None:
+        facts["seed re-checks"] = f"ranked by mean best eval loss over seeds. {seeds}"
     return render_report(title=f"Sweep report: {experiment.name}", facts=facts,
                          leaderboard_html=render_leaderboard(board, rank_by=settings.rank_by),
                          figures=figures, sections=sections)  # fmt: skip
@@ -289,6 +293,8 @@ def format_summary(outputs: ReportOutputs) -> str:
         lines.append(
             f"{row.candidate}: {row.new_tokens} new tokens in {row.seconds:.1f} s ({row.tokens_per_s:.1f} tokens/s)"
         )
+    if (seeds := describe_seed_spread(board)) is not None:
+        lines.append(f"seed re-checks: {seeds}")
     lines.append(f"\nreport: {outputs.folder / REPORT_PAGE} ({outputs.seconds:.0f} s)")
     return "\n".join(lines)
 

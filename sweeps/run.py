@@ -5,9 +5,11 @@
     python -m sweeps.run --config path/to/my.yaml train.max_steps=50
     python -m sweeps.run --config llama2-7b --resume       # continue the newest interrupted llama2-7b sweep
 
-Checks the config, model and data first (nothing starts on bad input), tokenizes the data once, then runs
-Ray Tune with Optuna's TPE over the search space, ASHA stopping trials that trail, one GPU (or a few CPU
-cores) per trial. Writes results.parquet (one row per trial) into the experiment folder, then the report.
+Checks the config, model and data first (nothing starts on bad input), tokenizes the data once, measures
+the base model's eval loss once, then runs Ray Tune with Optuna's TPE over the search space, ASHA stopping
+trials that trail, one GPU (or a few CPU cores) per trial, then the seed re-checks of the best
+configurations (search.recheck_top, sweeps/recheck.py). Writes results.parquet (one row per trial) into the
+experiment folder, then the report.
 """
 
 from __future__ import annotations
@@ -18,19 +20,28 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from analysis.experiment import RESULTS, STUDY, is_remote, write_file, write_summary, write_table
 from sweeps.config import ConfigError, SweepConfig, load_config
-from sweeps.plan import SweepPlan, faults_from_environment, plan_sweep, resume_plan, study_folder
+from sweeps.plan import (
+    SweepPlan,
+    faults_from_environment,
+    plan_sweep,
+    resume_plan,
+    study_folder,
+    with_base_eval_loss,
+)
+from sweeps.recheck import build_recheck_tuner, plan_rechecks
 from sweeps.results import collect_results, format_results
 from sweeps.space import to_tune_space
 from sweeps.study import StudyMirror
 from trainable.data import DataError
 from trainable.model import ModelError
 from trainable.outcome import METRIC, MODE
-from trainable.train import train_trial
+from trainable.train import evaluate_base, train_trial
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,11 +64,28 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False) -> str:
     import ray
 
     ray.init(ignore_reinit_error=True)
-    if not resume:
+    if plan.trial.base_eval_loss is None:  # a resumed sweep keeps the one it measured
+        plan = with_base_eval_loss(plan, measure_base_eval_loss(plan))
         write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
     grid = build_tuner(plan, resume=resume).fit()
     table = collect_results(grid, plan.config)
-    path = write_table(table, plan.experiment_uri, RESULTS)
+    path = write_table(table, plan.experiment_uri, RESULTS)  # the search's, kept should the re-checks fail
+    points = plan_rechecks(table, plan.config)
+    if points:
+        print(f"rechecks: {len(points)} trial(s), {plan.config.search.recheck_seeds} new seed(s) for each of "
+              f"the best {len(points) // plan.config.search.recheck_seeds} configuration(s)", flush=True)  # fmt: skip
+        trainable, concurrency = trial_trainable(plan)
+        rechecks = build_recheck_tuner(
+            points,
+            trainable=trainable,
+            experiment_uri=plan.experiment_uri,
+            concurrency=concurrency,
+            callbacks=build_loggers(plan.config.search.loggers),
+            max_failures=plan.config.search.max_failures,
+            resume=resume,
+        ).fit()
+        table = collect_results(grid, plan.config, rechecks=rechecks)
+        path = write_table(table, plan.experiment_uri, RESULTS)
     if is_remote(plan.storage_uri) and not plan.config.search.study_storage:
         # SQLite needs a local file: the study lived beside the driver; keep a copy with the results.
         with open(os.path.join(study_folder(plan), STUDY), "rb") as f:
@@ -66,6 +94,23 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False) -> str:
     if plan.config.report.enabled:
         start_report(plan)
     return path
+
+
+def measure_base_eval_loss(plan: SweepPlan) -> float:
+    """The base model's eval loss (trainable.train.evaluate_base), once per sweep, as a Ray task with a
+    trial's resources: on a cluster it runs on a worker with a GPU, not on the head node."""
+    import ray
+
+    resources, _ = trial_resources(plan)
+    # max_calls=1: the worker process exits afterwards, returning the model's memory (and the GPU's).
+    task = ray.remote(max_calls=1)(evaluate_base).options(
+        num_cpus=resources["cpu"], num_gpus=resources["gpu"]
+    )
+    start = time.perf_counter()
+    loss = float(ray.get(task.remote(plan.trial)))
+    print(f"base model: eval loss {loss:.4f} (measured once for the sweep, {time.perf_counter() - start:.0f} s)",
+          flush=True)  # fmt: skip
+    return loss
 
 
 def describe_plan(plan: SweepPlan) -> str:
@@ -82,18 +127,12 @@ def describe_plan(plan: SweepPlan) -> str:
 
 def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tuner
     import optuna
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     config, search = plan.config, plan.config.search
-    resources = ray.cluster_resources()
-    gpus = trial_gpus(config, resources)
-    # As many trials at once as the cluster holds now (an autoscaling cluster should set the cap itself):
-    # with a searcher, Tune only keeps one trial pending, so without a cap trials would run one by one.
-    capacity = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // search.cpus_per_trial
-    concurrency = search.max_concurrent_trials or max(1, capacity)
+    trainable, concurrency = trial_trainable(plan)
     study_storage = search.study_storage or f"sqlite:///{study_folder(plan)}/{STUDY}"
     searcher = OptunaSearch(
         points_to_evaluate=config.points_to_evaluate or None,
@@ -116,9 +155,6 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
         )
         if use_asha
         else None
-    )
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, settings=plan.trial), {"cpu": search.cpus_per_trial, "gpu": gpus}
     )
     if resume:
         # Finished trials stay as they are; unfinished and crashed ones continue from their last checkpoint;
@@ -148,6 +184,28 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
         ),
     )
+
+
+def trial_resources(plan: SweepPlan) -> tuple[dict[str, float], int]:
+    """A trial's resources ({"cpu": ..., "gpu": ...}) and how many trials run at once: as many as the
+    cluster holds now (an autoscaling cluster should set search.max_concurrent_trials itself)."""
+    import ray
+
+    search = plan.config.search
+    resources = ray.cluster_resources()
+    gpus = trial_gpus(plan.config, resources)
+    # With a searcher, Tune only keeps one trial pending, so without a cap trials would run one by one.
+    capacity = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // search.cpus_per_trial
+    return {"cpu": search.cpus_per_trial, "gpu": gpus}, search.max_concurrent_trials or max(1, capacity)
+
+
+def trial_trainable(plan: SweepPlan) -> tuple[Any, int]:
+    """Tune's trainable (train_trial with the plan's settings and a trial's resources) and the number of
+    trials at once."""
+    from ray import tune
+
+    resources, concurrency = trial_resources(plan)
+    return tune.with_resources(tune.with_parameters(train_trial, settings=plan.trial), resources), concurrency
 
 
 def trial_gpus(config: SweepConfig, resources: dict[str, float]) -> int:
