@@ -57,7 +57,8 @@ def driver(config: Path, *extra: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "sweeps.run", "--config", str(config), *extra],
         cwd=cwd,
-        env=dict(os.environ),
+        # A Ray instance of its own: the machine may run other sweeps, whose clusters come and go.
+        env={**os.environ, "RAY_ADDRESS": "local"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
