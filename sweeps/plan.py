@@ -21,6 +21,7 @@ from analysis.experiment import BASE_EVAL_LOSS, experiment_names, is_remote, joi
 from sweeps.config import ConfigError, SweepConfig
 from trainable.faults import ENV as FAULTS_ENV
 from trainable.faults import Fault, parse_faults
+from trainable.hardware import describe_environment, environment_changes
 from trainable.model import cache_dir, load_module_names, resolve_model, resolve_target_modules
 from trainable.prepare import prepare_trial
 from trainable.train import TrialSettings
@@ -60,6 +61,7 @@ def plan_sweep(config: SweepConfig, *, faults: tuple[Fault, ...] = ()) -> SweepP
         "chat_template": prepared.chat_template,
         "linear_modules": sorted(available),
         "data": prepared.data,
+        "environment": describe_environment(config.model.compute_dtype),
     }
     return SweepPlan(config, config.experiment_name(), config.storage_uri(), prepared.settings, summary)
 
@@ -142,6 +144,15 @@ def resume_plan(plan: SweepPlan) -> SweepPlan:
         raise ConfigError(
             f"--resume: the {', '.join(changed)} differ from those of {plan.experiment_uri}; a resumed sweep "
             "must be the same sweep. Rerun with the original config and overrides, or start a new experiment."
+        )
+    changes = environment_changes(saved.get("environment") or {}, plan.summary["environment"])
+    if changes:
+        # Not refused: a library upgrade or another machine may be why the sweep was interrupted; said, so
+        # that figures of trials before and after the resume are compared knowingly.
+        print(
+            f"warning: --resume: the environment differs from the one {plan.experiment} started in:\n  "
+            + "\n  ".join(changes),
+            flush=True,
         )
     if saved.get(BASE_EVAL_LOSS) is not None:
         plan = with_base_eval_loss(plan, float(saved[BASE_EVAL_LOSS]))

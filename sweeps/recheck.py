@@ -68,6 +68,7 @@ def build_recheck_tuner(
     callbacks: list[Any],
     max_failures: int,
     resume: bool,
+    verbosity: int = 1,
 ) -> Any:  # ray.tune.Tuner
     """The Tuner of the re-checks, in the experiment's `rechecks/` subfolder; restored from there when
     resuming and it exists, else new."""
@@ -96,5 +97,6 @@ def build_recheck_tuner(
                 num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
             ),
             failure_config=tune.FailureConfig(max_failures=max_failures),
+            verbose=verbosity,
         ),
     )

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from analysis.experiment import RESULTS, STUDY, is_remote, write_file, write_summary, write_table
 from sweeps.config import ConfigError, SweepConfig, load_config
@@ -43,6 +43,8 @@ from trainable.model import ModelError
 from trainable.outcome import METRIC, MODE
 from trainable.train import evaluate_base, train_trial
 
+Verbosity = Literal[0, 1, 2]
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -55,19 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(describe_plan(plan), flush=True)
-    run_sweep(plan, resume=args.resume)
+    run_sweep(plan, resume=args.resume, verbosity=args.verbosity)
     return 0
 
 
-def run_sweep(plan: SweepPlan, *, resume: bool = False) -> str:
-    """Run (or resume) the planned sweep, write its results and report; returns where results.parquet is."""
+def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1) -> str:
+    """Run (or resume) the planned sweep, write its results and report; returns where results.parquet is.
+    `verbosity`: Tune's console output, 0 none, 1 the progress table, 2 each trial's start and results too;
+    every trial prints one line per evaluation at any verbosity."""
+    import optuna
     import ray
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per created study or trial is noise here
     ray.init(ignore_reinit_error=True)
     if plan.trial.base_eval_loss is None:  # a resumed sweep keeps the one it measured
         plan = with_base_eval_loss(plan, measure_base_eval_loss(plan))
         write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
-    grid = build_tuner(plan, resume=resume).fit()
+    grid = build_tuner(plan, resume=resume, verbosity=verbosity).fit()
     table = collect_results(grid, plan.config)
     path = write_table(table, plan.experiment_uri, RESULTS)  # the search's, kept should the re-checks fail
     points = plan_rechecks(table, plan.config)
@@ -83,6 +89,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False) -> str:
             callbacks=build_loggers(plan.config.search.loggers),
             max_failures=plan.config.search.max_failures,
             resume=resume,
+            verbosity=verbosity,
         ).fit()
         table = collect_results(grid, plan.config, rechecks=rechecks)
         path = write_table(table, plan.experiment_uri, RESULTS)
@@ -125,7 +132,7 @@ def describe_plan(plan: SweepPlan) -> str:
     )
 
 
-def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tuner
+def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1) -> Any:  # ray.tune.Tuner
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -182,6 +189,7 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False) -> Any:  # ray.tune.Tu
                 checkpoint_score_order=MODE,
             ),
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
+            verbose=verbosity,
         ),
     )
 
@@ -272,6 +280,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="continue an interrupted sweep: the newest of this config, or the one named by experiment=NAME",
     )
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "--quiet", dest="verbosity", action="store_const", const=0, default=1,
+        help="no progress table: the plan, one line per trial evaluation, the summary",
+    )  # fmt: skip
+    loudness.add_argument(
+        "--verbose", dest="verbosity", action="store_const", const=2,
+        help="also Tune's box for every trial's start and results",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
     return parser.parse_args(argv)
 

@@ -42,12 +42,13 @@ class TrialReport:
     The defaults are what a report that does not know a value says (an out-of-memory trial knows little).
     """
 
+    # The first four fields are the columns Tune's progress table shows (it takes a result's first four).
     eval_loss: float = math.nan  # METRIC: loss on the eval split at `step`
     train_loss: float = math.nan  # mean training loss over the steps since the previous report
-    grad_norm: float = math.nan  # at the last logged step
     step: int = 0  # optimizer steps done
-    tokens: int = 0  # input tokens seen since the start (a resumed trial included)
     tokens_per_s: float = math.nan  # training throughput of this process (resumed: since the resume)
+    tokens: int = 0  # input tokens seen since the start (a resumed trial included)
+    grad_norm: float = math.nan  # at the last logged step
     peak_memory_gib: float = math.nan  # GPU memory allocated at most (CPU: the process's peak RSS)
     # The GPU Tune gave this trial (Ray sets CUDA_VISIBLE_DEVICES to it) and how many the trial sees.
     cuda_visible_devices: str = ""

@@ -30,7 +30,7 @@ from typing import Any
 
 import ray
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from trainable.faults import Fault, InjectFaults
 from trainable.hardware import resolve_compute_dtype
@@ -72,6 +72,30 @@ class TrialSettings:
     base_eval_loss: float | None = None
     # Tests of the fault handling only (trainable/faults.py); empty in every real sweep.
     faults: tuple[Fault, ...] = ()
+
+
+def quiet_libraries() -> None:
+    """Keep a trial's output to what a person watching a sweep needs: no per-tensor loading bars, no
+    per-log dicts, no notes that Tune saved a checkpoint, no deprecation warnings about library internals
+    that the project does not call (they repeat once per trial and bury the progress table)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)\.")
+
+
+def describe_evaluation(trial_id: str, report: TrialReport, max_steps: int) -> str:
+    """The one line a trial prints per evaluation."""
+    return (
+        f"trial {trial_id}: step {report.step}/{max_steps}, eval_loss {report.eval_loss:.4f} "
+        f"(base {report.base_eval_loss:.4f}), train_loss {report.train_loss:.4f}, "
+        f"{report.tokens_per_s:.0f} tokens/s"
+    )
 
 
 def trial_hparams(searched: dict[str, Any], defaults: Hyperparameters) -> Hyperparameters:
@@ -235,13 +259,13 @@ def build_trainer(
         include_num_input_tokens_seen="all" if padding_free else "non_padding",  # padding-free: all are real
         padding_free=padding_free,
         prediction_loss_only=True,  # eval_loss is all we need; gathering logits costs most of an eval pass
-        gradient_checkpointing=False,  # already set up by build_lora_model, with the right kwargs
+        activation_checkpointing=False,  # already set up by build_lora_model, with the right kwargs
         max_length=None,  # the driver already cut examples to data.max_length and counted the cuts
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_dict(trial.train_data),
@@ -249,6 +273,9 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    # The trainer prints every log dict; a sweep prints one line per evaluation instead (train_trial).
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def setup_trial(
@@ -369,9 +396,14 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
     """
     from ray import tune
 
+    quiet_libraries()
+    trial_id = tune.get_context().get_trial_id()
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
+        if checkpoint_dir:  # an evaluation (a failure is told by the driver's summary)
+            print(describe_evaluation(trial_id, TrialReport.from_tune(metrics), settings.train.max_steps))
 
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as resume_from:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,25 @@ def test_resume_picks_the_newest_experiment_of_the_config(tmp_path: Path) -> Non
     assert find_experiment(config) == "local-20261130-120000"
     named = load_config("local", [f"storage_path={tmp_path}", "experiment=local-20261129-090000"])
     assert find_experiment(named) == "local-20261129-090000"
+
+
+def test_resume_warns_when_the_environment_differs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from analysis.experiment import write_summary
+    from sweeps.plan import resume_plan
+    from trainable.hardware import describe_environment
+
+    now = describe_environment("auto")
+    plan = dataclasses.replace(plan_for(str(tmp_path)), summary={"fingerprint": {}, "environment": now})
+    write_summary(plan.experiment_uri, {"fingerprint": {}, "environment": now})
+    resume_plan(plan)
+    assert "warning" not in capsys.readouterr().out  # the same environment: nothing to say
+
+    before = {**now, "packages": {**now["packages"], "peft": "0.20.0"}, "compute_dtype": "bfloat16"}
+    write_summary(plan.experiment_uri, {"fingerprint": {}, "environment": before})
+    resume_plan(plan)  # resumed all the same
+    said = capsys.readouterr().out
+    assert "the environment differs" in said
+    assert f"peft: 0.20.0 -> {now['packages']['peft']}" in said
+    assert f"compute_dtype: bfloat16 -> {now['compute_dtype']}" in said

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +93,20 @@ def test_learning_continues_after_every_evaluation(tiny_sweep: tuple[Path, str])
     assert len(history) == 4
     assert all(later < earlier for earlier, later in itertools.pairwise(history)), history
     assert first["base_eval_loss"] > history[0]
+
+
+def test_console_shows_one_line_per_evaluation_and_no_library_noise(tiny_sweep: tuple[Path, str]) -> None:
+    experiment, output = tiny_sweep
+    table = pd.read_parquet(experiment / "results.parquet")
+    for trial_id in table["trial_id"]:
+        lines = re.findall(rf"trial {trial_id}: step (\d+)/8, eval_loss ([\d.]+) \(base [\d.]+\)", output)
+        assert [int(step) for step, _ in lines] == [2, 4, 6, 8], trial_id
+    for noise in ("Loading weights", "FutureWarning", "{'eval_loss'", "Checkpoint successfully created"):
+        assert noise not in output, noise
+    environment = json.loads((experiment / "sweep.json").read_text())["environment"]
+    assert environment["packages"]["torch"] and environment["compute_dtype"] in ("float32", "bfloat16")
+    # Tune's progress table carries the trial's progress, not only its hyperparameters.
+    assert re.search(r"eval_loss\s+train_loss\s+step\s+tokens_per_s", output)
 
 
 def test_adapters_load_with_peft_on_their_targets(tiny_sweep: tuple[Path, str], tiny_llama: Path) -> None:

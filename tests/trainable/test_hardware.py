@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sweeps.config import load_config
-from trainable.hardware import cpu_flags, cpu_has_native_bf16, resolve_compute_dtype
+from trainable.hardware import cpu_flags, cpu_has_native_bf16, describe_environment, resolve_compute_dtype
 from trainable.model import load_base_model
 from trainable.settings import ModelSettings
 
@@ -45,3 +45,17 @@ def test_the_4bit_base_on_this_cpu_computes_in_the_resolved_dtype(tiny_llama: Pa
     q_proj = model.model.layers[0].self_attn.q_proj
     assert q_proj.weight.quant_state.dtype == expected
     assert q_proj.compute_dtype == expected
+
+
+def test_the_environment_names_versions_device_dtype_and_commit() -> None:
+    import importlib.metadata
+
+    environment = describe_environment("auto")
+    assert environment["packages"]["torch"] == torch.__version__
+    assert environment["packages"]["qlora-sweeps"] == importlib.metadata.version("qlora-sweeps")
+    assert environment["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert torch.cuda.is_available() or environment["compute_dtype"] == expected
+    assert environment["cpu"]["native_bf16"] == cpu_has_native_bf16()
+    commit = environment["commit"]  # the tests run from a checkout
+    assert commit is None or len(commit.split("+")[0]) == 40
