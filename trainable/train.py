@@ -36,7 +36,7 @@ from trainable.faults import Fault, InjectFaults
 from trainable.hardware import resolve_compute_dtype
 from trainable.model import build_lora_model, load_base_model, load_tokenizer
 from trainable.outcome import SEED_KEY, TrialReport
-from trainable.settings import Hyperparameters, ModelSettings, TrainSettings
+from trainable.settings import HYPERPARAMETERS, Hyperparameters, ModelSettings, TrainSettings
 
 TRIAL_STATE = "trial_state.json"  # kept in each checkpoint: a TrialState
 # transformers' key for the eval loss in evaluate()'s metrics: metric_key_prefix "eval" + the model's "loss".
@@ -99,8 +99,9 @@ def describe_evaluation(trial_id: str, report: TrialReport, max_steps: int) -> s
 
 
 def trial_hparams(searched: dict[str, Any], defaults: Hyperparameters) -> Hyperparameters:
-    """The trial's hyperparameters: the searched values over the configured defaults."""
-    return dataclasses.replace(defaults, **{k: v for k, v in searched.items() if k != SEED_KEY})
+    """The trial's hyperparameters: the searched values over the configured defaults. A trial's config may
+    hold other keys (a re-check's seed and the trial it re-checks); the config's space names only these."""
+    return dataclasses.replace(defaults, **{k: v for k, v in searched.items() if k in HYPERPARAMETERS})
 
 
 def peak_memory_gib(device: str) -> float:
