@@ -11,15 +11,20 @@ and how they are read back. The driver writes through this module; the analysis 
                             the report's outputs
 
 The folder may have been copied from another machine (or down from cloud storage): every path recorded in
-it is checked, and one that does not exist is looked up again inside the folder.
+it is checked, and one that does not exist is looked up again inside the folder. An experiment in remote
+storage (s3://, gs://, ... as pyarrow names them) is read through a copy in the local cache (fetch_experiment)
+and what is written about it is put back next to it (publish_folder).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +40,10 @@ STUDY = "optuna.db"
 LEADERBOARD = "leaderboard.parquet"
 LEADERBOARD_CSV = "leaderboard.csv"
 GENERATIONS = "generations.parquet"
+PAIRED_TESTS = "paired_tests.parquet"
 JUDGMENTS = "judgments.parquet"
 REPORT_PAGE = "report.html"
-REPORT_OUTPUTS = (LEADERBOARD, LEADERBOARD_CSV, GENERATIONS, JUDGMENTS, REPORT_PAGE)
+REPORT_OUTPUTS = (LEADERBOARD, LEADERBOARD_CSV, GENERATIONS, PAIRED_TESTS, JUDGMENTS, REPORT_PAGE)
 RECHECKS = "rechecks"  # the seed re-checks' Tune experiment, a subfolder (sweeps/recheck.py)
 BASE_EVAL_LOSS = "base_eval_loss"  # sweep.json's key of the base model's eval loss, measured once
 
@@ -53,6 +59,7 @@ class Experiment:
     path: Path
     summary: dict[str, Any]  # sweep.json: the config and what the driver resolved from it
     results: pd.DataFrame  # results.parquet, adapter_path and trial_path relocated
+    uri: str | None = None  # where the experiment is stored when `path` is a local copy of remote storage
 
     @property
     def name(self) -> str:
@@ -106,7 +113,10 @@ def relocate(recorded: str | None, folder: Path) -> str | None:
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    """Read an experiment folder (or its results.parquet)."""
+    """Read an experiment folder (or its results.parquet), or a remote one through its cached copy."""
+    if is_remote(path):
+        uri = str(path).rstrip("/").removesuffix(f"/{RESULTS}")
+        return dataclasses.replace(load_experiment(fetch_experiment(uri)), uri=uri)
     folder = experiment_folder(path)
     results_path = folder / RESULTS
     if not results_path.is_file():
@@ -258,3 +268,51 @@ def write_table(table: pd.DataFrame, folder: str | Path, name: str) -> str:
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     return write_file(folder, name, buffer.getvalue())
+
+
+# What the analysis reads of a remote experiment: its tables, each trial's progress and the adapters of the
+# checkpoints; not the optimizer states and tokenizer copies that make up most of a checkpoint.
+FETCHED_SUFFIXES = (".json", ".parquet", ".csv", ".db")
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "trial_state.json")
+
+
+def fetch_experiment(uri: str) -> Path:
+    """Copy what the analysis reads of the experiment at `uri` into the local cache; returns the copy's
+    folder. Files already there with the same size are not fetched again."""
+    from pyarrow import fs
+
+    from trainable.model import cache_dir
+
+    filesystem, root = fs.FileSystem.from_uri(uri)
+    root = root.rstrip("/")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:8]  # one experiment name in two storages
+    local = cache_dir() / "experiments" / f"{Path(root).name}-{digest}" / Path(root).name
+    infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))
+    if not any(i.path == f"{root}/{RESULTS}" for i in infos):
+        raise ExperimentError(
+            f"{uri}: no {RESULTS}; give the experiment's URI as `python -m sweeps.run` printed it "
+            "(it holds sweep.json and results.parquet once the sweep has finished)"
+        )
+    for info in infos:
+        relative = info.path[len(root) :].lstrip("/")
+        parts = relative.split("/")
+        in_checkpoint = any(p.startswith("checkpoint_") for p in parts[:-1])
+        wanted = parts[-1] in CHECKPOINT_FILES if in_checkpoint else parts[-1].endswith(FETCHED_SUFFIXES)
+        if info.type != fs.FileType.File or not wanted or parts[-1].startswith("."):
+            continue
+        target = local / relative
+        if target.is_file() and target.stat().st_size == info.size:
+            continue
+        with filesystem.open_input_stream(info.path) as source:
+            write_file(local, relative, source.read())
+    return local
+
+
+def publish_folder(local: Path, uri: str, *, names: Sequence[str] | None = None) -> str:
+    """Put the files of `local` (only `names`, when given) into the folder at `uri`, each written
+    atomically (write_file); returns `uri`."""
+    files = [local / n for n in names] if names is not None else sorted(local.rglob("*"))
+    for path in files:
+        if path.is_file():
+            write_file(uri, path.relative_to(local).as_posix(), path.read_bytes())
+    return uri

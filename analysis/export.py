@@ -3,6 +3,7 @@
     python -m analysis.export experiments/local-20261130-120000                 # the leaderboard's #1
     python -m analysis.export EXPERIMENT --trial 1110d3e8 --out exported/
     python -m analysis.export EXPERIMENT --merge          # + OUT/merged: full bf16 model, save_pretrained
+    python -m analysis.export s3://bucket/experiments/NAME  # read through the local cache, written back there
 
 The adapter folder loads with `PeftModel.from_pretrained(base, OUT)`. --merge dequantizes the 4-bit base
 the adapter was trained against to bf16 (`--merge-into original` takes the checkpoint's own bf16 weights
@@ -26,10 +27,13 @@ from analysis.experiment import (
     LEADERBOARD,
     Experiment,
     ExperimentError,
+    is_remote,
     load_experiment,
+    publish_folder,
     resolve_base_model,
 )
 from analysis.rank import choose_candidates
+from analysis.seeds import pool_seeds
 from trainable.settings import HYPERPARAMETERS
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -55,7 +59,7 @@ def choose_trial(experiment: Experiment, trial: str | None = None) -> tuple[dict
             return results[results["trial_id"].astype(str) == first].iloc[
                 0
             ].to_dict(), "#1 of leaderboard.parquet"
-    best_by_loss = choose_candidates(results, top_k=1)
+    best_by_loss = choose_candidates(pool_seeds(results), top_k=1)  # re-checked: by the mean over seeds
     if best_by_loss.empty:
         raise ExperimentError(
             f"{experiment.path}: no trial has a usable adapter (statuses: {', '.join(results['status'])})"
@@ -150,15 +154,22 @@ def export_trial(
     out: str | Path | None = None,
     merge: bool = False,
     merge_into: MergeBase = "dequantized",
-) -> Path:
-    """Write the adapter (and, with `merge`, OUT/merged) to `out` (default EXPERIMENT/export/TRIAL_ID)."""
+) -> str:
+    """Write the adapter (and, with `merge`, OUT/merged) to `out` (default EXPERIMENT/export/TRIAL_ID), a
+    folder or a storage URI; returns where it went. An export into remote storage is built in the local
+    cache first."""
     experiment = load_experiment(path)
     row, why = choose_trial(experiment, trial)
     adapter = row.get("adapter_path")
     if not adapter or not Path(adapter).is_dir():
         raise ExperimentError(f"trial {row['trial_id']}: its adapter folder is missing ({adapter})")
-    target = Path(out) if out is not None else experiment.path / "export" / str(row["trial_id"])
-    target = target.expanduser().resolve()
+    home = experiment.uri if experiment.uri is not None else str(experiment.path)
+    destination = str(out) if out is not None else f"{home}/export/{row['trial_id']}"
+    if is_remote(destination):
+        # The local copy of the experiment lives in the cache; the export is built beside it.
+        target = experiment.path / "export" / str(row["trial_id"])
+    else:
+        target = Path(destination).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed into place: a failed export leaves no half-written folder.
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
@@ -185,7 +196,10 @@ def export_trial(
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+    if is_remote(destination):
+        publish_folder(target, destination)
+        return destination
+    return str(target)
 
 
 def load_merge_base(model_path: str, experiment: Experiment, *, into: MergeBase) -> Any:
@@ -220,9 +234,9 @@ def merge_adapter(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m analysis.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", help="the experiment folder or its results.parquet")
+    parser.add_argument("experiment", help="the experiment folder, its results.parquet, or a storage URI")
     parser.add_argument("--trial", help="a trial id (or a unique prefix); default: the leaderboard's #1")
-    parser.add_argument("--out", help="output folder (default: EXPERIMENT/export/TRIAL_ID)")
+    parser.add_argument("--out", help="output folder or storage URI (default: EXPERIMENT/export/TRIAL_ID)")
     parser.add_argument(
         "--merge", action="store_true", help="also write OUT/merged: the adapter merged into a bf16 base"
     )

@@ -25,16 +25,17 @@ BASE = "base"  # the candidate name of the base model without adapter
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt of the report's set: held out from the eval split (with a reference) or given by the user."""
+    """One prompt of the report's set: held out (from the test split, or the eval split when the data has no
+    test split; with a reference) or given by the user."""
 
     prompt_id: str
-    source: str  # "eval" or "user"
+    source: str  # "test", "eval" or "user"
     question: str  # the last user turn, for display
-    example: Example  # the conversation up to the answer (plus the reference answer for eval prompts)
+    example: Example  # the conversation up to the answer (plus the reference answer for held-out prompts)
 
     @property
     def reference(self) -> str | None:
-        return self.example.reference if self.source == "eval" else None
+        return self.example.reference if self.source != "user" else None
 
 
 @dataclass(frozen=True)
@@ -45,30 +46,38 @@ class Candidate:
     adapter_path: str | None = None
 
 
-def build_prompts(
-    eval_examples: Sequence[Example],
-    user_prompts: Sequence[str],
-    *,
-    count: int,
-    system_prompt: str | None = None,
-) -> list[Prompt]:
-    """`count` eval examples, spread over the tasks (round robin in order of first appearance, so a small
-    count still covers every task), then the user's prompts."""
-    usable = [e for e in eval_examples if any(m["role"] == "assistant" for m in e.messages)]
-    by_task: dict[str | None, list[tuple[int, Example]]] = {}
-    for index, example in enumerate(usable):
-        by_task.setdefault(example.task, []).append((index, example))
-    chosen: list[tuple[int, Example]] = []
+def spread_over_tasks(tasks: Sequence[str | None], count: int) -> list[int]:
+    """Positions of `count` items taken round robin over their tasks (in order of first appearance, so a
+    small count still covers every task), returned in their original order."""
+    by_task: dict[str | None, list[int]] = {}
+    for index, task in enumerate(tasks):
+        by_task.setdefault(task, []).append(index)
+    chosen: list[int] = []
     queues = list(by_task.values())
-    while len(chosen) < min(count, len(usable)):
+    while len(chosen) < min(count, len(tasks)):
         for queue in queues:
             if queue and len(chosen) < count:
                 chosen.append(queue.pop(0))
+    return sorted(chosen)
+
+
+def build_prompts(
+    held_out: Sequence[Example],
+    user_prompts: Sequence[str],
+    *,
+    count: int,
+    source: str = "test",
+    system_prompt: str | None = None,
+) -> list[Prompt]:
+    """Up to `count` held-out examples (all of them when there are fewer; else spread over the tasks), then
+    the user's prompts."""
+    usable = [e for e in held_out if any(m["role"] == "assistant" for m in e.messages)]
     prompts = []
-    for index, example in sorted(chosen, key=lambda pair: pair[0]):
+    for index in spread_over_tasks([e.task for e in usable], count):
+        example = usable[index]
         last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
         question = next((m["content"] for m in reversed(example.messages[:last]) if m["role"] == "user"), "")
-        prompts.append(Prompt(f"eval-{index:03d}", "eval", question, example))
+        prompts.append(Prompt(f"{source}-{index:04d}", source, question, example))
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     for number, text in enumerate(user_prompts, start=1):
         messages = [*system, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]

@@ -18,6 +18,7 @@ from matplotlib import cm, colors, ticker
 from matplotlib.figure import Figure
 
 from analysis.importance import Importance
+from analysis.score import BASELINE
 from trainable.settings import HYPERPARAMETERS
 
 LOG_SCALE = {"learning_rate"}  # searched on a log scale; drawn on one
@@ -198,7 +199,8 @@ def plot_importance(importance: Importance) -> Figure:
 
 
 def plot_quality(quality: pd.DataFrame) -> Figure:
-    """Exact match (checkable prompts) and chrF (prompts with a reference) per candidate."""
+    """Exact match (checkable or short answers) and chrF (prompts with a reference) per candidate, with their
+    95% intervals where the quality table has them (`_low`, `_high`)."""
     if quality.empty:
         return _note_figure("no answers were generated")
     figure = Figure(figsize=(10, 0.45 * len(quality) + 1.6))
@@ -209,9 +211,13 @@ def plot_quality(quality: pd.DataFrame) -> Figure:
         (axes[1], "chrf", "chrF", 1),
     ):
         values = quality[column].astype(float).to_numpy()[::-1] * scale
-        axis.barh(
-            names, np.nan_to_num(values), color=["tab:gray" if n == "base" else "tab:green" for n in names]
-        )
+        error = None
+        if f"{column}_low" in quality and f"{column}_high" in quality:
+            low = quality[f"{column}_low"].astype(float).to_numpy()[::-1] * scale
+            high = quality[f"{column}_high"].astype(float).to_numpy()[::-1] * scale
+            error = np.nan_to_num(np.vstack([values - low, high - values]))
+        axis.barh(names, np.nan_to_num(values), xerr=error, capsize=3,
+                  color=["tab:gray" if n in ("base", BASELINE) else "tab:green" for n in names])  # fmt: skip
         axis.set_xlabel(f"{label} (%)" if scale == 100 else label)
         axis.set_xlim(0, 100)
         axis.grid(alpha=0.3, axis="x")

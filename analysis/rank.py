@@ -1,15 +1,21 @@
-"""The leaderboard: eval loss and answer quality combined by one documented rule.
+"""The leaderboard: held-out answer quality where it separates the finalists, eval loss where it does not.
 
-The rule (report.loss_tolerance, report.rank_by):
+The rule (report.top_k, report.loss_tolerance, report.rank_by):
 1. A trial is *usable* when its status is rankable (trainable.outcome.RANKABLE_STATUSES: completed, or
-   stopped by the scheduler) and its best eval loss is finite. Trials that are not (error, failed, no loss) are listed last, unranked, with the reason.
-2. Among usable trials whose best eval loss is within `loss_tolerance` (relative) of the best one, the
-   trials that have answer scores (the top-k that generated) rank first, ordered by the `rank_by` scores,
-   higher first, each breaking ties of the one before (default: exact-match accuracy, then chrF).
+   stopped by the scheduler) and its best eval loss is finite. Trials that are not (error, failed, no loss)
+   are listed last, unranked, with the reason.
+2. The *finalists* (choose_candidates) are the top_k usable trials by best eval loss plus the QLoRA-recipe
+   trial (always, when it is usable): they answered the held-out prompts. They rank first, ordered by
+   a. net wins: how many other finalists a finalist is measurably better than (paired test on the held-out
+      prompts, p < 0.05: McNemar's exact test for exact match, a paired bootstrap for chrF; the first of
+      those in rank_by that was scored), minus how many are measurably better than it;
+   b. equal net wins: those within `loss_tolerance` (relative) of the best eval loss first, ordered by their
+      held-out scores in rank_by order (higher first; ties fall to the next score); then the others;
+   c. then best eval loss, then trial id.
 3. All other usable trials follow, ordered by best eval loss.
-4. Remaining ties (equal scores and equal loss) keep the order of trial id, and are marked in `note`.
-The base model's row (loss and scores of the model without adapter) stands after the ranked trials, with
-no rank, for contrast.
+The base model's row and the trivial baseline's (the most common training answer of each task) stand
+after the ranked trials, with no rank, for contrast. vs_recipe and vs_base say whether a finalist is
+measurably better than, tied with or worse than the recipe trial and the base model, with the p-value.
 """
 
 from __future__ import annotations
@@ -21,12 +27,31 @@ import pandas as pd
 
 from analysis.experiment import LEADERBOARD, Experiment
 from analysis.generate import BASE
+from analysis.score import BASELINE
 from analysis.seeds import pool_seeds
-from trainable.outcome import RANKABLE_STATUSES
+from trainable.outcome import RANKABLE_STATUSES, Origin
 from trainable.settings import HYPERPARAMETERS
 
 # rank_by name -> leaderboard column.
 QUALITY_COLUMNS = {"exact_match": "exact_match", "chrf": "chrf", "judge": "judge_strength"}
+TESTED = ("exact_match", "chrf")  # the scores with a paired test per prompt
+RECIPE_ORIGIN: Origin = "recipe"  # results.parquet's `origin` of the trial that ran the QLoRA paper's recipe
+TEST_NAMES = {"mcnemar": "McNemar", "paired_bootstrap": "paired bootstrap"}
+
+
+def recipe_trial(results: pd.DataFrame) -> str | None:
+    """The id of the trial that ran the QLoRA recipe, None when the sweep had none."""
+    recipe = results.loc[results["origin"] == RECIPE_ORIGIN, "trial_id"]
+    return str(recipe.iloc[0]) if len(recipe) else None
+
+
+def tested_metric(quality: pd.DataFrame | None, rank_by: Sequence[str]) -> str | None:
+    """The held-out score the paired tests separate finalists by: the first of rank_by with a paired test
+    that some trial was scored on."""
+    for name in rank_by:
+        if name in TESTED and quality is not None and name in quality and quality[name].notna().any():
+            return name
+    return None
 
 
 def usable_trials(results: pd.DataFrame) -> pd.Series:
@@ -36,10 +61,13 @@ def usable_trials(results: pd.DataFrame) -> pd.Series:
 
 
 def choose_candidates(results: pd.DataFrame, *, top_k: int) -> pd.DataFrame:
-    """The `top_k` usable trials that have an adapter, best eval loss first (equal losses by trial id):
-    the report's candidates, and the adapter to export when there is no leaderboard yet."""
+    """The finalists: the `top_k` usable trials that have an adapter, best eval loss first (equal losses by
+    trial id), then the QLoRA-recipe trial (results' `origin`) when it is usable and not among them. The
+    report's finalists; the first row is the adapter to export when there is no leaderboard yet."""
     usable = results[usable_trials(results) & results["adapter_path"].notna()]
-    return usable.sort_values(["best_eval_loss", "trial_id"], kind="stable").head(top_k)
+    ordered = usable.sort_values(["best_eval_loss", "trial_id"], kind="stable")
+    recipe = ordered[ordered["origin"] == RECIPE_ORIGIN]
+    return pd.concat([ordered.head(top_k), recipe]).drop_duplicates("trial_id")
 
 
 def rank_trials(
@@ -49,9 +77,11 @@ def rank_trials(
     loss_tolerance: float,
     rank_by: Sequence[str] = ("exact_match", "chrf"),
     base_eval_loss: float = math.nan,
+    paired: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """The leaderboard of `results` (one row per trial) with `quality` (indexed by candidate: a trial id or
-    "base"; columns exact_match, chrf, judge_strength, ...). One row per trial plus the base row."""
+    """The leaderboard of `results` (one row per trial, with `origin`) with `quality` (indexed by candidate:
+    a trial id, "base" or the baseline; columns exact_match, chrf, their intervals, judge_strength, ...) and
+    `paired` (analysis.score.compare_candidates). One row per trial plus the base and baseline rows."""
     unknown = [name for name in rank_by if name not in QUALITY_COLUMNS]
     if unknown:
         raise ValueError(f"rank_by: {unknown} unknown; choose from {', '.join(QUALITY_COLUMNS)}")
@@ -59,9 +89,12 @@ def rank_trials(
         raise ValueError(f"loss_tolerance must be >= 0, got {loss_tolerance}")
     quality = quality if quality is not None else pd.DataFrame()
     keys = [QUALITY_COLUMNS[name] for name in rank_by]
+    metric = tested_metric(quality, rank_by)
+    recipe = recipe_trial(results)
     table = results.drop(columns=["rank"], errors="ignore").copy()
     table.insert(0, "candidate", table["trial_id"].astype(str))
-    table = table.join(quality, on="candidate", rsuffix="_q") if len(quality) else table
+    trial_quality = quality.drop(index=[BASE, BASELINE], errors="ignore")
+    table = table.join(trial_quality, on="candidate", rsuffix="_q") if len(trial_quality) else table
     for column in {*keys, "exact_match", "chrf"}:
         if column not in table:
             table[column] = math.nan
@@ -70,64 +103,99 @@ def rank_trials(
     usable = usable_trials(table)
     best = loss[usable].min() if usable.any() else math.nan
     limit = best + loss_tolerance * abs(best) if usable.any() else math.nan
-    scored = table[keys].notna().any(axis=1) if keys else pd.Series(False, index=table.index)
-    by_quality = usable & (loss <= limit) & scored
+    finalist = usable & table[keys].notna().any(axis=1) if keys else usable & False
     table["within_tolerance"] = usable & (loss <= limit)
     table["loss_gap"] = (loss - best) / abs(best) if usable.any() else math.nan
 
-    # Sort keys: negated quality (higher first; NaN last), then loss, then trial id.
-    first = table[by_quality].copy()
-    first = first.sort_values([*keys, "best_eval_loss", "candidate"], ascending=[False] * len(keys) + [True, True],
-                              na_position="last", kind="stable")  # fmt: skip
-    second = table[usable & ~by_quality].sort_values(["best_eval_loss", "candidate"], kind="stable")
+    finalists = set(table.loc[finalist, "candidate"])
+    table["wins"], table["losses"] = 0, 0
+    if metric is not None and paired is not None and len(paired):
+        among = paired[(paired["metric"] == metric) & paired["candidate"].isin(finalists)
+                       & paired["other"].isin(finalists)]  # fmt: skip
+        wins = among[among["verdict"] == "better"].groupby("candidate").size()
+        losses = among[among["verdict"] == "worse"].groupby("candidate").size()
+        table["wins"] = table["candidate"].map(wins).fillna(0).astype(int)
+        table["losses"] = table["candidate"].map(losses).fillna(0).astype(int)
+    table["net_wins"] = table["wins"] - table["losses"]
+
+    first = table[finalist].copy()
+    # Held-out scores order only the finalists within the tolerance; the others fall through to eval loss.
+    sort_keys = [f"_{k}" for k in keys]
+    for key, column in zip(keys, sort_keys, strict=True):
+        first[column] = first[key].where(first["within_tolerance"])
+    first = first.sort_values(["net_wins", "within_tolerance", *sort_keys, "best_eval_loss", "candidate"],
+                              ascending=[False, False, *[False] * len(keys), True, True],
+                              na_position="last", kind="stable").drop(columns=sort_keys)  # fmt: skip
+    second = table[usable & ~finalist].sort_values(["best_eval_loss", "candidate"], kind="stable")
     rest = table[~usable].sort_values(["status", "candidate"], kind="stable")
 
-    first["ranked_by"], second["ranked_by"], rest["ranked_by"] = "quality", "eval_loss", ""
-    first["note"] = _tie_notes(
-        first, [*keys, "best_eval_loss"], "tied on quality and eval loss; ordered by trial id"
-    )
-    first["note"] = first["note"].where(
-        first["note"] != "", _tie_notes(first, keys, "tied on quality; ordered by eval loss")
-    )
-    second["note"] = _tie_notes(second, ["best_eval_loss"], "tied on eval loss; ordered by trial id")
-    second["note"] = second["note"].where(
-        second["note"] != "",
-        [
-            "outside the loss tolerance" if not w else "no answer scores (not among the top-k)"
-            for w in second["within_tolerance"]
-        ],
-    )
+    first["ranked_by"], second["ranked_by"], rest["ranked_by"] = "held-out", "eval_loss", ""
+    label = metric.replace("_", " ") if metric else "answers"
+    first["note"] = [_finalist_note(row, label) for row in first.itertuples()]
+    second["note"] = "not a finalist (not among the top_k by eval loss)"
     rest["note"] = [_failure_note(row) for row in rest.itertuples()]
     ranked = pd.concat([first, second], ignore_index=True)
     ranked.insert(0, "rank", pd.array(range(1, len(ranked) + 1), dtype="Int64"))
     rest.insert(0, "rank", pd.array([None] * len(rest), dtype="Int64"))
+    for frame in (ranked, rest):
+        is_recipe = frame["candidate"] == recipe
+        if is_recipe.any():
+            frame.loc[is_recipe, "note"] = "QLoRA recipe; " + frame.loc[is_recipe, "note"].astype(str)
 
-    base = {"rank": pd.NA, "candidate": BASE, "trial_id": None, "status": "base",
-            "best_eval_loss": base_eval_loss, "final_eval_loss": base_eval_loss, "ranked_by": "",
-            "note": "base model without adapter, for contrast", "within_tolerance": False,
-            "loss_gap": (base_eval_loss - best) / abs(best) if usable.any() else math.nan}  # fmt: skip
-    if BASE in quality.index:
-        base.update({k: v for k, v in quality.loc[BASE].items() if k in table.columns})
-    base_row = pd.DataFrame([base]).astype({"rank": "Int64"})
-    board = pd.concat([frame for frame in (ranked, base_row, rest) if len(frame)], ignore_index=True)
-    front = ["rank", "candidate", "status", "ranked_by", *keys, "exact_match", "chrf", "best_eval_loss", "loss_gap",
-             "within_tolerance", *[h for h in HYPERPARAMETERS if h in board], "note"]  # fmt: skip
+    contrast = []
+    for name, status, note, eval_loss in (
+        (BASE, "base", "base model without adapter, for contrast", base_eval_loss),
+        (BASELINE, "baseline", "trivial baseline: the most common training answer of each task", math.nan),
+    ):
+        if name != BASE and name not in quality.index:
+            continue
+        row = {"rank": pd.NA, "candidate": name, "trial_id": None, "status": status, "best_eval_loss": eval_loss,
+               "final_eval_loss": eval_loss, "ranked_by": "", "note": note, "within_tolerance": False,
+               "loss_gap": (eval_loss - best) / abs(best) if usable.any() else math.nan}  # fmt: skip
+        if name in quality.index:
+            row.update({k: v for k, v in quality.loc[name].items() if k in table.columns})
+        contrast.append(row)
+    contrast_rows = pd.DataFrame(contrast).astype({"rank": "Int64"})
+    board = pd.concat([frame for frame in (ranked, contrast_rows, rest) if len(frame)], ignore_index=True)
+    board = _add_comparisons(board, paired, metric=metric, against={"vs_recipe": recipe, "vs_base": BASE})
+    front = ["rank", "candidate", "status", "ranked_by", *keys, "exact_match", "exact_match_low", "exact_match_high",
+             "exact_match_n", "chrf", "chrf_low", "chrf_high", "chrf_n", "vs_recipe", "vs_recipe_p", "vs_base",
+             "vs_base_p", "best_eval_loss", "loss_gap", "within_tolerance", "net_wins",
+             *[h for h in HYPERPARAMETERS if h in board], "note"]  # fmt: skip
     front = list(dict.fromkeys(c for c in front if c in board))
     return board[front + [c for c in board.columns if c not in front]]
 
 
-def _tie_notes(frame: pd.DataFrame, columns: list[str], text: str) -> list[str]:
-    """`text` for rows whose values in `columns` equal their neighbour's (all NaN counts as equal)."""
-    if not columns or len(frame) < 2:
-        return [""] * len(frame)
-    values = [
-        tuple("nan" if pd.isna(v) else v for v in row) for row in frame[columns].itertuples(index=False)
-    ]
-    notes = []
-    for i, value in enumerate(values):
-        tied = (i > 0 and values[i - 1] == value) or (i + 1 < len(values) and values[i + 1] == value)
-        notes.append(text if tied else "")
-    return notes
+def _add_comparisons(
+    board: pd.DataFrame, paired: pd.DataFrame | None, *, metric: str | None, against: dict[str, str | None]
+) -> pd.DataFrame:
+    """Columns PREFIX (verdict), PREFIX_delta, _low, _high, _p for each finalist and the base, against the
+    candidate named in `against` (PREFIX -> candidate), on the tested metric (named in vs_metric)."""
+    board = board.copy()
+    board["vs_metric"] = metric  # the score the vs_* columns compare (exact match differences are in 0-1)
+    for prefix, other in against.items():
+        board[prefix] = None
+        for suffix in ("delta", "low", "high", "p"):
+            board[f"{prefix}_{suffix}"] = math.nan
+        if metric is None or other is None or paired is None or paired.empty:
+            continue
+        rows = paired[(paired["metric"] == metric) & (paired["other"] == other)].set_index("candidate")
+        for index, candidate in board["candidate"].items():
+            if candidate in rows.index:
+                test = rows.loc[candidate]
+                board.loc[index, prefix] = test["verdict"]
+                board.loc[index, [f"{prefix}_delta", f"{prefix}_low", f"{prefix}_high", f"{prefix}_p"]] = [
+                    test["delta"], test["low"], test["high"], test["p_value"]]  # fmt: skip
+    return board
+
+
+def _finalist_note(row: object, label: str) -> str:
+    wins, losses = int(getattr(row, "wins", 0)), int(getattr(row, "losses", 0))
+    if wins or losses:
+        return f"held-out {label}: measurably better than {wins}, worse than {losses} other finalist(s)"
+    if getattr(row, "within_tolerance", False):
+        return f"no measurable held-out difference; within the loss tolerance: ordered by held-out {label}"
+    return "no measurable held-out difference; outside the loss tolerance: ordered by eval loss"
 
 
 def _failure_note(row: object) -> str:
@@ -136,6 +204,78 @@ def _failure_note(row: object) -> str:
     if isinstance(error, str) and error:
         return f"{status}: {error.splitlines()[0][:200]}"
     return f"{status}: no finite eval loss" if status in ("failed", *RANKABLE_STATUSES) else f"{status}"
+
+
+def format_p(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
+
+
+def describe_difference(
+    delta: float, low: float, high: float, p: float, test: str, metric: str, n: int
+) -> str:
+    """'6.0 points of held-out exact match (95% CI 2.1 to 9.9, McNemar p=0.003, 300 prompts)'."""
+    scale = 100 if metric == "exact_match" else 1
+    name = "exact match" if metric == "exact_match" else "chrF"
+    return (
+        f"{scale * delta:+.1f} points of held-out {name} (95% CI {scale * low:+.1f} to {scale * high:+.1f}, "
+        f"{TEST_NAMES.get(test, test)} {format_p(p)}, {n} prompts)"
+    )
+
+
+def recommend(board: pd.DataFrame, paired: pd.DataFrame | None, *, rank_by: Sequence[str]) -> str:
+    """In words: which adapter the leaderboard recommends, and how sure it is (its paired tests against the
+    QLoRA-recipe trial and the base model on the held-out prompts)."""
+    ranked = board[board["rank"].notna()]
+    if ranked.empty:
+        return "No adapter to recommend: no trial finished with a finite eval loss."
+    first = ranked.iloc[0]
+    name = str(first["candidate"])
+    trials = board[board["trial_id"].notna()]
+    recipe = recipe_trial(trials) if "origin" in trials else None
+    metric = tested_metric(board[board["rank"].notna()], rank_by)
+    if first["ranked_by"] != "held-out" or metric is None or paired is None or paired.empty:
+        return f"Recommended: trial {name} (#1), by eval loss alone: no held-out answers were scored."
+
+    def test(a: str, b: str) -> pd.Series | None:
+        rows = paired[(paired["candidate"] == a) & (paired["other"] == b) & (paired["metric"] == metric)]
+        return rows.iloc[0] if len(rows) else None
+
+    def words(row: pd.Series) -> str:
+        return describe_difference(row["delta"], row["low"], row["high"], row["p_value"], row["test"], metric,
+                                   int(row["n"]))  # fmt: skip
+
+    text = [f"Recommended: trial {name} (#1{', the QLoRA-recipe trial' if name == recipe else ''})."]
+    if recipe is None:
+        text.append(
+            "The sweep has no QLoRA-recipe trial to compare with (search.start_with_qlora_recipe off)."
+        )
+    elif name == recipe:
+        better = [
+            c for c in ranked["candidate"] if (t := test(c, recipe)) is not None and t["verdict"] == "better"
+        ]
+        text.append(f"Finalists measurably better than the recipe: {', '.join(better)}." if better
+                    else "No finalist is measurably better than the recipe.")  # fmt: skip
+    elif (against := test(name, recipe)) is None:
+        text.append(
+            f"The QLoRA-recipe trial {recipe} did not answer the held-out prompts (status {_status(board, recipe)})."
+        )
+    elif against["verdict"] == "better":
+        text.append(f"It beats the QLoRA-recipe trial {recipe}: {words(against)}.")
+    else:
+        better = [
+            c for c in ranked["candidate"] if (t := test(c, recipe)) is not None and t["verdict"] == "better"
+        ]
+        lead = (f"Finalists measurably better than the recipe: {', '.join(better)}." if better
+                else "No finalist is measurably better than the QLoRA-recipe trial " + recipe + ".")  # fmt: skip
+        text.append(f"{lead} #1 against it: {words(against)}.")
+    if (base := test(name, BASE)) is not None:
+        text.append(f"Against the base model: {words(base)}.")
+    return " ".join(text)
+
+
+def _status(board: pd.DataFrame, candidate: str) -> str:
+    rows = board.loc[board["candidate"] == candidate, "status"]
+    return str(rows.iloc[0]) if len(rows) else "unknown"
 
 
 def load_leaderboard(experiment: Experiment) -> pd.DataFrame:

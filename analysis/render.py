@@ -11,6 +11,8 @@ import pandas as pd
 
 from analysis.generate import BASE
 from analysis.rank import __doc__ as RANKING_RULE
+from analysis.rank import format_p
+from analysis.score import BASELINE
 from trainable.settings import HYPERPARAMETERS
 
 STYLE = """
@@ -29,6 +31,7 @@ tr.failed td { background: #fdeaea; color: #8a1f1f; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 td.answer { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 12px; max-width: 420px; }
 .ok { color: #1a7f37; font-weight: 600; } .bad { color: #b42318; font-weight: 600; }
+p.recommendation { background: #eef8ee; border: 1px solid #b7dfb9; padding: 0.7em 1em; font-size: 15px; }
 pre.rule { background: #fafafa; border: 1px solid #eee; padding: 0.8em; font-size: 12px; white-space: pre-wrap; }
 """
 
@@ -41,33 +44,49 @@ def _cell(value: Any, *, digits: int = 4) -> str:
     return html.escape(str(value))
 
 
+def _with_interval(value: float, low: float, high: float, *, percent: bool) -> str:
+    scale, unit = (100, "%") if percent else (1, "")
+    if pd.isna(low) or pd.isna(high):
+        return f"{scale * value:.1f}{unit}"
+    return f"{scale * value:.1f}{unit} [{scale * low:.1f}&ndash;{scale * high:.1f}]"
+
+
+def _verdict(verdict: Any, delta: float, p: float, *, percent: bool) -> str:
+    if not isinstance(verdict, str):
+        return ""
+    klass = {"better": "ok", "worse": "bad"}.get(verdict, "")
+    word = f'<span class="{klass}">{verdict}</span>' if klass else verdict
+    return f"{word} {(100 if percent else 1) * delta:+.1f} ({format_p(p)})"
+
+
 def render_leaderboard(board: pd.DataFrame, *, rank_by: Sequence[str]) -> str:
-    """The leaderboard as an HTML table: #1 highlighted, the base row grey, failed trials red."""
+    """The leaderboard as an HTML table: #1 highlighted, the base and baseline rows grey, failed trials red.
+    Scores with their 95% interval and count; vs_recipe / vs_base: the paired test's verdict, difference in
+    points and p-value."""
     columns = ["rank", "candidate", "status", "ranked_by", "exact_match", "chrf"]
     if "judge" in rank_by or "judge_strength" in board:
         columns.append("judge_strength")
-    columns += [
-        "best_eval_loss",
-        "seeds",
-        "seed_spread",
-        "loss_gap",
-        *[h for h in HYPERPARAMETERS if h in board],
-        "steps",
-        "note",
-    ]
+    columns += ["vs_recipe", "vs_base", "best_eval_loss", "seeds", "seed_spread", "loss_gap",
+                *[h for h in HYPERPARAMETERS if h in board], "steps", "estimated_memory_gib", "gpu_seconds",
+                "cost_usd", "note"]  # fmt: skip
     columns = [c for c in columns if c in board]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []
     for _, row in board.iterrows():
-        klass = "base" if row["candidate"] == BASE else ("first" if row["rank"] == 1 else "")
-        if row["candidate"] != BASE and pd.isna(row["rank"]):
+        contrast = row["candidate"] in (BASE, BASELINE)
+        klass = "base" if contrast else ("first" if row["rank"] == 1 else "")
+        if not contrast and pd.isna(row["rank"]):
             klass = "failed"
         cells = []
         for column in columns:
             value = row[column]
-            if column == "exact_match" and pd.notna(value):
-                n = row.get("exact_match_n")
-                text = f"{100 * value:.1f}%" + (f" ({int(n)})" if pd.notna(n) else "")
+            if column in ("exact_match", "chrf") and pd.notna(value):
+                n = row.get(f"{column}_n")
+                text = _with_interval(value, row.get(f"{column}_low", math.nan), row.get(f"{column}_high", math.nan),
+                                      percent=column == "exact_match") + (f" ({int(n)})" if pd.notna(n) else "")  # fmt: skip
+            elif column in ("vs_recipe", "vs_base"):
+                text = _verdict(value, row.get(f"{column}_delta", math.nan), row.get(f"{column}_p", math.nan),
+                                percent=row.get("vs_metric") == "exact_match")  # fmt: skip
             elif column == "loss_gap" and pd.notna(value):
                 text = f"{100 * value:+.2f}%"
             elif column == "judge_strength" and pd.notna(value):
@@ -84,6 +103,49 @@ def render_leaderboard(board: pd.DataFrame, *, rank_by: Sequence[str]) -> str:
         f'<div class="scroll"><table class="leaderboard" id="leaderboard-table"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
+
+
+def render_per_task(by_task: pd.DataFrame, candidates: Sequence[str]) -> str:
+    """Tasks (rows) by candidates (columns): the task's score with its 95% interval, the count per task."""
+    if by_task.empty:
+        return '<p class="note">The data has no tasks (no `task` column).</p>'
+    shown = [c for c in candidates if c in set(by_task["candidate"])]
+    head = "<th>task</th><th>score</th><th>prompts</th>" + "".join(
+        f"<th>{html.escape(c)}</th>" for c in shown
+    )
+    rows = []
+    for (task, metric), group in by_task.groupby(["task", "metric"], sort=True):
+        cells = {r.candidate: _with_interval(r.mean, r.low, r.high, percent=metric == "exact_match")
+                 for r in group.itertuples()}  # fmt: skip
+        label = "exact match" if metric == "exact_match" else "chrF"
+        rows.append(f"<tr><td>{html.escape(str(task))}</td><td>{label}</td><td class=\"num\">{int(group['n'].max())}</td>"
+                    + "".join(f'<td class="num">{cells.get(c, "")}</td>' for c in shown) + "</tr>")  # fmt: skip
+    return (
+        f'<div class="scroll"><table id="task-table"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def render_paired(paired: pd.DataFrame, candidates: Sequence[str]) -> str:
+    """Every ordered pair of finalists (and the base) on each score: difference, 95% interval, test, p-value."""
+    if paired.empty:
+        return '<p class="note">No held-out prompt had a reference: nothing to compare.</p>'
+    order = {c: i for i, c in enumerate(candidates)}
+    table = paired[paired["candidate"].map(order) < paired["other"].map(order)]
+    head = "".join(f"<th>{c}</th>" for c in ("candidate", "other", "score", "difference [95% CI]", "test",
+                                                "p", "prompts", "verdict"))  # fmt: skip
+    rows = []
+    for r in table.itertuples():
+        percent = r.metric == "exact_match"
+        scale = 100 if percent else 1
+        rows.append(
+            f"<tr><td>{html.escape(str(r.candidate))}</td><td>{html.escape(str(r.other))}</td>"
+            f"<td>{'exact match' if percent else 'chrF'}</td>"
+            f'<td class="num">{scale * r.delta:+.1f} [{scale * r.low:+.1f}&ndash;{scale * r.high:+.1f}]</td>'
+            f'<td>{html.escape(str(r.test))}</td><td class="num">{format_p(r.p_value)}</td>'
+            f'<td class="num">{r.n}</td><td>{_verdict(r.verdict, r.delta, r.p_value, percent=percent)}</td></tr>'
+        )
+    return f'<table id="paired-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def render_generations(scored: pd.DataFrame, candidates: Sequence[str]) -> str:
@@ -126,6 +188,26 @@ def render_table(table: pd.DataFrame, *, table_id: str) -> str:
     )
 
 
+def render_environment(environment: Mapping[str, Any]) -> str:
+    """sweep.json's environment: what the sweep's figures were measured with."""
+    packages = environment.get("packages") or {}
+    cpu = environment.get("cpu") or {}
+    device = str(environment.get("device", "?"))
+    if device == "cuda":
+        device = f"CUDA {environment.get('cuda')}: {', '.join(environment.get('gpus') or [])}"
+    rows = {
+        "packages": ", ".join(f"{name} {version}" for name, version in packages.items()),
+        "device": device,
+        "compute dtype": str(environment.get("compute_dtype", "?")),
+        "CPU": f"{cpu.get('model', '?')}, {cpu.get('cores', '?')} cores, flags {' '.join(cpu.get('flags') or [])}"
+        f"{', native bf16' if cpu.get('native_bf16') else ', no native bf16'}",
+        "Python": str(environment.get("python", "?")),
+        "commit": str(environment.get("commit") or "not run from a git checkout"),
+    }
+    items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in rows.items())
+    return f'<ul class="meta" id="environment">{items}</ul>'
+
+
 def render_report(
     *,
     title: str,
@@ -133,6 +215,7 @@ def render_report(
     leaderboard_html: str,
     figures: Mapping[str, tuple[str, str]],
     sections: Mapping[str, str],
+    recommendation: str = "",
 ) -> str:
     """The whole page. `figures`: id -> (caption, base64 PNG), in page order; `sections`: extra titled HTML
     blocks (importance note, judge, generations, timing), in page order after the figures."""
@@ -148,6 +231,7 @@ def render_report(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         f'<h1>{html.escape(title)}</h1><ul class="meta">{meta}</ul>'
+        f'<p class="recommendation" id="recommendation">{html.escape(recommendation)}</p>'
         f'<h2 id="leaderboard">Leaderboard</h2>{leaderboard_html}'
         f'<details><summary class="note">How the leaderboard is ranked</summary><pre class="rule">{rule}</pre></details>'
         f"{figure_html}{section_html}</body></html>\n"

@@ -1,13 +1,14 @@
-"""The reporting stage: generate with the best adapters and the base model, score, rank, write the report.
+"""The reporting stage: the finalists and the base model answer the held-out prompts; score, test, rank, report.
 
     python -m analysis.report experiments/local-20261130-120000
     python -m analysis.report experiments/local-20261130-120000/results.parquet --top-k 3
     python -m analysis.report EXPERIMENT generation.max_new_tokens=32 loss_tolerance=0.05 judge=HUB_ID_OR_URL
-    python -m analysis.report s3://bucket/experiments/NAME     # fetched into the local cache, outputs put back
+    python -m analysis.report s3://bucket/experiments/NAME  # read through the local cache, outputs put back
 
 Overrides are dotted keys of the sweep's `report` section (see analysis.settings.ReportSettings).
-Writes into the experiment folder: leaderboard.parquet and .csv, generations.parquet, report.html, and
-judgments.parquet when a judge is set. The sweep driver runs this at the end of a sweep (report.enabled).
+Writes into the experiment folder: leaderboard.parquet and .csv, generations.parquet, paired_tests.parquet,
+report.html, and judgments.parquet when a judge is set. The sweep driver runs this at the end of a sweep
+(report.enabled).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -30,20 +30,36 @@ from analysis.experiment import (
     JUDGMENTS,
     LEADERBOARD,
     LEADERBOARD_CSV,
+    PAIRED_TESTS,
     REPORT_OUTPUTS,
     REPORT_PAGE,
     Experiment,
     ExperimentError,
+    join,
     load_experiment,
     load_histories,
+    publish_folder,
     resolve_base_model,
     write_file,
     write_table,
 )
-from analysis.generate import BASE, Candidate, Prompt, build_prompts, generate_for_candidates, render_prompts
+from analysis.generate import (
+    BASE,
+    Candidate,
+    Prompt,
+    build_prompts,
+    generate_for_candidates,
+    render_prompts,
+    spread_over_tasks,
+)
 from analysis.rank import choose_candidates
+from analysis.score import BASELINE
 from analysis.seeds import describe_seed_spread, pool_seeds
 from analysis.settings import ReportSettings, load_report_settings
+
+# Held-out prompts shown side by side on the page (spread over the tasks): two per bundled task; a page of
+# 300 prompts x 6 candidates would bury the rest. Every answer is in generations.parquet.
+SHOWN_PROMPTS = 24
 
 
 @dataclass(frozen=True)
@@ -51,15 +67,19 @@ class ReportOutputs:
     folder: Path
     leaderboard: pd.DataFrame
     generations: pd.DataFrame  # scored
+    paired: pd.DataFrame  # paired tests of every ordered pair of finalists and the base, per score
+    recommendation: str  # in words: the adapter to use and how sure the report is
     judgments: pd.DataFrame | None
     timing: pd.DataFrame  # per candidate: seconds, new tokens, tokens/s
     seconds: float  # the whole report's wall time
+    uri: str | None = None  # where the outputs were put back, for a remote experiment
 
 
-def select_candidates(results: pd.DataFrame, top_k: int) -> list[Candidate]:
-    """The base model, then the `top_k` usable trials by best eval loss that have an adapter on disk."""
-    best = choose_candidates(results, top_k=top_k)
-    return [Candidate(BASE), *(Candidate(str(r.trial_id), str(r.adapter_path)) for r in best.itertuples())]
+def select_finalists(results: pd.DataFrame, top_k: int) -> list[Candidate]:
+    """The base model, then the finalists of analysis.rank.choose_candidates (the `top_k` usable trials by
+    best eval loss that have an adapter on disk, and the QLoRA-recipe trial)."""
+    chosen = choose_candidates(results, top_k=top_k)
+    return [Candidate(BASE), *(Candidate(str(r.trial_id), str(r.adapter_path)) for r in chosen.itertuples())]
 
 
 def check_settings(settings: ReportSettings) -> None:
@@ -69,20 +89,49 @@ def check_settings(settings: ReportSettings) -> None:
         )
 
 
-def build_prompt_set(experiment: Experiment, settings: ReportSettings) -> tuple[list[Prompt], str]:
-    """The report's prompts and a note on where they came from (the eval split may be unreadable here)."""
+@dataclass(frozen=True)
+class PromptSet:
+    prompts: list[Prompt]
+    note: str  # where the held-out prompts came from, for the page
+    baseline_answers: dict[str | None, str]  # the most common training answer per task (None: overall)
+
+
+def build_prompt_set(experiment: Experiment, settings: ReportSettings) -> PromptSet:
+    """The held-out prompts (the test split; the eval split when the data has none), the user's, and the
+    trivial baseline's answers; the data may be unreadable here (then: the user's prompts only)."""
+    from analysis.score import most_common_answers
     from trainable.data import DataError, load_splits
 
     data = experiment.data_settings
     try:
-        evals = load_splits(data).eval if settings.eval_prompts else []
-        note = f"{min(settings.eval_prompts, len(evals))} held-out prompts from the eval split"
+        splits = load_splits(data)
     except (DataError, OSError) as err:
-        evals, note = [], f"eval split unreadable here ({err}); user prompts only"
-    prompts = build_prompts(
-        evals, settings.prompts, count=settings.eval_prompts, system_prompt=data.system_prompt
-    )
-    return prompts, f"{note} + {len(settings.prompts)} from report.prompts"
+        return PromptSet(build_prompts([], settings.prompts, count=0, system_prompt=data.system_prompt),
+                         f"data unreadable here ({err}); user prompts only", {})  # fmt: skip
+    held_out, source = (splits.test, "test") if splits.test else (splits.eval, "eval")
+    prompts = build_prompts(held_out, settings.prompts, count=settings.eval_prompts, source=source,
+                            system_prompt=data.system_prompt)  # fmt: skip
+    scored = sum(p.source == source for p in prompts)
+    note = f"{scored} of the {len(held_out)} prompts of the {source} split"
+    if source == "eval":
+        # Eval loss chose the finalists on these very prompts: their scores lean in the finalists' favour.
+        note += (
+            " (the data has no test split; eval loss was measured on these prompts, so scores are optimistic)"
+        )
+    baseline = most_common_answers([(e.task, e.reference) for e in splits.train])
+    return PromptSet(prompts, f"{note} + {len(settings.prompts)} from report.prompts", baseline)
+
+
+def shown_prompt_ids(scored: pd.DataFrame, count: int) -> list[str]:
+    """`count` held-out prompts spread over the tasks, then every user prompt: those shown side by side on
+    the page and given to the judge (all of them are in generations.parquet)."""
+    prompts = scored.drop_duplicates("prompt_id")
+    held = prompts[prompts["source"] != "user"]
+    picked = [
+        held["prompt_id"].iloc[i]
+        for i in spread_over_tasks([t if isinstance(t, str) else None for t in held["task"]], count)
+    ]
+    return [*picked, *prompts.loc[prompts["source"] == "user", "prompt_id"]]
 
 
 def generate_answers(
@@ -120,8 +169,8 @@ def run_report(
     import torch
 
     from analysis.judge import build_comparisons, fit_bradley_terry, load_judge, run_judge
-    from analysis.rank import rank_trials
-    from analysis.score import score_generations, summarize_quality
+    from analysis.rank import rank_trials, recommend
+    from analysis.score import baseline_generations, compare_candidates, score_generations, summarize_quality
 
     start = time.perf_counter()
     experiment = load_experiment(path)
@@ -131,44 +180,60 @@ def run_report(
     check_settings(settings)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     results = pool_seeds(experiment.results)  # with seed re-checks: one row per configuration
-    candidates = select_candidates(results, settings.top_k)
-    prompts, prompt_note = build_prompt_set(experiment, settings)
-    generations, timing = generate_answers(experiment, candidates, prompts, settings, device=device)
+    candidates = select_finalists(results, settings.top_k)
+    prompt_set = build_prompt_set(experiment, settings)
+    generations, timing = generate_answers(
+        experiment, candidates, prompt_set.prompts, settings, device=device
+    )
+    generations = pd.concat([generations, baseline_generations(generations, prompt_set.baseline_answers)],
+                            ignore_index=True)  # fmt: skip
     scored = score_generations(generations)
     quality = summarize_quality(scored)
+    paired = compare_candidates(scored, [c.name for c in candidates])
     judgments = None
     if settings.judge:
         judge = load_judge(settings.judge, endpoint_model=settings.judge_model, device=device)
-        judgments = run_judge(build_comparisons(scored), judge)
-        quality = quality.join(fit_bradley_terry(judgments, list(quality.index)))
-    board = rank_trials(results, quality, loss_tolerance=settings.loss_tolerance,
-                        rank_by=settings.rank_by, base_eval_loss=experiment.base_eval_loss)  # fmt: skip
+        judged = scored[scored["prompt_id"].isin(shown_prompt_ids(scored, settings.judge_prompts))
+                        & (scored["candidate"] != BASELINE)]  # fmt: skip
+        judgments = run_judge(build_comparisons(judged), judge)
+        quality = quality.join(fit_bradley_terry(judgments, [c.name for c in candidates]))
+    board = rank_trials(results, quality, loss_tolerance=settings.loss_tolerance, rank_by=settings.rank_by,
+                        base_eval_loss=experiment.base_eval_loss, paired=paired)  # fmt: skip
+    recommendation = recommend(board, paired, rank_by=settings.rank_by)
     folder = experiment.path
     write_table(board, folder, LEADERBOARD)
     write_table(board, folder, LEADERBOARD_CSV)
     write_table(scored, folder, GENERATIONS)
+    write_table(paired, folder, PAIRED_TESTS)
     if judgments is not None:
         write_table(judgments, folder, JUDGMENTS)
     seconds = time.perf_counter() - start
-    page = build_report_page(experiment, board, scored, timing, settings, judgments,
-                             prompt_note=prompt_note, device=device, seconds=seconds)  # fmt: skip
+    page = build_report_page(experiment, board, scored, paired, timing, settings, judgments,
+                             recommendation=recommendation, prompt_note=prompt_set.note, device=device,
+                             seconds=seconds)  # fmt: skip
     write_file(folder, REPORT_PAGE, page.encode("utf-8"))
-    return ReportOutputs(folder, board, scored, judgments, timing, time.perf_counter() - start)
+    if experiment.uri is not None:
+        publish_folder(folder, experiment.uri, names=REPORT_OUTPUTS)
+    return ReportOutputs(folder, board, scored, paired, recommendation, judgments, timing,
+                         time.perf_counter() - start, uri=experiment.uri)  # fmt: skip
 
 
 def build_report_page(
     experiment: Experiment,
     board: pd.DataFrame,
     scored: pd.DataFrame,
+    paired: pd.DataFrame,
     timing: pd.DataFrame,
     settings: ReportSettings,
     judgments: pd.DataFrame | None,
     *,
+    recommendation: str,
     prompt_note: str,
     device: str,
     seconds: float,
 ) -> str:
-    """report.html's text: leaderboard, figures, importance, judge, generations."""
+    """report.html's text: recommendation, leaderboard, figures, per-task scores, paired tests, importance,
+    judge, generations."""
     from analysis.importance import compute_importance
     from analysis.plots import (
         figure_to_base64,
@@ -178,8 +243,16 @@ def build_report_page(
         plot_parallel_coordinates,
         plot_quality,
     )
-    from analysis.render import render_generations, render_leaderboard, render_report, render_table
-    from analysis.score import summarize_quality
+    from analysis.render import (
+        render_environment,
+        render_generations,
+        render_leaderboard,
+        render_paired,
+        render_per_task,
+        render_report,
+        render_table,
+    )
+    from analysis.score import quality_by_task, summarize_quality
 
     results = experiment.results
     ranked = board[board["rank"].notna()]
@@ -195,11 +268,17 @@ def build_report_page(
         "fig-importance": ("Hyperparameter importance", figure_to_base64(plot_importance(importance))),
     }  # fmt: skip
     # Without values the figure itself carries the note; with values, the note says how to read them.
-    sections = (
-        {"Importance note": f'<p class="note" id="importance-note">{_escape(importance.note)}</p>'}
-        if importance.values
-        else {}
-    )
+    sections = {
+        "Held-out scores per task": '<p class="note">Exact match (%) where it applies, else chrF; 95% bootstrap '
+        f"interval in brackets. {BASELINE}: the most common training answer of the task, for every prompt: a "
+        "task it answers well tells little about an adapter.</p>" + render_per_task(quality_by_task(scored), candidates),
+        "Paired tests": '<p class="note">Each finalist against each other and the base model on the same held-out '
+        "prompts: the difference in points (exact match: McNemar's exact test; chrF: paired bootstrap), 95% "
+        "bootstrap interval, better/worse when p &lt; 0.05.</p>" + render_paired(paired, candidates),
+    }  # fmt: skip
+    if importance.values:
+        sections["Importance note"] = f'<p class="note" id="importance-note">{_escape(importance.note)}</p>'
+
     if judgments is not None:
         strengths = board.set_index("candidate")[[c for c in board if c.startswith("judge_")]].dropna(
             how="all"
@@ -210,14 +289,19 @@ def build_report_page(
             "winning against an average candidate, &plusmn; one standard error.</p>"
             + render_table(strengths, table_id="judge-table")
         )
+    shown = shown_prompt_ids(scored, SHOWN_PROMPTS)
     sections["Generations side by side"] = (
-        f'<p class="note">{_escape(prompt_note)}. Generation: {_escape(json.dumps(dataclasses.asdict(settings.generation)))}.</p>'
-        + render_generations(scored, candidates)
+        f'<p class="note">Held-out prompts: {_escape(prompt_note)}. Shown: {len(shown)} of them, spread over the '
+        "tasks, and the user's; every answer is in generations.parquet. Generation: "
+        f"{_escape(json.dumps(dataclasses.asdict(settings.generation)))}.</p>"
+        + render_generations(scored[scored["prompt_id"].isin(shown)], candidates)
     )
     sections["Generation time"] = (
         f'<p class="note">On {device}; the whole report took {seconds:.0f} s before this page.</p>'
         + render_table(timing.set_index("candidate"), table_id="timing-table")
     )
+    if experiment.summary.get("environment"):
+        sections["Environment of the sweep"] = render_environment(experiment.summary["environment"])
     model = experiment.model_settings
     data = experiment.summary.get("data", {})
     facts = {
@@ -225,14 +309,25 @@ def build_report_page(
         "base model": f"{model.name_or_path} ({model.quantization} 4-bit)" if model.quantization != "none" else model.name_or_path,
         "data": f"{experiment.data_settings.source}: {data.get('train_examples', '?')} train / {data.get('eval_examples', '?')} eval examples",
         "trials": ", ".join(f"{n} {s}" for s, n in results["status"].value_counts().items()),
-        "ranking": f"within {100 * settings.loss_tolerance:g}% of the best eval loss, by {', '.join(settings.rank_by)}; then by eval loss",
-        "candidates": f"top {settings.top_k} by eval loss + the base model: {', '.join(candidates)}",
+        "held-out prompts": prompt_note,
+        "ranking": f"finalists by measurable held-out differences (paired tests, p < 0.05); else within {100 * settings.loss_tolerance:g}% of the best eval loss by {', '.join(settings.rank_by)}; then by eval loss",
+        "finalists": f"top {settings.top_k} by eval loss + the QLoRA-recipe trial; with the base model and the {BASELINE} baseline: {', '.join(candidates)}",
+        "cost": describe_cost(results),
     }  # fmt: skip
     if (seeds := describe_seed_spread(board)) is not None:
         facts["seed re-checks"] = f"ranked by mean best eval loss over seeds. {seeds}"
     return render_report(title=f"Sweep report: {experiment.name}", facts=facts,
                          leaderboard_html=render_leaderboard(board, rank_by=settings.rank_by),
-                         figures=figures, sections=sections)  # fmt: skip
+                         figures=figures, sections=sections, recommendation=recommendation)  # fmt: skip
+
+
+def describe_cost(results: pd.DataFrame) -> str:
+    """The sweep's GPU-hours (each trial's wall time x the GPUs it held) and dollars, where results hold
+    them (sweeps before cost was recorded do not)."""
+    if "gpu_seconds" not in results:
+        return "not recorded"
+    text = f"{results['gpu_seconds'].sum() / 3600:.3g} GPU-hours over {results['wall_time_s'].sum() / 3600:.3g} trial-hours"
+    return text + (f", ${results['cost_usd'].sum():.2f}" if results["cost_usd"].notna().any() else "")
 
 
 def _escape(text: str) -> str:
@@ -241,53 +336,13 @@ def _escape(text: str) -> str:
     return html.escape(text)
 
 
-def fetch_experiment(uri: str) -> Path:
-    """Copy what the report reads of a remote experiment (tables, trial progress, adapters; no optimizer
-    states) into the local cache; returns the local folder."""
-    from pyarrow import fs
-
-    from trainable.model import cache_dir
-
-    filesystem, root = fs.FileSystem.from_uri(uri)
-    root = root.rstrip("/")
-    local = cache_dir() / "experiments" / Path(root).name
-    wanted_suffixes = (".json", ".parquet", ".csv", ".db", ".safetensors", ".jinja")
-    for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True)):
-        relative = info.path[len(root) :].lstrip("/")
-        if (
-            info.type != fs.FileType.File
-            or not relative.endswith(wanted_suffixes)
-            or relative.split("/")[-1].startswith(".")
-        ):
-            continue
-        with filesystem.open_input_stream(info.path) as source:
-            write_file(local, relative, source.read())
-    return local
-
-
-def publish_outputs(local: Path, uri: str) -> None:
-    """Put the report's outputs back next to the remote experiment, each written atomically."""
-    for name in REPORT_OUTPUTS:
-        if (local / name).is_file():
-            write_file(uri, name, (local / name).read_bytes())
-
-
 def format_summary(outputs: ReportOutputs) -> str:
-    board = outputs.leaderboard
-    shown = [
-        c
-        for c in (
-            "rank",
-            "candidate",
-            "status",
-            "exact_match",
-            "chrf",
-            "judge_strength",
-            "best_eval_loss",
-            "note",
-        )
-        if c in board
-    ]
+    board = outputs.leaderboard.copy()
+    for column in ("exact_match", "exact_match_low", "exact_match_high"):
+        if column in board:
+            board[column] = 100 * board[column]  # percent, as on the page
+    shown = [c for c in ("rank", "candidate", "status", "exact_match", "exact_match_low", "exact_match_high", "chrf",
+                         "vs_recipe", "vs_recipe_p", "vs_base", "judge_strength", "best_eval_loss") if c in board]  # fmt: skip
     lines = [board[shown].head(12).to_string(index=False, float_format=lambda x: f"{x:.4g}"), ""]
     for row in outputs.timing.itertuples():
         lines.append(
@@ -295,7 +350,9 @@ def format_summary(outputs: ReportOutputs) -> str:
         )
     if (seeds := describe_seed_spread(board)) is not None:
         lines.append(f"seed re-checks: {seeds}")
-    lines.append(f"\nreport: {outputs.folder / REPORT_PAGE} ({outputs.seconds:.0f} s)")
+    lines.append(f"\n{outputs.recommendation}")
+    page = join(outputs.uri, REPORT_PAGE) if outputs.uri else outputs.folder / REPORT_PAGE
+    lines.append(f"\nreport: {page} ({outputs.seconds:.0f} s)")
     return "\n".join(lines)
 
 
@@ -316,15 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     # 2 busy cores measured 8x slower with spinning than with waiting threads that sleep.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
-    remote = args.experiment if "://" in args.experiment else None
-    path: Any = fetch_experiment(remote) if remote else args.experiment
     try:
-        outputs = run_report(path, overrides=args.overrides, top_k=args.top_k, device=args.device)
+        outputs = run_report(args.experiment, overrides=args.overrides, top_k=args.top_k, device=args.device)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if remote:
-        publish_outputs(outputs.folder, remote)
     print(format_summary(outputs), flush=True)
     return 0
 

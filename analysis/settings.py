@@ -28,8 +28,8 @@ class GenerationSettings:
     num_beams: Annotated[int, Field(ge=1)] = 1
     max_new_tokens: Annotated[int, Field(ge=1)] = 64
     seed: int = 0
-    # Prompts per generate() call (left-padded): the default set (16 eval prompts + 1 of the user's) in one
-    # batch, since a batch costs about as much per step as a full one until its longest answer ends.
+    # Prompts per generate() call (left-padded); prompts of similar length share a batch, and a batch runs
+    # until its longest answer ends, so larger batches pay off most when answers are short.
     batch_size: Annotated[int, Field(ge=1)] = 32
 
 
@@ -38,21 +38,27 @@ class ReportSettings:
     """The reporting stage (python -m analysis.report), run by the driver at the end of a sweep."""
 
     enabled: bool = True
-    top_k: Annotated[int, Field(ge=1)] = 2  # candidates by eval loss; the base model is always added
-    eval_prompts: Annotated[int, Field(ge=0)] = 16  # held-out prompts taken from the eval split
+    # Finalists: the top_k trials by eval loss; the QLoRA-recipe trial and the base model are always added.
+    top_k: Annotated[int, Field(ge=1)] = 4
+    # Held-out prompts every finalist answers: the data's test split (the eval split when it has none), all
+    # of it up to this many (spread over the tasks): the cap bounds the report's time on a large test split.
+    eval_prompts: Annotated[int, Field(ge=0)] = 500
     prompts: list[str] = field(default_factory=lambda: ["Write me a poem about Singapore"])
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    # Ranking rule: among trials whose best eval loss is within this fraction of the best, rank by answer
-    # quality; the rest follow by eval loss.
+    # Ranking rule (analysis/rank.py): finalists that the held-out paired tests do not separate, and whose
+    # best eval loss is within this fraction of the best, are ordered by held-out score, the rest by eval loss.
     loss_tolerance: Annotated[float, Field(ge=0)] = 0.02
-    # The answer-quality scores that order those trials, most important first (ties fall to the next):
-    # exact_match (accuracy on prompts with a checkable answer), chrf (character F-score against the
-    # reference, 0-100), judge (Bradley-Terry strength from the judge's pairwise verdicts).
+    # The held-out scores, most important first: exact_match (accuracy on prompts with a checkable or short
+    # answer), chrf (character F-score against the reference, 0-100), judge (Bradley-Terry strength from the
+    # judge's pairwise verdicts). The first of exact_match/chrf that was scored is the one the paired tests
+    # separate finalists by; all of them, in order, order the finalists the tests leave tied.
     rank_by: list[Literal["exact_match", "chrf", "judge"]] = field(
         default_factory=lambda: ["exact_match", "chrf"]
     )
     judge: str | None = None  # optional: a hub id, local path or OpenAI-compatible endpoint URL
-    # The model name sent to a judge endpoint (its key, if it needs one, comes from OPENAI_API_KEY).
+    # Prompts the judge compares every pair of candidates on (held-out ones spread over the tasks, then the
+    # user's): each pair costs two judge calls per prompt, so not the whole held-out set.
+    judge_prompts: Annotated[int, Field(ge=1)] = 16
     judge_model: str = "default"
 
 

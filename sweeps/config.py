@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import math
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -48,7 +49,11 @@ class SearchSettings:
     start_with_qlora_recipe: bool = True
     # More hand-picked first trials, after the recipe; each must fit in num_samples.
     initial_points: list[dict[str, Any]] = field(default_factory=list)
-    seed: int = 0  # Optuna's TPE sampler
+    # Optuna's TPE sampler: the same seed (and results) give the same suggestions; another seed, another sweep.
+    seed: int = 0
+    # Finished trials (the recipe and initial points count) before TPE models the results; the trials until
+    # then are sampled at random. None: tpe_startup_trials(num_samples), a few (docs/search.md).
+    startup_trials: Annotated[int, Field(ge=1)] | None = None
     # Seed re-checks (sweeps/recheck.py): after the search, the recheck_top best configurations are trained
     # again with recheck_seeds new seeds each (train.seed + 1, + 2, ...), on top of num_samples, so that the
     # leaderboard can rank configurations by their mean over seeds. 0: off.
@@ -62,10 +67,31 @@ class SearchSettings:
     max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
     cpus_per_trial: Annotated[int, Field(ge=1)] = 2
     gpus_per_trial: Literal["auto", 0, 1] = "auto"  # auto: 1 if the cluster has GPUs, else CPU trials
+    # Trials sharing one GPU, each its own process with 1/N of the card (Ray's fractional GPUs). auto: as
+    # many as the largest configuration of the space fits, by its memory estimate (sweeps/resources.py).
+    trials_per_gpu: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = "auto"
+    # The GPU's memory; None: read from the driver's GPU, or from a GPU worker. Set on a CPU sweep, it
+    # turns the memory check on as if the trials ran on such a GPU.
+    gpu_memory_gib: Annotated[float, Field(gt=0)] | None = None
+    price_per_gpu_hour: Annotated[float, Field(ge=0)] | None = None  # dollars; None: no dollar figures
+    # Launch no new trial once the trials' GPU-hours (CPU sweeps: trial-hours) reach this; None: no cap.
+    budget_gpu_hours: Annotated[float, Field(gt=0)] | None = None
     max_failures: Annotated[int, Field(ge=0)] = 2  # retries of a crashed trial, from its last checkpoint
     # Optuna's study storage (an RDB URL); default: a SQLite file in the experiment folder.
     study_storage: str | None = None
     loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+
+    @property
+    def tpe_startup_trials(self) -> int:
+        """search.startup_trials, or by default a quarter of the sweep, at least 3 and at most Optuna's 10.
+
+        Optuna's own default, 10, makes every sweep of 10 trials or fewer a random search. A quarter keeps
+        three quarters of the trials for TPE; 3 is the fewest from which TPE's split into good and bad
+        trials (the best 10%, at least one) has something on each side; 10 is enough evidence however
+        large the sweep. Our judgement, to be settled by the time-to-best replay (docs/search.md)."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return min(10, max(3, math.ceil(self.num_samples / 4)))
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -193,6 +219,12 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
         )
     if config.search.scheduler == "asha" and config.search.num_samples < 2:
         problems.append("search.scheduler: asha needs search.num_samples >= 2; use 'auto' or 'none'")
+    if "://" in config.storage_path and "?" in config.storage_path:
+        # Experiment and trial folders are joined onto storage_path, which a query string would end up in.
+        problems.append(
+            f"storage_path: {config.storage_path!r} has a query string; give the bucket and prefix only and "
+            "set an S3-compatible store's endpoint with AWS_ENDPOINT_URL (docs/cluster.md)"
+        )
     if problems:
         raise ConfigError(format_problems(origin, problems))
     return config

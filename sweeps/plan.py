@@ -10,14 +10,24 @@ line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from analysis.experiment import BASE_EVAL_LOSS, experiment_names, is_remote, join, read_summary
+from analysis.experiment import (
+    BASE_EVAL_LOSS,
+    STUDY,
+    experiment_names,
+    is_remote,
+    join,
+    read_file,
+    read_summary,
+)
 from sweeps.config import ConfigError, SweepConfig
 from trainable.faults import ENV as FAULTS_ENV
 from trainable.faults import Fault, parse_faults
@@ -168,14 +178,22 @@ def with_base_eval_loss(plan: SweepPlan, loss: float) -> SweepPlan:
     )
 
 
-def study_folder(plan: SweepPlan) -> str:
-    """A local folder for the SQLite study, which needs a real filesystem: the experiment folder itself when
-    storage is local, else a folder in the node's cache (QLORA_SWEEPS_CACHE or XDG_CACHE_HOME), copied into
-    the experiment when the sweep ends."""
-    path = (
-        plan.experiment_uri
-        if not is_remote(plan.storage_uri)
-        else str(cache_dir() / "studies" / plan.experiment)
-    )
-    os.makedirs(path, exist_ok=True)
+def study_file(plan: SweepPlan, *, resume: bool) -> Path:
+    """The SQLite file of the sweep's study, which needs a real filesystem: in the experiment folder when
+    storage is local; else in the node's cache (QLORA_SWEEPS_CACHE or XDG_CACHE_HOME), from where the
+    StudyMirror copies it into the experiment after each trial. There a new sweep starts without one (an
+    earlier experiment of the same name may have left one), and a resumed sweep keeps the one it finds,
+    else takes the copy kept in the experiment (resumed on another machine, or the cache was cleared)."""
+    if not is_remote(plan.storage_uri):
+        os.makedirs(plan.experiment_uri, exist_ok=True)
+        return Path(plan.experiment_uri) / STUDY
+    digest = hashlib.sha256(plan.experiment_uri.encode()).hexdigest()[:8]  # one name in two storages
+    path = cache_dir() / "studies" / f"{plan.experiment}-{digest}" / STUDY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        path.unlink(missing_ok=True)
+    elif not path.exists():
+        # Killed before its first trial ended, the experiment holds no study yet: it starts empty.
+        with contextlib.suppress(FileNotFoundError):
+            path.write_bytes(read_file(plan.experiment_uri, STUDY))
     return path

@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.experiment import RECHECKS, join
+from sweeps.budget import SECONDS_PER_HOUR, budget_seconds
 from sweeps.config import SweepConfig
 from trainable.outcome import METRIC, MODE, RANKABLE_STATUSES, SEED_KEY
 
@@ -37,7 +38,8 @@ RECHECK_OF = "recheck_of"
 def plan_rechecks(table: pd.DataFrame, config: SweepConfig) -> list[dict[str, Any]]:
     """The re-check trials' configs for a search's results table (sweeps.results.collect_results): the
     searched hyperparameters of the recheck_top best distinct configurations, each with recheck_seeds new
-    seeds. Empty when re-checks are off or no trial has a rankable finite loss."""
+    seeds. Empty when re-checks are off or no trial has a rankable finite loss. With search.budget_gpu_hours,
+    only configurations whose re-checks fit in what the search left of the budget."""
     search = config.search
     if not search.recheck_top or table.empty:
         return []
@@ -46,8 +48,17 @@ def plan_rechecks(table: pd.DataFrame, config: SweepConfig) -> list[dict[str, An
     keys = [k for k in search.space if k in table.columns]
     best = rankable.sort_values(["best_eval_loss", "trial_id"], kind="stable")
     best = best.drop_duplicates(subset=keys).head(search.recheck_top)  # a configuration once
+    left_s = math.inf
+    if search.budget_gpu_hours is not None:
+        left_s = search.budget_gpu_hours * SECONDS_PER_HOUR - float(budget_seconds(table).sum())
     points = []
     for row in best.to_dict("records"):
+        # Each new seed costs about what the trial it re-checks cost; a configuration gets all its seeds or
+        # none, so that its mean is over recheck_seeds + 1 runs like the others'.
+        cost_s = search.recheck_seeds * float(budget_seconds(pd.DataFrame([row])).iloc[0])
+        if cost_s > left_s:
+            continue
+        left_s -= cost_s
         searched = {k: _plain(row[k]) for k in keys}
         for i in range(1, search.recheck_seeds + 1):
             points.append({**searched, SEED_KEY: config.train.seed + i, RECHECK_OF: str(row["trial_id"])})

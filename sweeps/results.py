@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from sweeps.budget import SECONDS_PER_HOUR, dollars, gpu_seconds
 from sweeps.config import SweepConfig
 from sweeps.recheck import RECHECK_OF
 from trainable.outcome import (
@@ -42,12 +43,21 @@ def trial_origins(
     return origins
 
 
+def storage_location(path: str, storage_uri: str) -> str:
+    """A path Tune gives (inside the storage's filesystem, without its scheme) as the storage names it:
+    `s3://bucket/...` for remote storage, so that any machine with access to the storage finds it."""
+    if "://" not in storage_uri or "://" in path:
+        return path
+    return f"{storage_uri.split('://', 1)[0]}://{path.lstrip('/')}"
+
+
 def collect_results(grid: Any, config: SweepConfig, *, rechecks: Any = None) -> pd.DataFrame:
     """One row per trial of a Tune ResultGrid, and of the seed re-checks' grid when given (sweeps.recheck):
     hyperparameters, seed, metrics, adapter path, status, origin, config_id (the trial whose configuration
     the row trains: itself, or for a re-check the trial it re-checks)."""
     from ray.tune.result import TIME_TOTAL_S, TRIAL_ID
 
+    storage = config.storage_uri()
     results = list(grid)  # in the order Tune created the trials, also after a resume
     origins = trial_origins([r.config for r in results], config.labeled_points_to_evaluate)
     if rechecks is not None:
@@ -63,9 +73,11 @@ def collect_results(grid: Any, config: SweepConfig, *, rechecks: Any = None) -> 
             if history is not None and METRIC in history
             else pd.Series([], dtype=float)
         )
+        losses = losses[losses.map(math.isfinite)]  # a skipped_oom trial's infinite loss is for TPE only
         best_loss = float(losses.min()) if len(losses) else math.nan
         best = result.get_best_checkpoint(METRIC, MODE) if len(losses) else None
         lora = {name: result.config.get(name, getattr(config.lora, name)) for name in HYPERPARAMETERS}
+        wall_time = float(metrics.get(TIME_TOTAL_S, math.nan))
         status = trial_status(
             last, errored=result.error is not None, best_eval_loss=best_loss, max_steps=config.train.max_steps
         )
@@ -86,12 +98,16 @@ def collect_results(grid: Any, config: SweepConfig, *, rechecks: Any = None) -> 
                 "tokens": last.tokens,
                 "tokens_per_s": last.tokens_per_s,
                 "peak_memory_gib": last.peak_memory_gib,
-                "wall_time_s": float(metrics.get(TIME_TOTAL_S, math.nan)),
+                "wall_time_s": wall_time,
+                "estimated_memory_gib": last.estimated_memory_gib,
+                "gpu_share": last.gpu_share,
+                "gpu_seconds": gpu_seconds(wall_time, last.gpu_share),
+                "cost_usd": dollars(gpu_seconds(wall_time, last.gpu_share), config.search.price_per_gpu_hour),
                 "retries": last.retries,
                 "restored_from_step": last.restored_from_step,
                 "eval_history": [float(x) for x in losses],
-                "adapter_path": best.path if best is not None else None,
-                "trial_path": result.path,
+                "adapter_path": storage_location(best.path, storage) if best is not None else None,
+                "trial_path": storage_location(result.path, storage),
                 "error": None
                 if result.error is None
                 else f"{type(result.error).__name__}: {result.error}"[:2000],
@@ -120,11 +136,22 @@ def format_results(table: pd.DataFrame, path: str, *, top: int = 10) -> str:  # 
         "base_eval_loss",
         "steps",
         "tokens_per_s",
+        "estimated_memory_gib",
+        "gpu_seconds",
     ]
     shown = table[columns].head(top).to_string(index=False, float_format=lambda x: f"{x:.4g}")
     best = table.iloc[0]
     return (
         f"\n{len(table)} trial(s); best eval_loss {best['best_eval_loss']:.4f} "
-        f"(base model {best['base_eval_loss']:.4f})\n{shown}\n\n"
+        f"(base model {best['base_eval_loss']:.4f}); {format_cost(table)}\n{shown}\n\n"
         f"results: {path}\nbest adapter: {best['adapter_path']}\n"
     )
+
+
+def format_cost(table: pd.DataFrame) -> str:
+    """The sweep's cost: GPU-hours (wall time x GPU share, summed over trials), dollars where priced."""
+    hours = table["gpu_seconds"].sum() / SECONDS_PER_HOUR
+    if not (table["gpu_share"] > 0).any():
+        return f"CPU trials: 0 GPU-hours, {table['wall_time_s'].sum() / SECONDS_PER_HOUR:.3g} trial-hours"
+    priced = table["cost_usd"].notna().any()
+    return f"cost {hours:.4g} GPU-hours" + (f", ${table['cost_usd'].sum():.2f}" if priced else "")

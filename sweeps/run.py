@@ -5,11 +5,9 @@
     python -m sweeps.run --config path/to/my.yaml train.max_steps=50
     python -m sweeps.run --config llama2-7b --resume       # continue the newest interrupted llama2-7b sweep
 
-Checks the config, model and data first (nothing starts on bad input), tokenizes the data once, measures
-the base model's eval loss once, then runs Ray Tune with Optuna's TPE over the search space, ASHA stopping
-trials that trail, one GPU (or a few CPU cores) per trial, then the seed re-checks of the best
-configurations (search.recheck_top, sweeps/recheck.py). Writes results.parquet (one row per trial) into the
-experiment folder, then the report.
+Checks the config, model and data first (nothing starts on bad input), tokenizes the data once, then runs
+Ray Tune with Optuna's TPE over the search space, ASHA stopping trials that trail, one GPU (or a few CPU
+cores) per trial. Writes results.parquet (one row per trial) into the experiment folder, then the report.
 """
 
 from __future__ import annotations
@@ -17,24 +15,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from analysis.experiment import RESULTS, STUDY, is_remote, write_file, write_summary, write_table
-from sweeps.config import ConfigError, SweepConfig, load_config
+from analysis.experiment import RESULTS, SUMMARY, is_remote, write_summary, write_table
+from sweeps.budget import BudgetSearcher
+from sweeps.config import ConfigError, SearchSettings, load_config
 from sweeps.plan import (
     SweepPlan,
     faults_from_environment,
     plan_sweep,
     resume_plan,
-    study_folder,
+    study_file,
     with_base_eval_loss,
 )
 from sweeps.recheck import build_recheck_tuner, plan_rechecks
+from sweeps.resources import TrialResources, plan_resources, trial_gpus
 from sweeps.results import collect_results, format_results
 from sweeps.space import to_tune_space
 from sweeps.study import StudyMirror
@@ -53,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_sweep(config, faults=faults_from_environment())
         if args.resume:
             plan = resume_plan(plan)
+        else:
+            start_experiment(plan)
     except (ConfigError, DataError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -61,31 +62,49 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def start_experiment(plan: SweepPlan) -> None:
+    """Write sweep.json, before Ray starts: storage that cannot be written to stops the sweep here."""
+    try:
+        write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
+    except OSError as err:
+        raise ConfigError(
+            f"storage_path={plan.config.storage_path!r}: cannot write {plan.experiment_uri}/{SUMMARY} ({err}). "
+            "Check that the bucket exists and the credentials may write to it; for an S3-compatible store "
+            "set AWS_ENDPOINT_URL (docs/cluster.md)"
+        ) from err
+
+
 def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1) -> str:
-    """Run (or resume) the planned sweep, write its results and report; returns where results.parquet is.
-    `verbosity`: Tune's console output, 0 none, 1 the progress table, 2 each trial's start and results too;
-    every trial prints one line per evaluation at any verbosity."""
+    """Run (or resume) the sweep of an experiment that start_experiment began, write its results and report;
+    returns where results.parquet is. `verbosity`: Tune's console output, 0 none, 1 the progress table, 2
+    each trial's start and results too; every trial prints one line per evaluation at any verbosity."""
+    import os
+
     import optuna
     import ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per created study or trial is noise here
+    # Ray folds log lines that differ only in their numbers ("[repeated 3x across cluster]"): it would hide
+    # all but one trial's evaluation line.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(ignore_reinit_error=True)
+    resources = plan_resources(plan, ray.cluster_resources())
+    print(describe_resources(resources), flush=True)
     if plan.trial.base_eval_loss is None:  # a resumed sweep keeps the one it measured
-        plan = with_base_eval_loss(plan, measure_base_eval_loss(plan))
+        plan = with_base_eval_loss(plan, measure_base_eval_loss(plan, resources))
         write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
-    grid = build_tuner(plan, resume=resume, verbosity=verbosity).fit()
+    trainable = trial_trainable(plan, resources)
+    grid = build_tuner(plan, trainable, resources, resume=resume, verbosity=verbosity).fit()
     table = collect_results(grid, plan.config)
     path = write_table(table, plan.experiment_uri, RESULTS)  # the search's, kept should the re-checks fail
     points = plan_rechecks(table, plan.config)
     if points:
-        print(f"rechecks: {len(points)} trial(s), {plan.config.search.recheck_seeds} new seed(s) for each of "
-              f"the best {len(points) // plan.config.search.recheck_seeds} configuration(s)", flush=True)  # fmt: skip
-        trainable, concurrency = trial_trainable(plan)
+        print(describe_rechecks(points, plan.config.search), flush=True)
         rechecks = build_recheck_tuner(
             points,
             trainable=trainable,
             experiment_uri=plan.experiment_uri,
-            concurrency=concurrency,
+            concurrency=resources.concurrency,
             callbacks=build_loggers(plan.config.search.loggers),
             max_failures=plan.config.search.max_failures,
             resume=resume,
@@ -93,31 +112,32 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1
         ).fit()
         table = collect_results(grid, plan.config, rechecks=rechecks)
         path = write_table(table, plan.experiment_uri, RESULTS)
-    if is_remote(plan.storage_uri) and not plan.config.search.study_storage:
-        # SQLite needs a local file: the study lived beside the driver; keep a copy with the results.
-        with open(os.path.join(study_folder(plan), STUDY), "rb") as f:
-            write_file(plan.experiment_uri, STUDY, f.read())
     print(format_results(table, path), flush=True)
     if plan.config.report.enabled:
         start_report(plan)
     return path
 
 
-def measure_base_eval_loss(plan: SweepPlan) -> float:
+def measure_base_eval_loss(plan: SweepPlan, resources: TrialResources) -> float:
     """The base model's eval loss (trainable.train.evaluate_base), once per sweep, as a Ray task with a
     trial's resources: on a cluster it runs on a worker with a GPU, not on the head node."""
     import ray
 
-    resources, _ = trial_resources(plan)
     # max_calls=1: the worker process exits afterwards, returning the model's memory (and the GPU's).
     task = ray.remote(max_calls=1)(evaluate_base).options(
-        num_cpus=resources["cpu"], num_gpus=resources["gpu"]
+        num_cpus=plan.config.search.cpus_per_trial, num_gpus=resources.gpu_share
     )
     start = time.perf_counter()
     loss = float(ray.get(task.remote(plan.trial)))
     print(f"base model: eval loss {loss:.4f} (measured once for the sweep, {time.perf_counter() - start:.0f} s)",
           flush=True)  # fmt: skip
     return loss
+
+
+def describe_rechecks(points: list[dict[str, Any]], search: SearchSettings) -> str:
+    configurations = len(points) // search.recheck_seeds
+    return (f"rechecks: {len(points)} trial(s), {search.recheck_seeds} new seed(s) for each of the best "
+            f"{configurations} configuration(s)")  # fmt: skip
 
 
 def describe_plan(plan: SweepPlan) -> str:
@@ -132,37 +152,41 @@ def describe_plan(plan: SweepPlan) -> str:
     )
 
 
-def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1) -> Any:  # ray.tune.Tuner
-    import optuna
+def trial_trainable(plan: SweepPlan, resources: TrialResources) -> Any:
+    """Tune's trainable: train_trial with the plan's trial settings, the memory plan and a trial's share of
+    the cluster (search.cpus_per_trial, resources.gpu_share)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    trial = dataclasses.replace(plan.trial, gpu_share=resources.gpu_share, memory=resources.memory)
+    return tune.with_resources(
+        tune.with_parameters(train_trial, settings=trial),
+        {"cpu": plan.config.search.cpus_per_trial, "gpu": resources.gpu_share},
+    )
+
+
+def build_tuner(
+    plan: SweepPlan,
+    trainable: Any,
+    resources: TrialResources,
+    *,
+    resume: bool = False,
+    verbosity: Verbosity = 1,
+) -> Any:  # ray.tune.Tuner
+    from ray import tune
 
     config, search = plan.config, plan.config.search
-    trainable, concurrency = trial_trainable(plan)
-    study_storage = search.study_storage or f"sqlite:///{study_folder(plan)}/{STUDY}"
-    searcher = OptunaSearch(
-        points_to_evaluate=config.points_to_evaluate or None,
-        sampler=optuna.samplers.TPESampler(seed=search.seed),
-    )
+    # With remote storage the SQLite study lives in the cache and the mirror keeps a copy in the experiment.
+    keep_with = plan.experiment_uri if is_remote(plan.storage_uri) and not search.study_storage else None
+    study_storage = search.study_storage or f"sqlite:///{study_file(plan, resume=resume)}"
+    searcher = build_searcher(search, config.points_to_evaluate)
     mirror = StudyMirror(
         storage=study_storage,
         study_name=plan.experiment,
         space=search.space,
         max_steps=config.train.max_steps,
+        keep_with=keep_with,
     )
-    reports = math.ceil(config.train.max_steps / config.train.eval_every)
-    use_asha = search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)
-    scheduler = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=reports,
-            grace_period=min(search.grace_period, reports),
-            reduction_factor=search.reduction_factor,
-        )
-        if use_asha
-        else None
-    )
+    scheduler = build_scheduler(search, reports=math.ceil(config.train.max_steps / config.train.eval_every))
     if resume:
         # Finished trials stay as they are; unfinished and crashed ones continue from their last checkpoint;
         # the searcher is restored from the experiment's state, the RDB study only gains the trials that end.
@@ -173,10 +197,14 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,
-            search_alg=searcher,
+            search_alg=searcher
+            if search.budget_gpu_hours is None
+            else BudgetSearcher(
+                searcher, budget_gpu_hours=search.budget_gpu_hours, gpu_share=resources.gpu_share
+            ),
             scheduler=scheduler,
             num_samples=search.num_samples,
-            max_concurrent_trials=concurrency,
+            max_concurrent_trials=resources.concurrency,
         ),
         run_config=tune.RunConfig(
             name=plan.experiment,
@@ -194,34 +222,51 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
     )
 
 
-def trial_resources(plan: SweepPlan) -> tuple[dict[str, float], int]:
-    """A trial's resources ({"cpu": ..., "gpu": ...}) and how many trials run at once: as many as the
-    cluster holds now (an autoscaling cluster should set search.max_concurrent_trials itself)."""
-    import ray
+def build_searcher(search: SearchSettings, points: list[dict[str, Any]]) -> Any:  # OptunaSearch
+    """Optuna's TPE behind Tune's OptunaSearch: `points` first (the recipe, initial points), random trials
+    until search.tpe_startup_trials have finished, then TPE. Tune gives it the space, metric and mode
+    (Tuner's param_space and TuneConfig; by hand: `set_search_properties(METRIC, MODE, to_tune_space(...))`)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
 
-    search = plan.config.search
-    resources = ray.cluster_resources()
-    gpus = trial_gpus(plan.config, resources)
-    # With a searcher, Tune only keeps one trial pending, so without a cap trials would run one by one.
-    capacity = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)) // search.cpus_per_trial
-    return {"cpu": search.cpus_per_trial, "gpu": gpus}, search.max_concurrent_trials or max(1, capacity)
-
-
-def trial_trainable(plan: SweepPlan) -> tuple[Any, int]:
-    """Tune's trainable (train_trial with the plan's settings and a trial's resources) and the number of
-    trials at once."""
-    from ray import tune
-
-    resources, concurrency = trial_resources(plan)
-    return tune.with_resources(tune.with_parameters(train_trial, settings=plan.trial), resources), concurrency
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=search.tpe_startup_trials,
+        # One joint model of all parameters: the best learning rate depends on r and lora_alpha (the update
+        # scales with alpha/r), which independent per-parameter models cannot see (Falkner et al. 2018, BOHB).
+        multivariate=True,
+        # Trials that are still running count as bad results, so parallel trials spread out instead of all
+        # sampling next to the current best.
+        constant_liar=True,
+        seed=search.seed,
+    )
+    return OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
 
 
-def trial_gpus(config: SweepConfig, resources: dict[str, float]) -> int:
-    """GPUs per trial: `search.gpus_per_trial`, where "auto" means 1 if the cluster has GPUs."""
-    gpus = config.search.gpus_per_trial
-    if gpus == "auto":
-        return 1 if resources.get("GPU", 0) >= 1 else 0
-    return gpus
+def build_scheduler(search: SearchSettings, *, reports: int) -> Any:  # ASHAScheduler | None
+    """ASHA over the trials' `reports` evaluations, or None when search.scheduler says none (or "auto" with
+    a single trial, where there is nothing to compare)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    if not (search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)):
+        return None
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=reports,
+        grace_period=min(search.grace_period, reports),
+        reduction_factor=search.reduction_factor,
+    )
+
+
+def describe_resources(resources: TrialResources) -> str:
+    memory = resources.memory
+    where = f"{resources.trials_per_gpu} trial(s) per GPU" if resources.gpus else "CPU trials"
+    check = (
+        f"memory check: each trial's estimate against {memory.card_gib * memory.share:.3g} GiB "
+        f"(1/{resources.trials_per_gpu} of {memory.card_gib:.3g} GiB)"
+        if memory
+        else "memory check: off"
+    )
+    return f"resources: {where}, {resources.concurrency} at once; {check}"
 
 
 def build_loggers(names: Sequence[str]) -> list[Any]:

@@ -15,18 +15,31 @@ from pydantic import ValidationError
 from trainable.search_space import KINDS
 from trainable.settings import HYPERPARAMETERS, Hyperparameters
 
+# Sources (docs/search.md has the longer why): Hu et al. 2021, "LoRA" (arXiv:2106.09685); Dettmers et al.
+# 2023, "QLoRA" (arXiv:2305.14314); Schulman and Thinking Machines Lab 2025, "LoRA Without Regret" (blog
+# post, thinkingmachines.ai). The recipe below is QLoRA's and lies in this space.
 DEFAULT_SPACE: dict[str, dict[str, list[Any]]] = {
-    # QLoRA (Dettmers et al. 2023, sec. 4) saw little difference across r once every linear layer is
-    # adapted; 8..64 spans the ranks people ship, and 4-bit weights make 64 affordable.
+    # The hyperparameter that matters most, so the widest, continuous range: LoRA's best learning rate is
+    # about 10x full fine-tuning's and barely moves with r (LoRA Without Regret), but moves with model size
+    # and data; a decade either side of QLoRA's 2e-4 for 7B, which reaches small models' higher optimum.
+    "learning_rate": {"loguniform": [2e-5, 2e-3]},
+    # Rank matters much less: QLoRA (sec. 4, fig. 4) found r unrelated to quality once every linear layer
+    # is adapted; LoRA Without Regret sees rank limit LoRA only once the data outgrows the adapter.
+    # Powers of two from 8 to 64 span the ranks people ship; 4-bit weights make 64 affordable.
     "r": {"choice": [8, 16, 32, 64]},
-    # The update is scaled by alpha / r: 16 with r=64 is the paper's small scale, 2r the common large one.
-    "lora_alpha": {"choice": [8, 16, 32, 64, 128]},
-    # Attention-only (the original LoRA choice) against all linear layers (QLoRA's finding that it matters).
-    "target_modules": {"choice": ["qv", "attention", "all-linear"]},
-    # LoRA learning rates that work sit between 1e-5 and 1e-3; 2e-4 is the paper's value for 7B.
-    "learning_rate": {"loguniform": [2e-5, 1e-3]},
-    # The paper used 0.1 up to 13B and 0.05 above.
+    # Nearly fixed: the update scales with alpha/r x learning rate, so alpha trades with the learning rate,
+    # and with alpha fixed the best learning rate barely moves with r (LoRA Without Regret). 16 is QLoRA's
+    # value, 32 LoRA Without Regret's; searching wider would spend trials the learning rate already covers.
+    "lora_alpha": {"choice": [16, 32]},
+    # MLP layers matter: attention-only LoRA trails (QLoRA sec. 4: all linear layers are needed to match
+    # full fine-tuning; LoRA Without Regret: MLP-only is close to all, attention-only falls behind), so the
+    # choice is MLP-only against all linear layers; attention-only presets are left out (our judgement).
+    "target_modules": {"choice": ["mlp", "all-linear"]},
+    # QLoRA used 0.1 up to 13B and 0.05 above; 0 (no regularization) is the natural contrast for short runs.
+    # A minor axis: our judgement, not a finding.
     "lora_dropout": {"choice": [0.0, 0.05, 0.1]},
+    # Not searched by default (add them under search.space; each costs trials in a small sweep): use_rslora
+    # (Kalajdzievski 2023), use_dora (Liu et al. 2024), loraplus_lr_ratio (Hayou et al. 2024), bias.
 }
 
 # The QLoRA paper's recipe for 7B-13B models; a sweep evaluates it first, so the search has to beat it.

@@ -4,10 +4,15 @@ Tune's OptunaSearch keeps its own in-memory study, saved and restored with Tune'
 resumed sweep's searcher agrees with Tune about which trials exist. This callback mirrors each finished
 trial into the RDB study once (keyed by Tune's trial id), so the stored study holds exactly the trials
 that ran, even when the driver was killed and resumed several times.
+
+SQLite needs a local disk: with remote storage the study lives in the driver's cache (sweeps.plan.study_file) and a
+copy is put into the experiment each time a trial is recorded, so that a driver resumed on another machine
+(or after the cache was lost) starts from the study as it was.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -20,9 +25,19 @@ TRIAL_KEY = "tune_trial_id"
 
 class StudyMirror(Callback):
     def __init__(
-        self, *, storage: str, study_name: str, space: dict[str, dict[str, list[Any]]], max_steps: int
+        self,
+        *,
+        storage: str,
+        study_name: str,
+        space: dict[str, dict[str, list[Any]]],
+        max_steps: int,
+        keep_with: str | None = None,
     ) -> None:
+        """`keep_with`: the experiment's URI, to put a copy of the SQLite `storage` into after each trial."""
+        if keep_with is not None and not storage.startswith("sqlite:///"):
+            raise ValueError(f"StudyMirror: keep_with needs a SQLite storage, got {storage!r}")
         self.storage = storage
+        self.keep_with = keep_with
         self.study_name = study_name
         self.distributions = to_optuna_distributions(space)
         self.max_steps = max_steps
@@ -60,6 +75,10 @@ class StudyMirror(Callback):
                 user_attrs={TRIAL_KEY: trial.trial_id},
             )
         )
+        if self.keep_with is not None:
+            from analysis.experiment import STUDY, write_file
+
+            write_file(self.keep_with, STUDY, Path(self.storage.removeprefix("sqlite:///")).read_bytes())
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.record(trial, errored=False)

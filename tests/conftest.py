@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,59 @@ def ray_cpus():
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A local S3-compatible server (moto's server mode, on 127.0.0.1 only) with one bucket, `sweeps`.
+
+    Yields the environment that points the AWS SDKs at it (pyarrow's S3FileSystem, and so Ray Tune's
+    storage, read AWS_ENDPOINT_URL): give it to the processes that should use it.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from pyarrow import fs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",  # moto accepts any credentials
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no lookups of an instance's role on this machine
+    }
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the S3 server did not start; its log: {log}") from None
+                time.sleep(0.2)
+        s3 = fs.S3FileSystem(
+            endpoint_override=endpoint,
+            access_key="testing",
+            secret_key="testing",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
+        s3.create_dir("sweeps")
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -45,6 +45,9 @@ class FastPathReport:
     """What apply_fast_path changed, for the trial's log and the benchmark's record."""
 
     lora_layers: int = 0
+    # DoRA layers (Hyperparameters.use_dora) keep peft's own forward: DoRA rescales W + s B A by a learned
+    # magnitude over its column norms, which the fused LoRA function does not compute.
+    dora_layers: int = 0
     attention_layers: int = 0
     norms: int = 0
     mlps: int = 0
@@ -106,6 +109,9 @@ def apply_fast_path(
         kind = type(module).__name__
         if _is_lora_linear(module):
             if not fuse_lora:
+                continue
+            if any(getattr(module, "use_dora", {}).values()):
+                report.dora_layers += 1
                 continue
             _patch(module, _lora_forward)
             report.lora_layers += 1

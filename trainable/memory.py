@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trainable.fast import activation_bytes_per_token
+from trainable.settings import Hyperparameters
 
 GIB = 2**30
 Quantization = Literal["nf4", "fp4", "none"]
@@ -326,3 +327,47 @@ def _unchecked_layer_count(inputs: MemoryInputs, dropout: bool) -> int:
         return 0
     per_layer = activation_bytes_per_token(inputs.model, dropout=dropout) * inputs.batch_size * inputs.longest
     return min(inputs.model.num_hidden_layers, int(inputs.activation_memory_gib * GIB // max(1, per_layer)))
+
+
+@dataclass(frozen=True)
+class TrialMemory:
+    """What a sweep's trials share for their memory estimate, resolved by the driver from its plan, and the
+    part of a card each trial may take; the trial adds its own r, target_modules and lora_dropout."""
+
+    model: ModelShape
+    linear_modules: tuple[str, ...]  # the model's linear layers, to resolve target_modules presets
+    batch_size: int
+    longest: int
+    largest_batch_tokens: int | None
+    quantization: Quantization
+    double_quant: bool
+    compute_dtype: ComputeDtype
+    gradient_checkpointing: bool
+    activation_memory_gib: float
+    optimizer: Optimizer
+    card_gib: float  # the GPU's memory
+    share: float  # the part of the card one trial may use: 1 / trials per GPU
+
+
+def estimate_trial_memory(memory: TrialMemory, hparams: Hyperparameters) -> MemoryEstimate:
+    """The peak of one trial with `hparams` (its r, target_modules and lora_dropout) under `memory`."""
+    from trainable.model import resolve_target_modules
+
+    targets = resolve_target_modules(hparams.target_modules, set(memory.linear_modules))
+    return estimate_memory(
+        MemoryInputs(
+            model=memory.model,
+            r=hparams.r,
+            target_modules=tuple(targets),
+            batch_size=memory.batch_size,
+            longest=memory.longest,
+            largest_batch_tokens=memory.largest_batch_tokens,
+            lora_dropout=hparams.lora_dropout,
+            quantization=memory.quantization,
+            double_quant=memory.double_quant,
+            compute_dtype=memory.compute_dtype,
+            gradient_checkpointing=memory.gradient_checkpointing,
+            activation_memory_gib=memory.activation_memory_gib,
+            optimizer=memory.optimizer,
+        )
+    )

@@ -309,7 +309,8 @@ def resolve_target_modules(spec: str, available: set[str]) -> list[str]:
 def build_lora_model(
     model: PreTrainedModel, hparams: Hyperparameters, *, gradient_checkpointing: bool
 ) -> Any:  # peft.PeftModel
-    """Attach LoRA adapters (the trial's r, alpha, targets, dropout, bias) to a frozen, maybe 4-bit, base."""
+    """Attach LoRA adapters (the trial's r, alpha, targets, dropout, bias, rsLoRA scaling, DoRA) to a
+    frozen, maybe 4-bit, base. (LoRA+'s learning-rate ratio is the optimizer's: trainable.train.)"""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     targets = resolve_target_modules(hparams.target_modules, linear_module_names(model))
@@ -329,6 +330,8 @@ def build_lora_model(
         target_modules=targets,
         lora_dropout=hparams.lora_dropout,
         bias=hparams.bias,
+        use_rslora=hparams.use_rslora,
+        use_dora=hparams.use_dora,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

@@ -19,10 +19,11 @@ METRIC = "eval_loss"
 MODE: Literal["min"] = "min"
 DIRECTION: Literal["minimize"] = "minimize"  # MODE in Optuna's words
 
-Status = Literal["completed", "stopped", "oom", "failed", "error"]
+Status = Literal["completed", "stopped", "oom", "skipped_oom", "failed", "error"]
 STATUSES: tuple[Status, ...] = get_args(Status)
 # A trial that ran to the end or was stopped early by the scheduler has a usable adapter and may be
-# ranked; oom, failed and error trials come last, whatever eval loss they reported before failing.
+# ranked; oom, skipped_oom (predicted not to fit its GPU share, never started), failed and error trials
+# come last, whatever eval loss they reported before failing.
 RANKABLE_STATUSES: tuple[Status, ...] = ("completed", "stopped")
 
 # Where a trial's hyperparameters came from: QLoRA's recipe (tried first when
@@ -64,6 +65,13 @@ class TrialReport:
     node_id: str = ""
     gpu_ids: str = ""
     started_at: float = math.nan  # UNIX time this process started the trial
+    # Predicted peak GPU memory (trainable.memory, the whole process: MemoryEstimate.total_gib); NaN where
+    # no estimate is made (CPU trials unless search.gpu_memory_gib is set).
+    estimated_memory_gib: float = math.nan
+    # The estimate exceeds the trial's share of the card: it was never started (no model loaded). It
+    # reports an infinite eval loss so that the searcher's TPE ranks that region worst.
+    skipped_oom: bool = False
+    gpu_share: float = 0.0  # GPUs this trial held (1/trials_per_gpu; 0 for a CPU trial)
 
     def to_tune(self) -> dict[str, float | int | str]:
         """The report as Tune's metrics dict; flags as 0/1 so that progress.csv holds numbers."""
@@ -92,6 +100,8 @@ def trial_status(last: TrialReport, *, errored: bool, best_eval_loss: float, max
     that never reported has the default report: no finite eval loss."""
     if errored:
         return "error"
+    if last.skipped_oom:
+        return "skipped_oom"
     if last.oom:
         return "oom"
     if last.diverged or not math.isfinite(best_eval_loss):

@@ -154,6 +154,14 @@ class Hyperparameters:
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     bias: Bias = "none"
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    # rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): scale the update by alpha/sqrt(r) instead of alpha/r.
+    use_rslora: bool = False
+    # DoRA (Liu et al. 2024, arXiv:2402.09353): a learned magnitude per output times the normalized W + BA.
+    # Its layers run peft's own forward; the CUDA fast path does not fuse them (trainable/fast.py).
+    use_dora: bool = False
+    # LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B learns this many times faster than A (learning_rate).
+    # 1 is plain LoRA; the paper's choice is 16. Below 1 would slow B, the opposite of the method.
+    loraplus_lr_ratio: Annotated[float, Field(ge=1, le=1024)] = 1.0
 
 
 HYPERPARAMETERS: tuple[str, ...] = tuple(Hyperparameters.__dataclass_fields__)

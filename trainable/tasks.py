@@ -1,13 +1,13 @@
 """The bundled instruction dataset: small tasks with short answers that a program can check.
 
-    python -m trainable.tasks                      # rewrites trainable/data/tasks.jsonl
+    python -m trainable.tasks                      # rewrites trainable/bundled/tasks.jsonl
     python -m trainable.tasks --out /tmp/t.jsonl --seed 1
 
 Each line is an alpaca record plus metadata:
 {"id", "task", "check", "instruction", "input", "output", "split"}. The answers are a few tokens long on
 purpose: a sweep trains SmolLM2-135M-Instruct for a few hundred LoRA steps, and the score must move within
 that budget. `check` says how a prediction is judged: "exact" (normalized string equality), "json"
-(parsed objects equal) or "free" (a reference sentence, scored by text similarity elsewhere).
+(parsed objects equal) or "free" (a reference sentence, scored by text similarity); analysis.score checks.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,14 @@ from typing import Literal
 Check = Literal["exact", "json", "free"]
 Split = Literal["train", "eval", "test"]
 
-BUNDLED_PATH: Path = Path(__file__).resolve().parent / "data" / "tasks.jsonl"
+# Package data; the folder is not named "data" so that it does not sit beside data.py under the same name.
+BUNDLED_PATH: Path = Path(__file__).resolve().parent / "bundled" / "tasks.jsonl"
 DEFAULT_SEED = 0
 # 1,000 train examples are 125 steps of batch 8: one pass fits the 100-300 step budget of a trial.
-SPLIT_SIZES: dict[Split, int] = {"train": 1000, "eval": 100, "test": 100}
+# 300 test examples: a 6-point accuracy difference between two adapters is then significant (McNemar
+# p < 0.05) while fewer than 70 prompts (23%) are answered right by only one of them; with 100 test
+# examples, only while 6 or fewer are.
+SPLIT_SIZES: dict[Split, int] = {"train": 1000, "eval": 100, "test": 300}
 FIELDS = ("id", "task", "check", "instruction", "input", "output", "split")
 
 # Short, common, lowercase words: single or few BPE tokens, so reversing and spelling stay learnable.
@@ -313,54 +316,6 @@ def write_examples(path: Path, examples: Iterable[dict[str, str]]) -> None:
     with path.open("w", encoding="utf-8", newline="\n") as f:
         for example in examples:
             f.write(json.dumps({key: example[key] for key in FIELDS}, ensure_ascii=False) + "\n")
-
-
-def normalize_answer(text: str) -> str:
-    """Canonical form for exact match: trimmed, single spaces, no trailing period, casefolded."""
-    text = " ".join(text.split())
-    if text.endswith("."):
-        text = text[:-1].rstrip()
-    return text.casefold()
-
-
-_FENCE = re.compile(r"^```[A-Za-z]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
-
-
-def _parse_json(text: str) -> tuple[bool, object]:
-    text = text.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
-    try:
-        return True, json.loads(text)
-    except json.JSONDecodeError:
-        return False, None
-
-
-def _json_equal(a: object, b: object) -> bool:
-    # Python's == says True == 1 and 34 == 34.0; an answer of true for an age is wrong, so bools stay bools.
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
-def answers_match(check: str, prediction: str, reference: str) -> bool:
-    """Whether a prediction is right: normalized equality ("exact", "free") or equal JSON values ("json").
-
-    For "json" the prediction may carry surrounding whitespace or a Markdown code fence; key order does not
-    matter. Text that does not parse as JSON never matches.
-    """
-    if check in ("exact", "free"):
-        return normalize_answer(prediction) == normalize_answer(reference)
-    if check == "json":
-        ok_prediction, predicted = _parse_json(prediction)
-        ok_reference, expected = _parse_json(reference)
-        return ok_prediction and ok_reference and _json_equal(predicted, expected)
-    raise ValueError(f"check must be one of 'exact', 'json', 'free'; got {check!r}")
 
 
 def main(argv: list[str] | None = None) -> None:

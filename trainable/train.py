@@ -34,6 +34,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from trainable.faults import Fault, InjectFaults
 from trainable.hardware import resolve_compute_dtype
+from trainable.memory import TrialMemory, estimate_trial_memory, fits
 from trainable.model import build_lora_model, load_base_model, load_tokenizer
 from trainable.outcome import SEED_KEY, TrialReport
 from trainable.settings import HYPERPARAMETERS, Hyperparameters, ModelSettings, TrainSettings
@@ -67,6 +68,8 @@ class TrialSettings:
     train_data: dict[str, list[list[int]]]  # input_ids and labels, tokenized once by the driver
     eval_data: dict[str, list[list[int]]]
     cpus: int = 1
+    gpu_share: float = 0.0  # GPUs this trial holds (1 / search.trials_per_gpu), 0 for CPU trials
+    memory: TrialMemory | None = None  # set: estimate the trial's peak first and skip it if it cannot fit
     # The plain quantized base model's loss on eval_data (no adapter), measured once per sweep by the driver
     # (evaluate_base) and reported by every trial as the bar to clear; None: not measured.
     base_eval_loss: float | None = None
@@ -121,12 +124,16 @@ class TuneReporter(TrainerCallback):
         base_eval_loss: float | None,
         retries: int,
         restored_from_step: int,
+        estimated_memory_gib: float = math.nan,
+        gpu_share: float = 0.0,
     ) -> None:
         self.send = send  # where each report goes, with its checkpoint
         self.device = device
         self.base_eval_loss = base_eval_loss
         self.retries = retries  # how often this trial was restarted from a checkpoint
         self.restored_from_step = restored_from_step
+        self.estimated_memory_gib = estimated_memory_gib
+        self.gpu_share = gpu_share
         self.diverged = False  # a NaN or infinite loss was seen
         self.evaluations = 0  # eval passes in this process: one per report (the base is not evaluated here)
         # Where the trial ran, to check Tune's placement: the Ray node and the GPUs it was given.
@@ -192,6 +199,8 @@ class TuneReporter(TrainerCallback):
             node_id=self.node_id,
             gpu_ids=self.gpu_ids,
             started_at=self.started_at,
+            estimated_memory_gib=self.estimated_memory_gib,
+            gpu_share=self.gpu_share,
         )
         self.train_losses = []
         return report
@@ -260,12 +269,15 @@ def build_trainer(
         include_num_input_tokens_seen="all" if padding_free else "non_padding",  # padding-free: all are real
         padding_free=padding_free,
         prediction_loss_only=True,  # eval_loss is all we need; gathering logits costs most of an eval pass
-        activation_checkpointing=False,  # already set up by build_lora_model, with the right kwargs
+        # Already set up by build_lora_model, with the right kwargs. (transformers 5.20 renamed it
+        # activation_checkpointing; the old name, which 5.17 knows too, only warns, and trials hide that.)
+        gradient_checkpointing=False,
         max_length=None,  # the driver already cut examples to data.max_length and counted the cuts
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    loraplus = build_loraplus_optimizer(model, args, ratio=hparams.loraplus_lr_ratio)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -273,10 +285,32 @@ def build_trainer(
         eval_dataset=Dataset.from_dict(trial.eval_data),
         processing_class=tokenizer,
         callbacks=callbacks,
+        optimizers=(loraplus, None),  # None: the trainer builds its own (and always the LR schedule)
     )
     # The trainer prints every log dict; a sweep prints one line per evaluation instead (train_trial).
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def build_loraplus_optimizer(model: Any, args: Any, *, ratio: float) -> torch.optim.Optimizer | None:
+    """LoRA+ (Hayou et al. 2024): the B matrices learn `ratio` times faster than A (args.learning_rate),
+    with the optimizer class and settings the trainer would build from `args.optim` (paged AdamW from
+    bitsandbytes on CUDA, torch AdamW on CPU). None for ratio 1: plain LoRA, the trainer's own optimizer."""
+    if ratio == 1:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    return create_loraplus_optimizer(
+        model,
+        optimizer_cls,
+        lr=args.learning_rate,
+        loraplus_lr_ratio=ratio,
+        loraplus_weight_decay=args.weight_decay,
+        **kwargs,
+    )
 
 
 def setup_trial(
@@ -312,21 +346,38 @@ def run_trial(
     evaluation and its checkpoint to `send`; `resume_from` is a checkpoint folder it reported earlier.
 
     Two failures are final and reported instead of raised: CUDA out of memory (status 'oom'; the same
-    config would run out again) and a NaN/inf loss (status 'failed'). Anything else raises.
+    config would run out again) and a NaN/inf loss (status 'failed'). Anything else raises. With
+    settings.memory, a trial whose estimated peak exceeds its share of the card loads nothing and reports
+    skipped_oom.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(settings.cpus)
     hparams = trial_hparams(searched, settings.default_hparams)
+    estimated = math.nan
+    if settings.memory is not None:
+        estimate = estimate_trial_memory(settings.memory, hparams)
+        estimated = estimate.total_gib
+        if not fits(estimate, card_gib=settings.memory.card_gib, share=settings.memory.share):
+            # An infinite loss, not NaN: OptunaSearch tells NaN as a failed trial, which TPE ignores; an
+            # infinite loss ranks worst, so TPE samples less in this region.
+            skipped = TrialReport(eval_loss=math.inf, skipped_oom=True, estimated_memory_gib=estimated,
+                                  gpu_share=settings.gpu_share)  # fmt: skip
+            send(skipped.to_tune(), None)
+            return
+    if device == "cuda" and 0 < settings.gpu_share < 1:
+        # Trials sharing a card: this one's allocator may take only its share, so a trial that outgrows its
+        # plan runs out of memory itself (status oom) instead of starving its neighbours.
+        torch.cuda.set_per_process_memory_fraction(settings.gpu_share)
     if SEED_KEY in searched:  # a seed re-check: its own LoRA init, data order and dropout masks
         settings = dataclasses.replace(
             settings, train=dataclasses.replace(settings.train, seed=int(searched[SEED_KEY]))
         )
     set_seed(settings.train.seed)
     output_dir = tempfile.mkdtemp(prefix="trial-")
-    reporter = TuneReporter(
-        send=send, device=device, base_eval_loss=settings.base_eval_loss, retries=0, restored_from_step=0
-    )
+    reporter = TuneReporter(send=send, device=device, base_eval_loss=settings.base_eval_loss, retries=0,
+                            restored_from_step=0, estimated_memory_gib=estimated,
+                            gpu_share=settings.gpu_share)  # fmt: skip
     try:
         resume_step = None
         if resume_from is not None:  # a retried or resumed trial continues where its last report left it
@@ -336,6 +387,10 @@ def run_trial(
             previous = TrialState(**json.loads((Path(resume_step) / TRIAL_STATE).read_text()))
             reporter.retries = previous.retries + 1
             reporter.restored_from_step = step
+            if step >= settings.train.max_steps:
+                # It had finished, and Tune holds its last report and checkpoint, but the driver was killed
+                # before it saved the trial as ended. Resuming, the trainer would take a step past max_steps.
+                return
         callbacks: list[Any] = [reporter]
         faults = tuple(f for f in settings.faults if f.applies_to(searched))
         if faults:
@@ -345,7 +400,9 @@ def run_trial(
         if reporter.diverged:
             send(reporter.report(trainer.state, eval_loss=math.nan).to_tune(), None)
     except torch.cuda.OutOfMemoryError:
-        send(TrialReport(oom=True, retries=reporter.retries).to_tune(), None)
+        oom = TrialReport(oom=True, retries=reporter.retries, estimated_memory_gib=estimated,
+                          gpu_share=settings.gpu_share)  # fmt: skip
+        send(oom.to_tune(), None)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
         if device == "cuda":

@@ -49,7 +49,9 @@ def test_prompts_spread_over_tasks_then_user_prompts() -> None:
     prompts = build_prompts(eval_examples, ["Write me a poem"], count=4, system_prompt=None)
     assert [p.example.task for p in prompts[:4]].count("even_odd") == 2  # round robin, not the first four
     assert prompts[-1].source == "user" and prompts[-1].reference is None
-    assert prompts[0].reference == "a"
+    assert prompts[0].reference == "a" and prompts[0].source == "test" and prompts[0].prompt_id == "test-0000"
+    everything = build_prompts(eval_examples, [], count=500, source="eval")
+    assert len(everything) == 8 and {p.source for p in everything} == {"eval"}  # all of it, under the cap
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

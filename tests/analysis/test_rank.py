@@ -8,11 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.rank import rank_trials
+from analysis.rank import rank_trials, recommend
+from analysis.report import select_finalists
+from analysis.score import compare_candidates, score_generations, summarize_quality
 
 
-def results_table(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
-    """(trial_id, status, best_eval_loss) rows, the other columns as collect_results writes them."""
+def results_table(rows: list[tuple[str, str, float]], *, recipe: str | None = None) -> pd.DataFrame:
+    """(trial_id, status, best_eval_loss) rows, the other columns as collect_results writes them; `recipe`
+    is the trial that ran the QLoRA recipe."""
     return pd.DataFrame(
         [
             {
@@ -27,6 +30,8 @@ def results_table(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
                 "best_eval_loss": loss,
                 "base_eval_loss": 2.0,
                 "error": "RuntimeError: out of memory" if s == "error" else None,
+                "origin": "recipe" if t == recipe else "search",
+                "adapter_path": f"/experiments/x/{t}/checkpoint_000001",
             }
             for t, s, loss in rows
         ]
@@ -50,15 +55,17 @@ QUALITY = quality_table(
 
 def test_quality_ranks_within_tolerance_then_loss_then_failures_last() -> None:
     board = rank_trials(RESULTS, QUALITY, loss_tolerance=0.02, base_eval_loss=2.0)
-    # c and b tie on exact match; chrF puts c first. d has the best answers but its loss is 10% worse.
+    # No paired tests: nothing is measurably better. Within the tolerance, c and b tie on exact match and
+    # chrF puts c first; d has the best answers but its loss is 10% worse: after them, by loss.
     # e has the lowest loss but errored: unranked, after the base row, like f.
     assert list(board["candidate"]) == ["c", "b", "a", "d", "base", "e", "f"]
     assert list(board["rank"][:4]) == [1, 2, 3, 4]
     assert board["rank"][4:].isna().all()
-    assert list(board["ranked_by"][:4]) == ["quality"] * 3 + ["eval_loss"]
-    assert board.set_index("candidate").loc["d", "note"] == "outside the loss tolerance"
-    assert "out of memory" in board.set_index("candidate").loc["e", "note"]
-    assert "no finite eval loss" in board.set_index("candidate").loc["f", "note"]
+    assert list(board["ranked_by"][:4]) == ["held-out"] * 4
+    notes = board.set_index("candidate")["note"]
+    assert notes["d"] == "no measurable held-out difference; outside the loss tolerance: ordered by eval loss"
+    assert notes["c"].startswith("no measurable held-out difference; within the loss tolerance")
+    assert "out of memory" in notes["e"] and "no finite eval loss" in notes["f"]
     base = board.set_index("candidate").loc["base"]
     assert base["best_eval_loss"] == 2.0 and base["exact_match"] == 0.25
 
@@ -78,24 +85,23 @@ def test_rank_by_is_configurable() -> None:
     assert list(board["candidate"][:3]) == ["a", "c", "b"]
 
 
-def test_ties_are_stable_and_marked() -> None:
+def test_ties_are_stable() -> None:
     results = results_table([("z", "completed", 1.0), ("y", "completed", 1.0), ("x", "completed", 1.005)])
     quality = quality_table({"z": (0.5, 10.0), "y": (0.5, 10.0), "x": (0.5, 10.0)})
     board = rank_trials(results, quality, loss_tolerance=0.02)
     # Equal scores: lower loss first (y, z before x); y and z tie on loss too: by trial id.
     assert list(board["candidate"][:3]) == ["y", "z", "x"]
-    notes = board.set_index("candidate")["note"]
-    assert notes["y"] == notes["z"] == "tied on quality and eval loss; ordered by trial id"
-    assert notes["x"] == "tied on quality; ordered by eval loss"
     again = rank_trials(results.iloc[::-1].reset_index(drop=True), quality, loss_tolerance=0.02)
     assert list(again["candidate"][:3]) == ["y", "z", "x"]
 
 
-def test_trials_without_answers_follow_by_loss() -> None:
-    # Only the top-k generate: a trial within tolerance without scores ranks after those with scores.
+def test_trials_without_answers_follow_the_finalists_by_loss() -> None:
+    # Only the finalists generate: a trial without scores ranks after them, whatever its loss.
     board = rank_trials(RESULTS, QUALITY.drop(index=["a"]), loss_tolerance=0.02)
-    assert list(board["candidate"][:4]) == ["c", "b", "a", "d"]
-    assert board.set_index("candidate").loc["a", "note"] == "no answer scores (not among the top-k)"
+    assert list(board["candidate"][:4]) == ["c", "b", "d", "a"]
+    assert (
+        board.set_index("candidate").loc["a", "note"] == "not a finalist (not among the top_k by eval loss)"
+    )
 
 
 def test_no_quality_at_all_is_ranking_by_loss() -> None:
@@ -106,6 +112,118 @@ def test_no_quality_at_all_is_ranking_by_loss() -> None:
 def test_unknown_score_is_refused() -> None:
     with pytest.raises(ValueError, match=r"rank_by.*bleu"):
         rank_trials(RESULTS, QUALITY, loss_tolerance=0.02, rank_by=["bleu"])
+
+
+# ------------------------------------------------------------------ held-out answers through the scoring
+
+
+def held_out_answers(
+    right: dict[str, int], *, prompts: int = 300, free: dict[str, float] | None = None
+) -> pd.DataFrame:
+    """Scored generations: `prompts` short-answer prompts of alpaca data (no task, no check) where candidate c
+    answers the first right[c] correctly, plus four free-text prompts (a handful) answered with the share
+    free[c] of the reference's words."""
+    reference = "It is rainy in Oslo at seven degrees today, says the report"
+    rows = []
+    for candidate, count in right.items():
+        for i in range(prompts):
+            rows.append({"prompt_id": f"test-{i:04d}", "source": "test", "task": None, "check": None, "question": "?",
+                         "reference": str(i), "candidate": candidate, "answer": str(i) if i < count else "no idea"})  # fmt: skip
+        words = reference.split()
+        kept = " ".join(words[: round(len(words) * (free or {}).get(candidate, 0.5))])
+        for i in range(4):
+            rows.append({"prompt_id": f"free-{i}", "source": "test", "task": None, "check": None, "question": "?",
+                         "reference": reference, "candidate": candidate, "answer": kept})  # fmt: skip
+    return score_generations(pd.DataFrame(rows))
+
+
+def board_for(
+    results: pd.DataFrame, scored: pd.DataFrame, **options: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    candidates = list(scored["candidate"].unique())
+    paired = compare_candidates(scored, candidates)
+    board = rank_trials(results, summarize_quality(scored), paired=paired, base_eval_loss=2.0,
+                        loss_tolerance=options.get("loss_tolerance", 0.02))  # fmt: skip
+    return board, paired
+
+
+def test_a_tie_within_the_tolerance_is_broken_by_held_out_accuracy_not_chrf() -> None:
+    # a has the lower loss (b is 1% worse: within the tolerance) and the better chrF on the four free-text
+    # prompts; b answers 20 more of 300 short questions right: measurably better (McNemar).
+    results = results_table([("a", "completed", 1.00), ("b", "completed", 1.01)])
+    scored = held_out_answers({"a": 200, "b": 220, "base": 10}, free={"a": 1.0, "b": 0.3, "base": 0.1})
+    board, paired = board_for(results, scored)
+    assert list(board["candidate"][:2]) == ["b", "a"]
+    free_text = scored[scored["prompt_id"].str.startswith("free")].groupby("candidate")["chrf"].mean()
+    assert (
+        free_text["a"] > free_text["b"]
+    )  # chrF over the handful of free-text prompts would have put a first
+    assert paired[(paired["candidate"] == "b") & (paired["other"] == "a")].set_index("metric").loc[
+        "exact_match", "verdict"] == "better"  # fmt: skip
+    row = board.set_index("candidate").loc["b"]
+    assert row["exact_match_n"] == 300 and row["net_wins"] == 1
+    assert row["exact_match_low"] < row["exact_match"] < row["exact_match_high"]
+    # Not significant (5 more right), still within the tolerance: the held-out accuracy orders them, not chrF.
+    scored = held_out_answers({"a": 200, "b": 205, "base": 10}, free={"a": 1.0, "b": 0.3, "base": 0.1})
+    board, _ = board_for(results, scored)
+    assert list(board["candidate"][:2]) == ["b", "a"]
+    assert board.set_index("candidate").loc["b", "net_wins"] == 0
+
+
+def test_a_measurably_better_recipe_outranks_a_lower_loss() -> None:
+    # The recipe trial r is 10% worse on eval loss (outside the tolerance) but measurably better held out.
+    results = results_table([("a", "completed", 1.00), ("r", "completed", 1.10)], recipe="r")
+    scored = held_out_answers({"a": 150, "r": 190, "base": 10})
+    board, paired = board_for(results, scored)
+    assert list(board["candidate"][:2]) == ["r", "a"]
+    rows = board.set_index("candidate")
+    assert rows.loc["r", "note"].startswith("QLoRA recipe; held-out exact match: measurably better than 1")
+    assert rows.loc["a", "vs_recipe"] == "worse" and rows.loc["a", "vs_recipe_p"] < 0.001
+    assert (
+        rows.loc["a", "vs_recipe_delta"] == pytest.approx(-40 / 300)
+        and rows.loc["a", "vs_metric"] == "exact_match"
+    )
+    assert rows.loc["r", "vs_base"] == "better" and pd.isna(rows.loc["r", "vs_recipe"])
+    text = recommend(board, paired, rank_by=["exact_match", "chrf"])
+    assert text.startswith("Recommended: trial r (#1, the QLoRA-recipe trial).")
+    assert (
+        "No finalist is measurably better than the recipe." in text
+        and "Against the base model: +60.0 points" in text
+    )
+
+
+def test_the_recommendation_says_how_sure_it_is() -> None:
+    results = results_table(
+        [("a", "completed", 1.00), ("b", "completed", 1.05), ("r", "completed", 1.08)], recipe="r"
+    )
+    board, paired = board_for(results, held_out_answers({"a": 230, "b": 200, "r": 200, "base": 10}))
+    text = recommend(board, paired, rank_by=["exact_match", "chrf"])
+    assert text.startswith("Recommended: trial a (#1). It beats the QLoRA-recipe trial r: +10.0 points of held-out "
+                           "exact match (95% CI +")  # fmt: skip
+    assert "McNemar p<0.001, 300 prompts" in text
+    board, paired = board_for(results, held_out_answers({"a": 205, "b": 200, "r": 200, "base": 10}))
+    text = recommend(board, paired, rank_by=["exact_match", "chrf"])
+    assert (
+        "No finalist is measurably better than the QLoRA-recipe trial r. #1 against it: +1.7 points" in text
+    )
+    assert "McNemar p=0.062" in text
+
+
+def test_without_a_recipe_trial_the_recommendation_says_so() -> None:
+    board, paired = board_for(
+        results_table([("a", "completed", 1.0)]), held_out_answers({"a": 100, "base": 10})
+    )
+    text = recommend(board, paired, rank_by=["exact_match"])
+    assert "no QLoRA-recipe trial" in text and "Against the base model: +30.0 points" in text
+
+
+def test_the_recipe_trial_is_always_a_finalist() -> None:
+    results = results_table([("a", "completed", 1.0), ("b", "completed", 1.01), ("c", "completed", 1.02),
+                             ("r", "stopped", 1.5), ("x", "error", math.nan)], recipe="r")  # fmt: skip
+    assert [c.name for c in select_finalists(results, top_k=2)] == ["base", "a", "b", "r"]
+    assert [c.name for c in select_finalists(results, top_k=4)] == ["base", "a", "b", "c", "r"]
+    failed = results.assign(status=["completed", "completed", "completed", "error", "error"])
+    assert [c.name for c in select_finalists(failed, top_k=2)] == ["base", "a", "b"]
 
 
 def test_candidates_are_usable_trials_with_adapters_by_loss() -> None:

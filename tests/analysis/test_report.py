@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from conftest import EVAL_PROMPTS, REPO_ROOT, TRIALS, USER_PROMPTS
 
 from analysis.experiment import ExperimentError, load_experiment, relocate
+from analysis.score import BASELINE
 from analysis.settings import load_report_settings
 
 
@@ -26,34 +28,63 @@ def run_module(
 
 
 def test_the_driver_wrote_every_output(tiny_sweep: Path) -> None:
-    for name in ("leaderboard.parquet", "leaderboard.csv", "generations.parquet", "report.html"):
+    for name in (
+        "leaderboard.parquet",
+        "leaderboard.csv",
+        "generations.parquet",
+        "paired_tests.parquet",
+        "report.html",
+    ):
         assert (tiny_sweep / name).is_file(), name
     assert not list(tiny_sweep.glob(".*.tmp-*")), "a temporary file was left behind"
+    page = (tiny_sweep / "report.html").read_text()
+    assert 'id="environment"' in page and f"torch {torch.__version__}" in page  # sweep.json's environment
 
 
 def test_leaderboard_has_every_trial_and_the_base(tiny_sweep: Path) -> None:
     board = pd.read_parquet(tiny_sweep / "leaderboard.parquet")
     results = pd.read_parquet(tiny_sweep / "results.parquet")
     assert len(results) == TRIALS
-    assert set(board["candidate"]) == {*results["trial_id"], "base"}
+    assert set(board["candidate"]) == {*results["trial_id"], "base", BASELINE}
     assert list(board["rank"].dropna()) == list(range(1, TRIALS + 1))
     assert pd.read_csv(tiny_sweep / "leaderboard.csv")["candidate"].tolist() == board["candidate"].tolist()
-    # The two best by loss generated (top_k 2): they have scores; the third has none.
+    # The two best by loss are the finalists (top_k 2, no recipe trial): they have scores; the third has none.
     scored = board[board["exact_match"].notna()]["candidate"]
     best_two = results.sort_values("best_eval_loss")["trial_id"].head(2)
-    assert set(scored) == {*best_two, "base"}
+    assert set(scored) == {*best_two, "base", BASELINE}
+    finalists = board[board["candidate"].isin(best_two)]
+    # Every held-out prompt has a reference (chrF); the free-text task's is not checked by exact match.
+    generations = pd.read_parquet(tiny_sweep / "generations.parquet")
+    checkable = generations[(generations["source"] == "test") & generations["check"].isin(["exact", "json"])]
+    assert (finalists["chrf_n"] == EVAL_PROMPTS).all()
+    assert (finalists["exact_match_n"] == checkable["prompt_id"].nunique()).all()
+    assert (finalists["exact_match_low"] <= finalists["exact_match"]).all()
+    assert (
+        finalists["vs_base"].isin(["better", "tie", "worse"]).all()
+        and finalists["vs_base_p"].between(0, 1).all()
+    )
+    paired = pd.read_parquet(tiny_sweep / "paired_tests.parquet")
+    assert set(paired["candidate"]) == {*best_two, "base"} and set(paired["metric"]) == {
+        "exact_match",
+        "chrf",
+    }
 
 
 def test_generations_are_one_row_per_prompt_and_candidate(tiny_sweep: Path) -> None:
-    generations = pd.read_parquet(tiny_sweep / "generations.parquet")
+    everything = pd.read_parquet(tiny_sweep / "generations.parquet")
+    generations = everything[everything["candidate"] != BASELINE]
     prompts = EVAL_PROMPTS + len(USER_PROMPTS)
     assert generations["prompt_id"].nunique() == prompts
     assert generations["candidate"].nunique() == 3  # top 2 + base
     assert len(generations) == prompts * 3
-    assert not generations.duplicated(["prompt_id", "candidate"]).any()
+    assert not everything.duplicated(["prompt_id", "candidate"]).any()
     assert set(generations[generations["source"] == "user"]["question"]) == set(USER_PROMPTS)
-    evals = generations[generations["source"] == "eval"]
+    # The held-out prompts come from the bundled set's test split; the baseline answers each of them.
+    evals = generations[generations["source"] == "test"]
+    assert evals["prompt_id"].nunique() == EVAL_PROMPTS and evals["task"].nunique() == EVAL_PROMPTS
     assert evals["reference"].notna().all() and evals["chrf"].notna().all()
+    baseline = everything[everything["candidate"] == BASELINE]
+    assert set(baseline["prompt_id"]) == set(evals["prompt_id"]) and baseline["exact_match"].notna().any()
     assert evals[evals["check"].isin(["exact", "json"])]["exact_match"].isin([0.0, 1.0]).all()
     # Generation settings are recorded on every row.
     assert (generations["gen_max_new_tokens"] == 6).all() and (generations["gen_num_beams"] == 1).all()
@@ -77,17 +108,18 @@ def test_a_copied_experiment_reports_with_overrides_and_a_judge(
     done = run_module("analysis.report", str(copy / "results.parquet"), "--top-k", "1", "report.eval_prompts=2",
                       "prompts=[]", f"judge={tiny_llama}", "rank_by=[judge, exact_match]")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "report:" in done.stdout
+    assert "report:" in done.stdout and "Recommended: trial " in done.stdout
     experiment = load_experiment(copy)
     assert all(str(p).startswith(str(copy)) for p in experiment.results["adapter_path"])
     generations = pd.read_parquet(copy / "generations.parquet")
-    assert len(generations) == 2 * 2  # 2 prompts x (top 1 + base)
+    assert len(generations) == 2 * 2 + 2  # 2 prompts x (top 1 + base) + the baseline's 2
     judgments = pd.read_parquet(copy / "judgments.parquet")
     assert len(judgments) == 2 * 2  # 2 prompts x both orders of the one pair
     assert judgments["judge_prompt"].str.contains("Answer B:").all() and judgments["verdict"].notna().all()
     board = pd.read_parquet(copy / "leaderboard.parquet")
     assert board.loc[board["rank"] == 1, "judge_strength"].notna().all()
-    assert 'id="judge-table"' in (copy / "report.html").read_text()
+    page = (copy / "report.html").read_text()
+    assert 'id="judge-table"' in page and 'id="recommendation"' in page and "Recommended: trial " in page
 
 
 def test_remote_storage_is_fetched_and_outputs_put_back(tiny_sweep: Path, tmp_path: Path) -> None:
@@ -98,7 +130,8 @@ def test_remote_storage_is_fetched_and_outputs_put_back(tiny_sweep: Path, tmp_pa
                       env={"QLORA_SWEEPS_CACHE": str(tmp_path / "cache")})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert (remote / "report.html").is_file()
-    local = tmp_path / "cache" / "experiments" / "tiny"
+    # The copy's folder holds a hash of the URI (one experiment name in two storages), then the name.
+    [local] = (tmp_path / "cache" / "experiments").glob("tiny-*/tiny")
     assert (local / "results.parquet").is_file() and not list(local.rglob("optimizer.pt"))
 
 

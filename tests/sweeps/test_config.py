@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from sweeps.config import CONFIG_DIR, ConfigError, load_config
-from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, to_tune_space
+from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, contains, to_tune_space
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -32,6 +32,13 @@ def test_llama2_config_starts_with_the_qlora_recipe() -> None:
     assert config.search.gpus_per_trial == 1
 
 
+def test_cost_settings_default_to_auto_packing_and_no_price_or_budget() -> None:
+    search = load_config("local", ["search.trials_per_gpu=3"]).search
+    assert search.trials_per_gpu == 3
+    search = load_config("local").search
+    assert (search.trials_per_gpu, search.price_per_gpu_hour, search.budget_gpu_hours) == ("auto", None, None)
+
+
 def test_dotted_overrides_are_typed() -> None:
     config = load_config(
         "local", ["train.max_steps=50", "search.space.r.choice=[8, 16]", "lora.learning_rate=1e-4"]
@@ -55,6 +62,12 @@ def test_dotted_overrides_are_typed() -> None:
         ("search.scheduler=asha", "search.scheduler"),
         ("data.max_length=2", "data.max_length"),
         ("search.initial_points=[{r: 12}]", "search.initial_points[0].r"),
+        ("storage_path=s3://b/x?endpoint_override=localhost:9000", "AWS_ENDPOINT_URL"),
+        ("search.trials_per_gpu=0", "search.trials_per_gpu"),
+        ("search.trials_per_gpu=some", "search.trials_per_gpu"),
+        ("search.budget_gpu_hours=0", "search.budget_gpu_hours"),
+        ("search.price_per_gpu_hour=-1", "search.price_per_gpu_hour"),
+        ("search.gpu_memory_gib=0", "search.gpu_memory_gib"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override: str, named: str) -> None:
@@ -115,4 +128,21 @@ def test_default_space_is_valid_and_holds_the_recipe() -> None:
     assert check_space(DEFAULT_SPACE) == []
     domains = to_tune_space(DEFAULT_SPACE)
     assert set(domains) == set(DEFAULT_SPACE)
-    assert QLORA_RECIPE["r"] in DEFAULT_SPACE["r"]["choice"]
+    assert set(QLORA_RECIPE) <= set(DEFAULT_SPACE)  # the recipe trial is the whole recipe
+    assert all(contains(DEFAULT_SPACE, name, value) for name, value in QLORA_RECIPE.items())
+
+
+def test_lora_options_are_searchable_and_checked() -> None:
+    space = "search.space.{}={}"
+    config = load_config(
+        "local",
+        [space.format("use_dora", "{choice: [false, true]}"), space.format("use_rslora", "{choice: [true]}"),
+         space.format("loraplus_lr_ratio", "{loguniform: [1, 16]}")],
+    )  # fmt: skip
+    assert set(to_tune_space(config.search.space)) >= {"use_dora", "use_rslora", "loraplus_lr_ratio"}
+    with pytest.raises(
+        ConfigError, match=r"search\.space\.loraplus_lr_ratio: value 0\.5: .*greater than or equal to 1"
+    ):
+        load_config("local", [space.format("loraplus_lr_ratio", "{uniform: [0.5, 4]}")])
+    with pytest.raises(ConfigError, match=r"lora\.loraplus_lr_ratio"):
+        load_config("local", ["lora.loraplus_lr_ratio=0.5"])

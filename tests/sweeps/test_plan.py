@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sweeps.config import ConfigError, load_config
-from sweeps.plan import SweepPlan, find_experiment, study_folder
+from sweeps.plan import SweepPlan, find_experiment, study_file
 from trainable.settings import Hyperparameters, ModelSettings, TrainSettings
 from trainable.train import TrialSettings
 
@@ -25,14 +25,28 @@ def test_a_remote_sweeps_study_lives_in_the_configured_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("QLORA_SWEEPS_CACHE", str(tmp_path / "cache"))
-    assert study_folder(plan_for("s3://bucket/experiments")) == str(tmp_path / "cache" / "studies" / "exp-1")
+    remote = study_file(plan_for("s3://bucket/experiments"), resume=False)
+    assert remote.parent.parent == tmp_path / "cache" / "studies" and remote.name == "optuna.db"
+    assert remote.parent.name.startswith("exp-1-")  # with a hash of the storage: one name in two buckets
+    assert study_file(plan_for("s3://other/experiments"), resume=False) != remote
     monkeypatch.delenv("QLORA_SWEEPS_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert study_folder(plan_for("s3://bucket/experiments")) == str(
-        tmp_path / "xdg" / "qlora-sweeps" / "studies" / "exp-1"
-    )
+    remote = study_file(plan_for("s3://bucket/experiments"), resume=False)
+    assert remote.parent.parent == tmp_path / "xdg" / "qlora-sweeps" / "studies"
     local = plan_for(str(tmp_path / "experiments"))
-    assert study_folder(local) == str(tmp_path / "experiments" / "exp-1")  # beside the results
+    assert (
+        study_file(local, resume=False) == tmp_path / "experiments" / "exp-1" / "optuna.db"
+    )  # beside the results
+
+
+def test_a_new_remote_sweep_starts_without_a_stale_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QLORA_SWEEPS_CACHE", str(tmp_path / "cache"))
+    plan = plan_for("s3://bucket/experiments")
+    study_file(plan, resume=False).write_bytes(b"an earlier sweep's study")
+    assert study_file(plan, resume=True).read_bytes() == b"an earlier sweep's study"  # resumed: kept
+    assert not study_file(plan, resume=False).exists()  # a new sweep of the same name: gone
 
 
 def test_resume_picks_the_newest_experiment_of_the_config(tmp_path: Path) -> None:

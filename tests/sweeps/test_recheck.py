@@ -178,3 +178,59 @@ def test_bad_recheck_settings_are_refused(overrides: list[str], expected: str) -
     with pytest.raises(ConfigError) as err:
         load_config("local", overrides)
     assert expected in str(err.value)
+
+
+def test_rechecks_count_against_the_budget() -> None:
+    """With search.budget_gpu_hours, a configuration is re-checked only when all its seeds, each costed at
+    its own trial's GPU-seconds, fit in what the search left; a dearer one is skipped, a cheaper one not."""
+    from sweeps.recheck import plan_rechecks
+
+    config = load_config(
+        "local",
+        [
+            "search.num_samples=3",
+            "search.recheck_top=2",
+            "search.recheck_seeds=2",
+            "search.budget_gpu_hours=1",
+        ],
+    )
+    searched = {k: v for k, v in config.lora.__dict__.items() if k in config.search.space}
+    table = pd.DataFrame(
+        [
+            # GPU-seconds 1,000 / 400 / 100: 1,500 spent, 2,100 of the hour's 3,600 left.
+            {
+                "trial_id": "a",
+                "status": "completed",
+                "best_eval_loss": 0.5,
+                "wall_time_s": 2000.0,
+                "gpu_share": 0.5,
+            },
+            {
+                "trial_id": "b",
+                "status": "completed",
+                "best_eval_loss": 0.6,
+                "wall_time_s": 400.0,
+                "gpu_share": 1.0,
+            },
+            {
+                "trial_id": "c",
+                "status": "completed",
+                "best_eval_loss": 0.7,
+                "wall_time_s": 100.0,
+                "gpu_share": 1.0,
+            },
+        ]
+    )
+    for i, key in enumerate(searched):
+        table[key] = [f"{key}-{row}" for row in range(3)] if i == 0 else searched[key]
+    points = plan_rechecks(table, config)
+    # a's two seeds cost 2 x 1,000 = 2,000 of the 2,100 left; then b's 2 x 400 does not fit in the 100 left.
+    assert [p["recheck_of"] for p in points] == ["a", "a"]
+    # a dearer: 2,500 spent, 1,100 left; a's seeds (2 x 2,000) do not fit, b's (2 x 400) do.
+    dearer = table.assign(wall_time_s=[4000.0, 400.0, 100.0])
+    points = plan_rechecks(dearer, config)
+    assert [p["recheck_of"] for p in points] == ["b", "b"]
+    unlimited = load_config(
+        "local", ["search.num_samples=3", "search.recheck_top=2", "search.recheck_seeds=2"]
+    )
+    assert [p["recheck_of"] for p in plan_rechecks(table, unlimited)] == ["a", "a", "b", "b"]

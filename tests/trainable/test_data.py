@@ -33,7 +33,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def test_bundled_set_has_fixed_splits() -> None:
     splits = load_splits(DataSettings(max_eval_examples=None))
-    assert (len(splits.train), len(splits.eval), len(splits.test)) == (1000, 100, 100)
+    assert (len(splits.train), len(splits.eval), len(splits.test)) == (1000, 100, 300)
     assert splits.eval[0].task and splits.eval[0].check in {"exact", "json", "free"}
 
 

@@ -27,6 +27,9 @@ FULL = TrialReport(
     node_id="abc123",
     gpu_ids="1",
     started_at=1700000000.5,
+    estimated_memory_gib=12.5,
+    skipped_oom=False,
+    gpu_share=0.5,
 )
 
 
@@ -65,6 +68,8 @@ def test_missing_and_empty_values_take_the_defaults() -> None:
         (TrialReport(), False, math.nan, "failed"),  # never reported
         (TrialReport(eval_loss=1.0, step=4), True, 1.0, "error"),  # crashed, out of retries
         (TrialReport(oom=True), True, math.nan, "error"),
+        # Never started: its infinite loss is for the searcher; the skip comes before any other reading.
+        (TrialReport(eval_loss=math.inf, skipped_oom=True), False, math.nan, "skipped_oom"),
     ],
 )
 def test_status_rule(last: TrialReport, errored: bool, best: float, expected: str) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from trainable.tasks import BUNDLED_PATH, answers_match, generate_examples, normalize_answer, write_examples
+from analysis.score import answers_match
+from trainable.tasks import BUNDLED_PATH, generate_examples, write_examples
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Written out here rather than read from the module, so a task that goes missing fails the test.
@@ -50,7 +51,7 @@ def _ints(text: str) -> list[int]:
 
 def test_bundled_path_is_the_package_data_file() -> None:
     assert BUNDLED_PATH.is_absolute()
-    assert BUNDLED_PATH == REPO_ROOT / "trainable" / "data" / "tasks.jsonl"
+    assert BUNDLED_PATH == REPO_ROOT / "trainable" / "bundled" / "tasks.jsonl"
 
 
 def test_cli_with_default_seed_reproduces_the_committed_file(tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ def test_records_have_the_schema(bundled: list[dict[str, str]]) -> None:
 
 
 def test_split_sizes(bundled: list[dict[str, str]]) -> None:
-    assert collections.Counter(row["split"] for row in bundled) == {"train": 1000, "eval": 100, "test": 100}
+    assert collections.Counter(row["split"] for row in bundled) == {"train": 1000, "eval": 100, "test": 300}
 
 
 def test_every_split_has_every_task(bundled: list[dict[str, str]]) -> None:
@@ -99,7 +100,7 @@ def test_every_split_has_every_task(bundled: list[dict[str, str]]) -> None:
 
 def test_splits_are_stratified(bundled: list[dict[str, str]]) -> None:
     counts = collections.Counter((row["split"], row["task"]) for row in bundled)
-    for split, size in (("train", 1000), ("eval", 100), ("test", 100)):
+    for split, size in (("train", 1000), ("eval", 100), ("test", 300)):
         per_task = [counts[split, task] for task in EXPECTED_TASKS]
         # Equal shares up to rounding; the free-text task is weighted a little higher.
         assert max(per_task) - min(per_task) <= max(2, size // 50)
@@ -219,57 +220,8 @@ def test_count_items_lists_have_no_repeats(bundled: list[dict[str, str]]) -> Non
             assert len(set(items)) == len(items)
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("  42  ", "42"),
-        ("It is   rainy\nin Oslo.", "it is rainy in oslo"),
-        ("Done .", "done"),
-        ("KCIRB", "kcirb"),
-        ("3.5", "3.5"),
-        ("", ""),
-    ],
-)
-def test_normalize_answer(text: str, expected: str) -> None:
-    assert normalize_answer(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("check", "prediction", "reference", "expected"),
-    [
-        ("exact", " 81.", "81", True),
-        ("exact", "82", "81", False),
-        ("exact", "81 apples", "81", False),
-        ("exact", "Even", "even", True),
-        ("exact", "6, 12, 20", "6, 12, 20", True),
-        ("exact", "12, 6, 20", "6, 12, 20", False),
-        ("free", "it is rainy in  Oslo at 7 degrees", "It is rainy in Oslo at 7 degrees.", True),
-        ("free", "It is sunny in Oslo at 7 degrees.", "It is rainy in Oslo at 7 degrees.", False),
-        ("json", '{"age": 34, "name": "Maria"}', '{"name": "Maria", "age": 34}', True),
-        ("json", '\n  {"name": "Maria", "age": 34}  \n', '{"name": "Maria", "age": 34}', True),
-        ("json", '```json\n{"name": "Maria", "age": 34}\n```', '{"name": "Maria", "age": 34}', True),
-        ("json", '```\n{"name": "Maria", "age": 34}\n```', '{"name": "Maria", "age": 34}', True),
-        ("json", '{"name": "Maria", "age": 35}', '{"name": "Maria", "age": 34}', False),
-        ("json", '{"name": "Maria", "age": "34"}', '{"name": "Maria", "age": 34}', False),
-        ("json", '{"name": "Maria"}', '{"name": "Maria", "age": 34}', False),
-        ("json", '{"name": "Maria", "age": 34, "city": "Oslo"}', '{"name": "Maria", "age": 34}', False),
-        ("json", '{"name": "Maria", "age": 34', '{"name": "Maria", "age": 34}', False),
-        ("json", "name: Maria, age: 34", '{"name": "Maria", "age": 34}', False),
-        ("json", '{"flag": true}', '{"flag": 1}', False),
-        ("json", "", '{"name": "Maria"}', False),
-    ],
-)
-def test_answers_match(check: str, prediction: str, reference: str, expected: bool) -> None:
-    assert answers_match(check, prediction, reference) is expected
-
-
 def test_every_bundled_reference_matches_itself_and_not_a_neighbour(bundled: list[dict[str, str]]) -> None:
     for row, other in zip(bundled, bundled[1:] + bundled[:1], strict=True):
         assert answers_match(row["check"], row["output"], row["output"])
         if row["task"] == other["task"] and row["output"] != other["output"]:
             assert not answers_match(row["check"], other["output"], row["output"])
-
-
-def test_answers_match_rejects_an_unknown_check() -> None:
-    with pytest.raises(ValueError, match=r"'exact', 'json', 'free'.*'fuzzy'"):
-        answers_match("fuzzy", "1", "1")

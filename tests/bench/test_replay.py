@@ -1,0 +1,170 @@
+"""The time-to-best replay (bench/replay.py) against a small synthetic table with a known best: lookups
+return the recorded values, ASHA's stopped trials cost only what they ran, every method finds the best,
+seeds change the order. Through Tune on 2 CPUs; a replay of a few trials takes seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from analysis.experiment import RESULTS, write_summary, write_table
+from bench.replay import (
+    METHODS,
+    Curve,
+    Table,
+    TableRow,
+    load_table,
+    main,
+    nearest_row,
+    replay,
+    sample_points,
+    table_from_experiment,
+)
+from bench.replay import write_table as write_replay_table
+from sweeps.config import load_config
+from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE
+
+REPO = Path(__file__).resolve().parents[2]
+# Two parameters, four rows at the corners: each row owns a quarter of the space. QLoRA's recipe
+# (r=64, lr 2e-4), which the TPE methods try first, lies in it and maps to row 2, not to the best.
+SPACE: dict[str, dict[str, list[Any]]] = {
+    "r": {"choice": [8, 64]},
+    "learning_rate": {"loguniform": [1e-4, 1e-3]},
+}
+POINTS = [(8, 1.5e-4), (8, 7e-4), (64, 1.5e-4), (64, 7e-4)]
+CURVES = [[2.0, 1.9, 1.8, 1.7], [1.5, 1.4, 1.3, 1.2], [1.8, 1.2, 0.9, 0.7], [1.0, 0.8, 0.6, 0.5]]
+BEST_ROW, BEST_LOSS = 3, 0.5  # best at every evaluation, so ASHA never stops it
+
+
+def make_table() -> Table:
+    rows = [
+        # Every evaluation's cost differs (row i, evaluation j: 10(i+1) + j seconds) so that a sum tells
+        # which evaluations were counted.
+        TableRow({"r": r, "learning_rate": lr}, curve, [10.0 * (i + 1) + j for j in range(4)])
+        for i, ((r, lr), curve) in enumerate(zip(POINTS, CURVES, strict=True))
+    ]
+    return Table(space=SPACE, rows=rows, source="synthetic", model="none")
+
+
+@pytest.fixture
+def table() -> Table:
+    return make_table()
+
+
+@pytest.fixture(scope="module")
+def replayed(ray_cpus: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The replay command run once for the module: every method, seeds 0 and 1, 16 trials each."""
+    folder = tmp_path_factory.mktemp("replay")
+    path, out, plot = folder / "table.jsonl", folder / "replay.jsonl", folder / "replay.png"
+    write_replay_table(make_table(), path)
+    argv = ["replay", str(path), "--seeds", "2", "--trials", "16", "--out", str(out), "--plot", str(plot)]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    curves = {(c["method"], c["seed"]): c for c in lines if c["kind"] == "curve"}
+    return {"path": path, "lines": lines, "curves": curves, "plot": plot}
+
+
+def test_nearest_row_is_the_recorded_configuration_or_the_closest(table: Table) -> None:
+    for i, row in enumerate(table.rows):
+        assert nearest_row(table, row.hyperparameters) == i
+    assert nearest_row(table, {"r": 64, "learning_rate": 9e-4}) == BEST_ROW
+    assert nearest_row(table, {"r": 8, "learning_rate": 1.1e-4}) == 0
+    assert nearest_row(table, {"r": 64, "learning_rate": QLORA_RECIPE["learning_rate"]}) == 2
+
+
+def test_lookup_reports_the_recorded_losses_and_costs(table: Table, replayed: dict[str, Any]) -> None:
+    curve = replayed["curves"][("random", 0)]
+    assert curve["evaluations"] == [4] * 16  # no scheduler: every trial runs to the end
+    expected_losses = [loss for row in curve["rows"] for loss in table.rows[row].eval_loss]
+    assert curve["losses"] == expected_losses
+    expected_cost = [s for row in curve["rows"] for s in table.rows[row].eval_seconds]
+    assert curve["gpu_seconds"] == pytest.approx(list(pd.Series(expected_cost).cumsum()))
+    assert curve["best_loss"] == list(pd.Series(expected_losses).cummin())
+
+
+def test_a_trial_stopped_by_asha_costs_only_the_evaluations_it_ran(
+    table: Table, replayed: dict[str, Any]
+) -> None:
+    # The driver's ASHA over 4 evaluations: grace period 2, so its first rung is at evaluation 2.
+    for seed in (0, 1):
+        curve = replayed["curves"][("random+asha", seed)]
+        assert 2 in curve["evaluations"], curve["evaluations"]  # some trial was stopped at the first rung
+        assert set(curve["evaluations"]) <= {2, 4}
+        ran = zip(curve["rows"], curve["evaluations"], strict=True)
+        expected = [s for row, n in ran for s in table.rows[row].eval_seconds[:n]]
+        assert curve["gpu_seconds"] == pytest.approx(list(pd.Series(expected).cumsum()))
+        assert curve["gpu_seconds"][-1] < sum(sum(table.rows[row].eval_seconds) for row in curve["rows"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_finds_the_known_best(replayed: dict[str, Any], method: str) -> None:
+    for seed in (0, 1):
+        curve = replayed["curves"][(method, seed)]
+        assert BEST_ROW in curve["rows"]
+        assert curve["best_loss"][-1] == BEST_LOSS
+
+
+def test_seeds_change_the_order_and_a_seed_repeats_it(table: Table, replayed: dict[str, Any]) -> None:
+    curves = replayed["curves"]
+    assert curves[("random", 0)]["rows"] != curves[("random", 1)]["rows"]
+    assert curves[("tpe+asha", 0)]["rows"] != curves[("tpe+asha", 1)]["rows"]
+    again = replay(table, method="tpe+asha", seed=0, trials=16)  # the same seed replays the same curve
+    assert again.rows == curves[("tpe+asha", 0)]["rows"]
+    assert again.gpu_seconds == curves[("tpe+asha", 0)]["gpu_seconds"]
+
+
+def test_replay_command_writes_the_table_summaries_and_plot(table: Table, replayed: dict[str, Any]) -> None:
+    assert load_table(replayed["path"]) == table
+    lines = replayed["lines"]
+    summaries = {line["method"]: line for line in lines if line["kind"] == "summary"}
+    assert set(summaries) == set(METHODS)
+    for method, summary in summaries.items():
+        times = [
+            Curve(**{k: v for k, v in c.items() if k != "kind"}).time_to(BEST_LOSS * 1.02)
+            for (m, _), c in replayed["curves"].items()
+            if m == method
+        ]
+        assert summary["threshold"] == pytest.approx(BEST_LOSS * 1.02)
+        assert summary["reached"] == 2 and summary["median_gpu_s"] == pytest.approx(sum(times) / 2)
+        assert summary["min_gpu_s"] == min(times) and summary["max_gpu_s"] == max(times)
+    ratio = next(line for line in lines if line["kind"] == "ratio")
+    assert ratio["median_ratio"] == pytest.approx(
+        summaries["tpe+asha"]["median_gpu_s"] / summaries["random"]["median_gpu_s"]
+    )
+    assert replayed["plot"].stat().st_size > 10_000
+
+
+def test_table_from_an_experiment_keeps_completed_trials(tmp_path: Path) -> None:
+    write_summary(tmp_path, {"config": {"model": {"name_or_path": "smollm2"}, "search": {"space": SPACE}}})
+    results = pd.DataFrame(
+        {
+            "status": ["completed", "oom", "completed"],
+            "r": [8, 64, 64],
+            "lora_alpha": [16, 16, 16],
+            "learning_rate": [1e-4, 2e-4, 7e-4],
+            "eval_history": [[2.0, 1.5], [], [1.0, 0.5]],
+            "wall_time_s": [40.0, 3.0, 60.0],
+        }
+    )
+    write_table(results, tmp_path, RESULTS)
+    table = table_from_experiment(tmp_path)
+    assert [row.hyperparameters for row in table.rows] == [
+        {"r": 8, "learning_rate": 1e-4},
+        {"r": 64, "learning_rate": 7e-4},
+    ]
+    assert table.rows[1].eval_loss == [1.0, 0.5]
+    assert table.rows[1].eval_seconds == [30.0, 30.0]  # the trial's time, spread over its evaluations
+    assert table.best_loss == 0.5 and table.model == "smollm2"
+
+
+def test_the_recording_config_holds_the_seeded_sample_of_the_default_space() -> None:
+    config = load_config(str(REPO / "bench/gpu/table.yaml"))
+    assert config.search.space == DEFAULT_SPACE
+    assert config.search.scheduler == "none"
+    assert config.search.num_samples == len(config.search.initial_points)
+    # Regenerate with `python -m bench.replay points --trials 32 --seed 0` when the default space changes.
+    assert config.search.initial_points == sample_points(DEFAULT_SPACE, config.search.num_samples, seed=0)
