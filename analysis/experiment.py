@@ -6,6 +6,7 @@ and how they are read back. The driver writes through this module; the analysis 
         optuna.db           the Optuna study
         results.parquet     one row per trial (written when the sweep ends)
         <trial folders>     Tune's: progress.csv, result.json, checkpoints with the adapters
+        rechecks/           the seed re-checks' Tune experiment (search.recheck_top), trial folders alike
         leaderboard.parquet, leaderboard.csv, generations.parquet, judgments.parquet, report.html
                             the report's outputs
 
@@ -43,6 +44,8 @@ PAIRED_TESTS = "paired_tests.parquet"
 JUDGMENTS = "judgments.parquet"
 REPORT_PAGE = "report.html"
 REPORT_OUTPUTS = (LEADERBOARD, LEADERBOARD_CSV, GENERATIONS, PAIRED_TESTS, JUDGMENTS, REPORT_PAGE)
+RECHECKS = "rechecks"  # the seed re-checks' Tune experiment, a subfolder (sweeps/recheck.py)
+BASE_EVAL_LOSS = "base_eval_loss"  # sweep.json's key of the base model's eval loss, measured once
 
 
 class ExperimentError(ValueError):
@@ -80,7 +83,10 @@ class Experiment:
 
     @property
     def base_eval_loss(self) -> float:
-        """The base model's eval loss (every trial measures the same one; the median guards against a stray)."""
+        """The base model's eval loss: measured once by the driver (sweep.json); for sweeps from before
+        that, the median of what the trials measured."""
+        if self.summary.get(BASE_EVAL_LOSS) is not None:
+            return float(self.summary[BASE_EVAL_LOSS])
         losses = self.results.get("base_eval_loss", pd.Series([], dtype=float)).dropna()
         return float(losses.median()) if len(losses) else math.nan
 

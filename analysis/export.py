@@ -33,6 +33,7 @@ from analysis.experiment import (
     resolve_base_model,
 )
 from analysis.rank import choose_candidates
+from analysis.seeds import pool_seeds
 from trainable.settings import HYPERPARAMETERS
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -58,7 +59,7 @@ def choose_trial(experiment: Experiment, trial: str | None = None) -> tuple[dict
             return results[results["trial_id"].astype(str) == first].iloc[
                 0
             ].to_dict(), "#1 of leaderboard.parquet"
-    best_by_loss = choose_candidates(results, top_k=1)
+    best_by_loss = choose_candidates(pool_seeds(results), top_k=1)  # re-checked: by the mean over seeds
     if best_by_loss.empty:
         raise ExperimentError(
             f"{experiment.path}: no trial has a usable adapter (statuses: {', '.join(results['status'])})"

@@ -28,6 +28,7 @@ import pandas as pd
 from analysis.experiment import LEADERBOARD, Experiment
 from analysis.generate import BASE
 from analysis.score import BASELINE
+from analysis.seeds import pool_seeds
 from trainable.outcome import RANKABLE_STATUSES, Origin
 from trainable.settings import HYPERPARAMETERS
 
@@ -284,5 +285,8 @@ def load_leaderboard(experiment: Experiment) -> pd.DataFrame:
         return pd.read_parquet(path)
     tolerance = float(experiment.config.get("report", {}).get("loss_tolerance", 0.0))
     return rank_trials(
-        experiment.results, None, loss_tolerance=tolerance, base_eval_loss=experiment.base_eval_loss
+        pool_seeds(experiment.results),
+        None,
+        loss_tolerance=tolerance,
+        base_eval_loss=experiment.base_eval_loss,
     )

@@ -66,8 +66,9 @@ def render_leaderboard(board: pd.DataFrame, *, rank_by: Sequence[str]) -> str:
     columns = ["rank", "candidate", "status", "ranked_by", "exact_match", "chrf"]
     if "judge" in rank_by or "judge_strength" in board:
         columns.append("judge_strength")
-    columns += ["vs_recipe", "vs_base", "best_eval_loss", "loss_gap", *[h for h in HYPERPARAMETERS if h in board],
-                "steps", "estimated_memory_gib", "gpu_seconds", "cost_usd", "note"]  # fmt: skip
+    columns += ["vs_recipe", "vs_base", "best_eval_loss", "seeds", "seed_spread", "loss_gap",
+                *[h for h in HYPERPARAMETERS if h in board], "steps", "estimated_memory_gib", "gpu_seconds",
+                "cost_usd", "note"]  # fmt: skip
     columns = [c for c in columns if c in board]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []

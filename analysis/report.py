@@ -54,6 +54,7 @@ from analysis.generate import (
 )
 from analysis.rank import choose_candidates
 from analysis.score import BASELINE
+from analysis.seeds import describe_seed_spread, pool_seeds
 from analysis.settings import ReportSettings, load_report_settings
 
 # Held-out prompts shown side by side on the page (spread over the tasks): two per bundled task; a page of
@@ -178,7 +179,8 @@ def run_report(
         settings = dataclasses.replace(settings, top_k=top_k)
     check_settings(settings)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    candidates = select_finalists(experiment.results, settings.top_k)
+    results = pool_seeds(experiment.results)  # with seed re-checks: one row per configuration
+    candidates = select_finalists(results, settings.top_k)
     prompt_set = build_prompt_set(experiment, settings)
     generations, timing = generate_answers(
         experiment, candidates, prompt_set.prompts, settings, device=device
@@ -195,7 +197,7 @@ def run_report(
                         & (scored["candidate"] != BASELINE)]  # fmt: skip
         judgments = run_judge(build_comparisons(judged), judge)
         quality = quality.join(fit_bradley_terry(judgments, [c.name for c in candidates]))
-    board = rank_trials(experiment.results, quality, loss_tolerance=settings.loss_tolerance, rank_by=settings.rank_by,
+    board = rank_trials(results, quality, loss_tolerance=settings.loss_tolerance, rank_by=settings.rank_by,
                         base_eval_loss=experiment.base_eval_loss, paired=paired)  # fmt: skip
     recommendation = recommend(board, paired, rank_by=settings.rank_by)
     folder = experiment.path
@@ -312,6 +314,8 @@ def build_report_page(
         "finalists": f"top {settings.top_k} by eval loss + the QLoRA-recipe trial; with the base model and the {BASELINE} baseline: {', '.join(candidates)}",
         "cost": describe_cost(results),
     }  # fmt: skip
+    if (seeds := describe_seed_spread(board)) is not None:
+        facts["seed re-checks"] = f"ranked by mean best eval loss over seeds. {seeds}"
     return render_report(title=f"Sweep report: {experiment.name}", facts=facts,
                          leaderboard_html=render_leaderboard(board, rank_by=settings.rank_by),
                          figures=figures, sections=sections, recommendation=recommendation)  # fmt: skip
@@ -344,6 +348,8 @@ def format_summary(outputs: ReportOutputs) -> str:
         lines.append(
             f"{row.candidate}: {row.new_tokens} new tokens in {row.seconds:.1f} s ({row.tokens_per_s:.1f} tokens/s)"
         )
+    if (seeds := describe_seed_spread(board)) is not None:
+        lines.append(f"seed re-checks: {seeds}")
     lines.append(f"\n{outputs.recommendation}")
     page = join(outputs.uri, REPORT_PAGE) if outputs.uri else outputs.folder / REPORT_PAGE
     lines.append(f"\nreport: {page} ({outputs.seconds:.0f} s)")

@@ -9,16 +9,26 @@ CPU trial's wall-seconds as if it held one GPU.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.result import TIME_TOTAL_S
 from ray.tune.search import Searcher
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SECONDS_PER_HOUR = 3600
 
 
 def gpu_seconds(wall_time_s: float, gpu_share: float) -> float:
     return wall_time_s * gpu_share
+
+
+def budget_seconds(table: pd.DataFrame) -> pd.Series:
+    """What each trial of a results table counts against search.budget_gpu_hours: its GPU-seconds, or for a
+    CPU trial its wall-seconds (the module docstring says why)."""
+    rate = table["gpu_share"].where(table["gpu_share"] > 0, 1.0)
+    return (table["wall_time_s"].fillna(0.0) * rate).fillna(0.0)
 
 
 def dollars(gpu_seconds: float, price_per_gpu_hour: float | None) -> float:

@@ -54,6 +54,11 @@ class SearchSettings:
     # Finished trials (the recipe and initial points count) before TPE models the results; the trials until
     # then are sampled at random. None: tpe_startup_trials(num_samples), a few (docs/search.md).
     startup_trials: Annotated[int, Field(ge=1)] | None = None
+    # Seed re-checks (sweeps/recheck.py): after the search, the recheck_top best configurations are trained
+    # again with recheck_seeds new seeds each (train.seed + 1, + 2, ...), on top of num_samples, so that the
+    # leaderboard can rank configurations by their mean over seeds. 0: off.
+    recheck_top: Annotated[int, Field(ge=0)] = 0
+    recheck_seeds: Annotated[int, Field(ge=0)] = 0
     # ASHA stops trials whose eval loss trails at a rung; "auto" turns it on for sweeps of 2+ trials.
     scheduler: Literal["auto", "asha", "none"] = "auto"
     grace_period: Annotated[int, Field(ge=1)] = 2  # evaluations every trial gets before it may be stopped
@@ -200,6 +205,17 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
             f"search.initial_points: {points} need search.num_samples >= {len(labelled)}, got "
             f"{config.search.num_samples}; the last would never run. Raise search.num_samples or drop points"
             + (" (or set search.start_with_qlora_recipe=false)" if recipe else "")
+        )
+    search = config.search
+    if (search.recheck_top == 0) != (search.recheck_seeds == 0):
+        problems.append(
+            f"search.recheck_top={search.recheck_top}, search.recheck_seeds={search.recheck_seeds}: seed "
+            "re-checks need both (configurations to re-check and new seeds for each), or both 0 for none"
+        )
+    if search.recheck_top > search.num_samples:
+        problems.append(
+            f"search.recheck_top: {search.recheck_top} is more than search.num_samples={search.num_samples}; "
+            "the search has no more configurations to re-check"
         )
     if config.search.scheduler == "asha" and config.search.num_samples < 2:
         problems.append("search.scheduler: asha needs search.num_samples >= 2; use 'auto' or 'none'")

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis.experiment import STUDY, experiment_names, is_remote, join, read_file, read_summary
+from analysis.experiment import (
+    BASE_EVAL_LOSS,
+    STUDY,
+    experiment_names,
+    is_remote,
+    join,
+    read_file,
+    read_summary,
+)
 from sweeps.config import ConfigError, SweepConfig
 from trainable.faults import ENV as FAULTS_ENV
 from trainable.faults import Fault, parse_faults
@@ -108,10 +116,13 @@ def fingerprint(config: SweepConfig, trial: TrialSettings) -> dict[str, str]:
         # 16 hex digits (64 bits): plenty to tell one user's sweeps apart, short enough to read in sweep.json.
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    search = config.search
+    # The re-checks join the hash only when on, so that sweeps without them keep their earlier fingerprint.
+    rechecks = [search.recheck_top, search.recheck_seeds] if search.recheck_top else []
     return {
         "model": digest([trial.model_path, dataclasses.asdict(config.model)]),
         "data": digest([trial.train_data, trial.eval_data]),
-        "search space": digest([config.search.space, config.points_to_evaluate, config.search.num_samples]),
+        "search space": digest([search.space, config.points_to_evaluate, search.num_samples, *rechecks]),
         "training settings": digest([dataclasses.asdict(config.train), dataclasses.asdict(config.lora)]),
     }
 
@@ -129,7 +140,8 @@ def find_experiment(config: SweepConfig) -> str:
 
 def resume_plan(plan: SweepPlan) -> SweepPlan:
     """The plan pointed at the experiment to resume, after checking that it is the same sweep: the same
-    model, data, search space and training settings as the interrupted one."""
+    model, data, search space and training settings as the interrupted one. The base model's eval loss
+    measured by the interrupted sweep is kept, not measured again."""
     plan = dataclasses.replace(plan, experiment=find_experiment(plan.config))
     try:
         saved = read_summary(plan.experiment_uri)
@@ -152,7 +164,18 @@ def resume_plan(plan: SweepPlan) -> SweepPlan:
             + "\n  ".join(changes),
             flush=True,
         )
+    if saved.get(BASE_EVAL_LOSS) is not None:
+        plan = with_base_eval_loss(plan, float(saved[BASE_EVAL_LOSS]))
     return plan
+
+
+def with_base_eval_loss(plan: SweepPlan, loss: float) -> SweepPlan:
+    """The plan with the base model's eval loss in its trials' settings and in its summary (sweep.json)."""
+    return dataclasses.replace(
+        plan,
+        trial=dataclasses.replace(plan.trial, base_eval_loss=loss),
+        summary={**plan.summary, BASE_EVAL_LOSS: loss},
+    )
 
 
 def study_file(plan: SweepPlan, *, resume: bool) -> Path:

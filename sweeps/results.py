@@ -11,7 +11,18 @@ import pandas as pd
 
 from sweeps.budget import SECONDS_PER_HOUR, dollars, gpu_seconds
 from sweeps.config import SweepConfig
-from trainable.outcome import METRIC, MODE, RANKABLE_STATUSES, TRAIN_LOSS, Origin, TrialReport, trial_status
+from sweeps.recheck import RECHECK_OF
+from trainable.outcome import (
+    METRIC,
+    MODE,
+    RANKABLE_STATUSES,
+    RECHECK,
+    SEED_KEY,
+    TRAIN_LOSS,
+    Origin,
+    TrialReport,
+    trial_status,
+)
 from trainable.settings import HYPERPARAMETERS
 
 
@@ -41,13 +52,18 @@ def storage_location(path: str, storage_uri: str) -> str:
     return f"{storage_uri.split('://', 1)[0]}://{path.lstrip('/')}"
 
 
-def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
-    """One row per trial of a Tune ResultGrid: hyperparameters, metrics, adapter path, status, origin."""
+def collect_results(grid: Any, config: SweepConfig, *, rechecks: Any = None) -> pd.DataFrame:
+    """One row per trial of a Tune ResultGrid, and of the seed re-checks' grid when given (sweeps.recheck):
+    hyperparameters, seed, metrics, adapter path, status, origin, config_id (the trial whose configuration
+    the row trains: itself, or for a re-check the trial it re-checks)."""
     from ray.tune.result import TIME_TOTAL_S, TRIAL_ID
 
     storage = config.storage_uri()
     results = list(grid)  # in the order Tune created the trials, also after a resume
     origins = trial_origins([r.config for r in results], config.labeled_points_to_evaluate)
+    if rechecks is not None:
+        results += list(rechecks)
+        origins += [RECHECK] * (len(results) - len(origins))
     rows = []
     for result, origin in zip(results, origins, strict=True):
         history = result.metrics_dataframe
@@ -66,11 +82,14 @@ def collect_results(grid: Any, config: SweepConfig) -> pd.DataFrame:
         status = trial_status(
             last, errored=result.error is not None, best_eval_loss=best_loss, max_steps=config.train.max_steps
         )
+        trial_id = metrics.get(TRIAL_ID) or result.path.rstrip("/").rsplit("/", 1)[-1]
         rows.append(
             {
-                "trial_id": metrics.get(TRIAL_ID) or result.path.rstrip("/").rsplit("/", 1)[-1],
+                "trial_id": trial_id,
                 "status": status,
                 "origin": origin,
+                "config_id": str(result.config.get(RECHECK_OF, trial_id)),
+                "seed": int(result.config.get(SEED_KEY, config.train.seed)),
                 **lora,
                 "best_eval_loss": best_loss,
                 "final_eval_loss": float(losses.iloc[-1]) if len(losses) else math.nan,

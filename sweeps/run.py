@@ -17,13 +17,22 @@ import dataclasses
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from analysis.experiment import RESULTS, SUMMARY, is_remote, write_summary, write_table
 from sweeps.budget import BudgetSearcher
 from sweeps.config import ConfigError, SearchSettings, load_config
-from sweeps.plan import SweepPlan, faults_from_environment, plan_sweep, resume_plan, study_file
+from sweeps.plan import (
+    SweepPlan,
+    faults_from_environment,
+    plan_sweep,
+    resume_plan,
+    study_file,
+    with_base_eval_loss,
+)
+from sweeps.recheck import build_recheck_tuner, plan_rechecks
 from sweeps.resources import TrialResources, plan_resources, trial_gpus
 from sweeps.results import collect_results, format_results
 from sweeps.space import to_tune_space
@@ -31,7 +40,7 @@ from sweeps.study import StudyMirror
 from trainable.data import DataError
 from trainable.model import ModelError
 from trainable.outcome import METRIC, MODE
-from trainable.train import train_trial
+from trainable.train import evaluate_base, train_trial
 
 Verbosity = Literal[0, 1, 2]
 
@@ -79,13 +88,56 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1
     # all but one trial's evaluation line.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(ignore_reinit_error=True)
-    grid = build_tuner(plan, resume=resume, verbosity=verbosity).fit()
+    resources = plan_resources(plan, ray.cluster_resources())
+    print(describe_resources(resources), flush=True)
+    if plan.trial.base_eval_loss is None:  # a resumed sweep keeps the one it measured
+        plan = with_base_eval_loss(plan, measure_base_eval_loss(plan, resources))
+        write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
+    trainable = trial_trainable(plan, resources)
+    grid = build_tuner(plan, trainable, resources, resume=resume, verbosity=verbosity).fit()
     table = collect_results(grid, plan.config)
-    path = write_table(table, plan.experiment_uri, RESULTS)
+    path = write_table(table, plan.experiment_uri, RESULTS)  # the search's, kept should the re-checks fail
+    points = plan_rechecks(table, plan.config)
+    if points:
+        print(describe_rechecks(points, plan.config.search), flush=True)
+        rechecks = build_recheck_tuner(
+            points,
+            trainable=trainable,
+            experiment_uri=plan.experiment_uri,
+            concurrency=resources.concurrency,
+            callbacks=build_loggers(plan.config.search.loggers),
+            max_failures=plan.config.search.max_failures,
+            resume=resume,
+            verbosity=verbosity,
+        ).fit()
+        table = collect_results(grid, plan.config, rechecks=rechecks)
+        path = write_table(table, plan.experiment_uri, RESULTS)
     print(format_results(table, path), flush=True)
     if plan.config.report.enabled:
         start_report(plan)
     return path
+
+
+def measure_base_eval_loss(plan: SweepPlan, resources: TrialResources) -> float:
+    """The base model's eval loss (trainable.train.evaluate_base), once per sweep, as a Ray task with a
+    trial's resources: on a cluster it runs on a worker with a GPU, not on the head node."""
+    import ray
+
+    # max_calls=1: the worker process exits afterwards, returning the model's memory (and the GPU's).
+    task = ray.remote(max_calls=1)(evaluate_base).options(
+        num_cpus=plan.config.search.cpus_per_trial, num_gpus=resources.gpu_share
+    )
+    start = time.perf_counter()
+    loss = float(ray.get(task.remote(plan.trial)))
+    print(f"base model: eval loss {loss:.4f} (measured once for the sweep, {time.perf_counter() - start:.0f} s)",
+          flush=True)  # fmt: skip
+    return loss
+
+
+def describe_rechecks(points: list[dict[str, Any]], search: SearchSettings) -> str:
+    configurations = len(points) // search.recheck_seeds
+    return (f"rechecks: {len(points)} trial(s), {search.recheck_seeds} new seed(s) for each of the best "
+            f"{configurations} configuration(s)")  # fmt: skip
 
 
 def describe_plan(plan: SweepPlan) -> str:
@@ -100,14 +152,29 @@ def describe_plan(plan: SweepPlan) -> str:
     )
 
 
-def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1) -> Any:  # ray.tune.Tuner
-    import ray
+def trial_trainable(plan: SweepPlan, resources: TrialResources) -> Any:
+    """Tune's trainable: train_trial with the plan's trial settings, the memory plan and a trial's share of
+    the cluster (search.cpus_per_trial, resources.gpu_share)."""
+    from ray import tune
+
+    trial = dataclasses.replace(plan.trial, gpu_share=resources.gpu_share, memory=resources.memory)
+    return tune.with_resources(
+        tune.with_parameters(train_trial, settings=trial),
+        {"cpu": plan.config.search.cpus_per_trial, "gpu": resources.gpu_share},
+    )
+
+
+def build_tuner(
+    plan: SweepPlan,
+    trainable: Any,
+    resources: TrialResources,
+    *,
+    resume: bool = False,
+    verbosity: Verbosity = 1,
+) -> Any:  # ray.tune.Tuner
     from ray import tune
 
     config, search = plan.config, plan.config.search
-    resources = plan_resources(plan, ray.cluster_resources())
-    print(describe_resources(resources), flush=True)
-    trial = dataclasses.replace(plan.trial, gpu_share=resources.gpu_share, memory=resources.memory)
     # With remote storage the SQLite study lives in the cache and the mirror keeps a copy in the experiment.
     keep_with = plan.experiment_uri if is_remote(plan.storage_uri) and not search.study_storage else None
     study_storage = search.study_storage or f"sqlite:///{study_file(plan, resume=resume)}"
@@ -120,10 +187,6 @@ def build_tuner(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity =
         keep_with=keep_with,
     )
     scheduler = build_scheduler(search, reports=math.ceil(config.train.max_steps / config.train.eval_every))
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, settings=trial),
-        {"cpu": search.cpus_per_trial, "gpu": resources.gpu_share},
-    )
     if resume:
         # Finished trials stay as they are; unfinished and crashed ones continue from their last checkpoint;
         # the searcher is restored from the experiment's state, the RDB study only gains the trials that end.

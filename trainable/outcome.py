@@ -28,8 +28,13 @@ STATUSES: tuple[Status, ...] = get_args(Status)
 RANKABLE_STATUSES: tuple[Status, ...] = ("completed", "stopped")
 
 # Where a trial's hyperparameters came from: QLoRA's recipe (tried first when
-# search.start_with_qlora_recipe), one of the user's search.initial_points, or the searcher.
-Origin = Literal["recipe", "initial", "search"]
+# search.start_with_qlora_recipe), one of the user's search.initial_points, the searcher, or a seed re-check
+# of one of the best configurations after the search (search.recheck_top, search.recheck_seeds).
+Origin = Literal["recipe", "initial", "search", "recheck"]
+RECHECK: Origin = "recheck"
+# A trial config's key for the trial's seed (LoRA init, data order, dropout); absent: train.seed. Seed
+# re-checks set it (sweeps/recheck.py); it is not a hyperparameter.
+SEED_KEY = "seed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +55,11 @@ class TrialReport:
     # The GPU Tune gave this trial (Ray sets CUDA_VISIBLE_DEVICES to it) and how many the trial sees.
     cuda_visible_devices: str = ""
     visible_gpus: int = 0
-    base_eval_loss: float = math.nan  # the base model's loss on the same eval data: the bar to clear
+    # The plain base model's loss on the same eval data, measured once per sweep: the bar to clear.
+    base_eval_loss: float = math.nan
     retries: int = 0  # how often this trial was restarted from a checkpoint
     restored_from_step: int = 0  # the step of the checkpoint the last restart began at
+    evaluations: int = 0  # eval passes this trial process has run (one per report; none of the base)
     oom: bool = False  # CUDA ran out of memory: final, the same config would run out again
     diverged: bool = False  # a NaN or infinite loss was seen: final
     # Where the trial ran, to check Tune's placement: the Ray node and the GPUs it was given.

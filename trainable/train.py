@@ -36,8 +36,8 @@ from trainable.faults import Fault, InjectFaults
 from trainable.hardware import resolve_compute_dtype
 from trainable.memory import TrialMemory, estimate_trial_memory, fits
 from trainable.model import build_lora_model, load_base_model, load_tokenizer
-from trainable.outcome import TrialReport
-from trainable.settings import Hyperparameters, ModelSettings, TrainSettings
+from trainable.outcome import SEED_KEY, TrialReport
+from trainable.settings import HYPERPARAMETERS, Hyperparameters, ModelSettings, TrainSettings
 
 TRIAL_STATE = "trial_state.json"  # kept in each checkpoint: a TrialState
 # transformers' key for the eval loss in evaluate()'s metrics: metric_key_prefix "eval" + the model's "loss".
@@ -49,7 +49,6 @@ class TrialState:
     """What a restarted trial carries on with, kept in each checkpoint beside the trainer's own state."""
 
     retries: int  # restarts so far
-    base_eval_loss: float | None  # measured once, before the first step
 
 
 # Where a trial's reports go: the metrics, and the checkpoint folder saved with them (None: no checkpoint).
@@ -71,6 +70,9 @@ class TrialSettings:
     cpus: int = 1
     gpu_share: float = 0.0  # GPUs this trial holds (1 / search.trials_per_gpu), 0 for CPU trials
     memory: TrialMemory | None = None  # set: estimate the trial's peak first and skip it if it cannot fit
+    # The plain quantized base model's loss on eval_data (no adapter), measured once per sweep by the driver
+    # (evaluate_base) and reported by every trial as the bar to clear; None: not measured.
+    base_eval_loss: float | None = None
     # Tests of the fault handling only (trainable/faults.py); empty in every real sweep.
     faults: tuple[Fault, ...] = ()
 
@@ -100,8 +102,9 @@ def describe_evaluation(trial_id: str, report: TrialReport, max_steps: int) -> s
 
 
 def trial_hparams(searched: dict[str, Any], defaults: Hyperparameters) -> Hyperparameters:
-    """The trial's hyperparameters: the searched values over the configured defaults."""
-    return dataclasses.replace(defaults, **searched)
+    """The trial's hyperparameters: the searched values over the configured defaults. A trial's config may
+    hold other keys (a re-check's seed and the trial it re-checks); the config's space names only these."""
+    return dataclasses.replace(defaults, **{k: v for k, v in searched.items() if k in HYPERPARAMETERS})
 
 
 def peak_memory_gib(device: str) -> float:
@@ -132,6 +135,7 @@ class TuneReporter(TrainerCallback):
         self.estimated_memory_gib = estimated_memory_gib
         self.gpu_share = gpu_share
         self.diverged = False  # a NaN or infinite loss was seen
+        self.evaluations = 0  # eval passes in this process: one per report (the base is not evaluated here)
         # Where the trial ran, to check Tune's placement: the Ray node and the GPUs it was given.
         in_ray = ray.is_initialized()  # not when trained by hand
         self.node_id = ray.get_runtime_context().get_node_id() if in_ray else ""
@@ -160,6 +164,7 @@ class TuneReporter(TrainerCallback):
                 control.should_training_stop = True  # further steps only spread NaN
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # type: ignore[no-untyped-def]
+        self.evaluations += 1
         self.last_eval = dict(metrics or {})
         if not math.isfinite(self.last_eval.get(TRAINER_EVAL_LOSS, 0.0)):
             self.diverged = True
@@ -169,7 +174,7 @@ class TuneReporter(TrainerCallback):
         if self.diverged:
             return  # no checkpoint of NaN weights; run_trial reports the failure
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        state_now = TrialState(retries=self.retries, base_eval_loss=self.base_eval_loss)
+        state_now = TrialState(retries=self.retries)
         (checkpoint_dir / TRIAL_STATE).write_text(json.dumps(dataclasses.asdict(state_now)))
         self.send(self.report(state).to_tune(), str(checkpoint_dir))
 
@@ -189,6 +194,7 @@ class TuneReporter(TrainerCallback):
             base_eval_loss=self.base_eval_loss if self.base_eval_loss is not None else math.nan,
             retries=self.retries,
             restored_from_step=self.restored_from_step,
+            evaluations=self.evaluations,
             diverged=self.diverged,
             node_id=self.node_id,
             gpu_ids=self.gpu_ids,
@@ -368,10 +374,15 @@ def run_trial(
         # Trials sharing a card: this one's allocator may take only its share, so a trial that outgrows its
         # plan runs out of memory itself (status oom) instead of starving its neighbours.
         torch.cuda.set_per_process_memory_fraction(settings.gpu_share)
+    if SEED_KEY in searched:  # a seed re-check: its own LoRA init, data order and dropout masks
+        settings = dataclasses.replace(
+            settings, train=dataclasses.replace(settings.train, seed=int(searched[SEED_KEY]))
+        )
     set_seed(settings.train.seed)
     output_dir = tempfile.mkdtemp(prefix="trial-")
-    reporter = TuneReporter(send=send, device=device, base_eval_loss=None, retries=0, restored_from_step=0,
-                            estimated_memory_gib=estimated, gpu_share=settings.gpu_share)  # fmt: skip
+    reporter = TuneReporter(send=send, device=device, base_eval_loss=settings.base_eval_loss, retries=0,
+                            restored_from_step=0, estimated_memory_gib=estimated,
+                            gpu_share=settings.gpu_share)  # fmt: skip
     try:
         resume_step = None
         if resume_from is not None:  # a retried or resumed trial continues where its last report left it
@@ -380,7 +391,6 @@ def run_trial(
             shutil.copytree(resume_from, resume_step)
             previous = TrialState(**json.loads((Path(resume_step) / TRIAL_STATE).read_text()))
             reporter.retries = previous.retries + 1
-            reporter.base_eval_loss = previous.base_eval_loss
             reporter.restored_from_step = step
             if step >= settings.train.max_steps:
                 # It had finished, and Tune holds its last report and checkpoint, but the driver was killed
@@ -391,9 +401,6 @@ def run_trial(
         if faults:
             callbacks.append(InjectFaults(faults, retries=reporter.retries))
         trainer = setup_trial(hparams, settings, output_dir=output_dir, device=device, callbacks=callbacks)
-        if resume_step is None:
-            # The base model's loss on the same eval data: the bar every adapter has to clear.
-            reporter.base_eval_loss = trainer.evaluate()[TRAINER_EVAL_LOSS]
         trainer.train(resume_from_checkpoint=resume_step)
         if reporter.diverged:
             send(reporter.report(trainer.state, eval_loss=math.nan).to_tune(), None)
@@ -405,6 +412,43 @@ def run_trial(
         shutil.rmtree(output_dir, ignore_errors=True)
         if device == "cuda":
             torch.cuda.empty_cache()  # the next trial on this worker starts with the GPU's memory free
+
+
+def evaluate_base(settings: TrialSettings) -> float:
+    """The plain quantized base model's loss on the trials' eval data, without any adapter: the bar every
+    adapter of the sweep has to clear, measured once per sweep (the driver runs this as a Ray task).
+
+    Computed the way the trainer computes a trial's eval_loss, so that the two compare: batches of
+    train.batch_size examples in order, right-padded, each batch's mean loss over its answer tokens, the
+    batches averaged weighted by their number of examples, under the trial's compute dtype.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(settings.cpus)
+    model = load_base_model(settings.model_path, settings.model, device=device).eval()
+    dtype = resolve_compute_dtype(settings.model.compute_dtype, device)
+    autocast = torch.autocast(device, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+    ids, labels = settings.eval_data["input_ids"], settings.eval_data["labels"]
+    size = settings.train.batch_size
+    total = 0.0
+    with torch.no_grad(), autocast:
+        for start in range(0, len(ids), size):
+            batch_ids, batch_labels = ids[start : start + size], labels[start : start + size]
+            longest = max(len(x) for x in batch_ids)
+            # Padding is masked out of attention and loss, so its token id does not matter.
+            loss = model(
+                input_ids=torch.tensor([x + [0] * (longest - len(x)) for x in batch_ids], device=device),
+                attention_mask=torch.tensor(
+                    [[1] * len(x) + [0] * (longest - len(x)) for x in batch_ids], device=device
+                ),
+                labels=torch.tensor([y + [-100] * (longest - len(y)) for y in batch_labels], device=device),
+                use_cache=False,
+            ).loss
+            total += float(loss) * len(batch_ids)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return total / len(ids)
 
 
 def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
@@ -436,8 +480,11 @@ def train_by_hand(
     hparams: dict[str, Any], settings: TrialSettings, *, output_dir: str | Path
 ) -> list[dict[str, Any]]:
     """One trial in this process, without Ray: returns its reports in order (the metrics Tune would get),
-    each with `checkpoint`, its adapter and trainer state copied under `output_dir`, when one was saved."""
+    each with `checkpoint`, its adapter and trainer state copied under `output_dir`, when one was saved.
+    Measures the base model's eval loss first (evaluate_base) unless `settings` carry it."""
     reports: list[dict[str, Any]] = []
+    if settings.base_eval_loss is None:
+        settings = dataclasses.replace(settings, base_eval_loss=evaluate_base(settings))
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         kept = None

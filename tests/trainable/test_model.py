@@ -138,7 +138,7 @@ def test_training_changes_lora_weights_and_leaves_the_base_alone(tiny_llama: Pat
     model = trainer.model
     assert model.peft_config["default"].r == 4 and trainer.args.learning_rate == 1e-2
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer.evaluate()  # an eval pass first, as every trial does
+    trainer.evaluate()  # an eval pass first: a trial evaluates every train.eval_every steps
     trainer.train()
     after = dict(model.named_parameters())
     lora_names = [n for n in before if "lora_" in n]
