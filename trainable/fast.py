@@ -246,6 +246,13 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attentio
         if varlen is not None:
             function, causal, takes_gqa, takes_scale = varlen
             q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+            if q.dtype not in (torch.float16, torch.bfloat16):
+                # The kernel takes half precision only, and DoRA layers (peft's own forward) hand it float32;
+                # SDPA under autocast would run in the autocast dtype too.
+                half = (
+                    torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+                )
+                q, k, v = q.to(half), k.to(half), v.to(half)
             extra: dict[str, Any] = dict(causal)
             if n_rep > 1:
                 if takes_gqa:
@@ -259,7 +266,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attentio
             cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
             longest = int(max_length) if max_length is not None else int((cu[1:] - cu[:-1]).max())
             out = function(q, k, v, cu, cu, longest, longest, **extra)
-            return out.unsqueeze(0)
+            return out.to(query.dtype).unsqueeze(0)
         # No varlen kernel: one causal SDPA call per example (slower, the same result).
         bounds = cu_seq_lens.tolist()
         parts = [
