@@ -78,15 +78,10 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1
     """Run (or resume) the sweep of an experiment that start_experiment began, write its results and report;
     returns where results.parquet is. `verbosity`: Tune's console output, 0 none, 1 the progress table, 2
     each trial's start and results too; every trial prints one line per evaluation at any verbosity."""
-    import os
-
     import optuna
     import ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per created study or trial is noise here
-    # Ray folds log lines that differ only in their numbers ("[repeated 3x across cluster]"): it would hide
-    # all but one trial's evaluation line.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(ignore_reinit_error=True)
     resources = plan_resources(plan, ray.cluster_resources())
     print(describe_resources(resources), flush=True)

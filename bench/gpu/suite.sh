@@ -88,7 +88,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 # The wheels, then this checkout's packages (as `pip install -e .` would put them): Ray's trial processes
 # start elsewhere and import the project from here too.
 export PYTHONPATH=$TARGET:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-export RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=1
+export RAY_USAGE_STATS_ENABLED=0
 
 log() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/log.txt"; }
 run() { "$@" 2>&1 | tee -a "$OUT/log.txt"; return "${PIPESTATUS[0]}"; }
