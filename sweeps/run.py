@@ -40,7 +40,7 @@ from sweeps.study import StudyMirror
 from trainable.data import DataError
 from trainable.model import ModelError
 from trainable.outcome import METRIC, MODE
-from trainable.train import evaluate_base, train_trial
+from trainable.train import TrialSettings, evaluate_base, quiet_libraries, train_trial
 
 Verbosity = Literal[0, 1, 2]
 
@@ -119,7 +119,7 @@ def measure_base_eval_loss(plan: SweepPlan, resources: TrialResources) -> float:
     import ray
 
     # max_calls=1: the worker process exits afterwards, returning the model's memory (and the GPU's).
-    task = ray.remote(max_calls=1)(evaluate_base).options(
+    task = ray.remote(max_calls=1)(evaluate_base_quietly).options(
         num_cpus=plan.config.search.cpus_per_trial, num_gpus=resources.gpu_share
     )
     start = time.perf_counter()
@@ -127,6 +127,12 @@ def measure_base_eval_loss(plan: SweepPlan, resources: TrialResources) -> float:
     print(f"base model: eval loss {loss:.4f} (measured once for the sweep, {time.perf_counter() - start:.0f} s)",
           flush=True)  # fmt: skip
     return loss
+
+
+def evaluate_base_quietly(settings: TrialSettings) -> float:
+    """evaluate_base with a trial's console manners (no loading bars or library warnings)."""
+    quiet_libraries()
+    return evaluate_base(settings)
 
 
 def describe_rechecks(points: list[dict[str, Any]], search: SearchSettings) -> str:
