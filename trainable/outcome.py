@@ -77,7 +77,7 @@ class TrialReport:
     # its worker part runs from the end of the process's previous trial.
     start_imports_s: float = math.nan  # to the trial's code imported (Python, Ray's worker, torch, ...)
     start_worker_s: float = math.nan  # to the trial's function (Tune's set-up, the trial's settings fetched)
-    start_model_s: float = math.nan  # to the base model loaded (tokenizer, 4-bit quantization or its cache)
+    start_model_s: float = math.nan  # to the base model loaded (earlier trials' objects freed, tokenizer ...)
     start_trainer_s: float = math.nan  # to LoRA attached and trl's trainer built
     start_step_s: float = math.nan  # to the first optimizer step's end (the trainer's own set-up, the step)
     # Predicted peak GPU memory (trainable.memory, the whole process: MemoryEstimate.total_gib); NaN where

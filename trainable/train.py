@@ -97,7 +97,7 @@ class WorkerProcess:
     """This process as a trial worker. Tune may run trial after trial in it (search.reuse_workers)."""
 
     started_at: float  # UNIX time the process started
-    trials: int = 0  # trials begun in this process
+    trials: int = 0  # trials begun in this process (a skipped_oom trial begins none)
     last_trial_ended_at: float = math.nan
 
 
