@@ -77,6 +77,9 @@ class SearchSettings:
     # Launch no new trial once the trials' GPU-hours (CPU sweeps: trial-hours) reach this; None: no cap.
     budget_gpu_hours: Annotated[float, Field(gt=0)] | None = None
     max_failures: Annotated[int, Field(ge=0)] = 2  # retries of a crashed trial, from its last checkpoint
+    # Run the next trial in the worker process of one that ended (Tune's reuse_actors), where that is safe:
+    # a new process costs its start and imports each time (docs/cost.md#trial-start).
+    reuse_workers: bool = True
     # Optuna's study storage (an RDB URL); default: a SQLite file in the experiment folder.
     study_storage: str | None = None
     loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)

@@ -76,6 +76,7 @@ def build_recheck_tuner(
     trainable: Any,
     experiment_uri: str,
     concurrency: int,
+    reuse_workers: bool,
     callbacks: list[Any],
     max_failures: int,
     resume: bool,
@@ -99,6 +100,7 @@ def build_recheck_tuner(
             search_alg=BasicVariantGenerator(points_to_evaluate=points),
             num_samples=len(points),  # each point replaces one sample
             max_concurrent_trials=concurrency,
+            reuse_actors=reuse_workers,  # sweeps.resources.worker_reuse_problem: where it is safe
         ),
         run_config=tune.RunConfig(
             name=RECHECKS,

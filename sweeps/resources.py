@@ -41,6 +41,8 @@ class TrialResources:
     trials_per_gpu: int
     concurrency: int  # trials at once
     memory: TrialMemory | None  # None: no estimate (CPU trials, unknown card or a shape the estimate lacks)
+    reuse_workers: bool = False  # Tune runs the next trial in an ended trial's worker process
+    no_reuse_reason: str = ""  # why not, when search.reuse_workers asked for it
 
     @property
     def gpu_share(self) -> float:
@@ -71,6 +73,7 @@ def plan_resources(plan: SweepPlan, resources: dict[str, float]) -> TrialResourc
         per_gpu = auto_trials_per_gpu(plan.config, memory) if memory else 1
     if memory is not None:
         memory = dataclasses.replace(memory, share=1 / per_gpu)
+    reason = worker_reuse_problem(plan.config, gpus=gpus, memory=memory) if search.reuse_workers else ""
     capacity = (
         int(resources.get("GPU", 0)) * per_gpu
         if gpus
@@ -81,7 +84,27 @@ def plan_resources(plan: SweepPlan, resources: dict[str, float]) -> TrialResourc
         trials_per_gpu=per_gpu,
         concurrency=search.max_concurrent_trials or max(1, capacity),
         memory=memory,
+        reuse_workers=search.reuse_workers and not reason,
+        no_reuse_reason=reason,
     )
+
+
+def worker_reuse_problem(config: SweepConfig, *, gpus: int, memory: TrialMemory | None) -> str:
+    """Why trials may not reuse each other's worker processes, or "" where they may.
+
+    A trial sets everything process-wide it depends on afresh and frees what the trial before it left
+    (trainable.train.start_worker_trial), and Tune reuses a process only for a trial of the same resources.
+    What it cannot free: bitsandbytes' paged optimizers put each state of 100k elements or more in CUDA
+    unified memory, which bitsandbytes never releases (there is no call for it), so a reused process would
+    keep every earlier trial's states. Reuse is off for GPU trials whose largest configuration pages any
+    state, or where the estimate that tells is off."""
+    if not gpus or config.train.optimizer == "adamw_torch":  # CPU trials page nothing
+        return ""
+    if memory is None:
+        return "the memory estimate is off, so whether the paged optimizer's states pile up is not known"
+    if any(e.paged_optimizer_states > 0 for e in configuration_estimates(config, memory)):
+        return "the paged optimizer's states (CUDA unified memory, never freed by bitsandbytes) would pile up"
+    return ""
 
 
 def trial_memory(plan: SweepPlan, card_gib: float) -> TrialMemory | None:
@@ -116,6 +139,11 @@ def trial_memory(plan: SweepPlan, card_gib: float) -> TrialMemory | None:
 def largest_estimate(config: SweepConfig, memory: TrialMemory) -> MemoryEstimate:
     """The estimate of the space's largest configuration: the largest r and lora_dropout it allows with each
     of its target_modules values."""
+    return max(configuration_estimates(config, memory), key=lambda e: e.total_gib)
+
+
+def configuration_estimates(config: SweepConfig, memory: TrialMemory) -> list[MemoryEstimate]:
+    """The estimates of the largest r and lora_dropout the space allows, one per target_modules value."""
     space, lora = config.search.space, config.lora
 
     def largest(name: str, default: Any) -> Any:
@@ -128,10 +156,7 @@ def largest_estimate(config: SweepConfig, memory: TrialMemory) -> MemoryEstimate
     hparams = dataclasses.replace(
         lora, r=largest("r", lora.r), lora_dropout=largest("lora_dropout", lora.lora_dropout)
     )
-    estimates = [
-        estimate_trial_memory(memory, dataclasses.replace(hparams, target_modules=t)) for t in targets
-    ]
-    return max(estimates, key=lambda e: e.total_gib)
+    return [estimate_trial_memory(memory, dataclasses.replace(hparams, target_modules=t)) for t in targets]
 
 
 def auto_trials_per_gpu(config: SweepConfig, memory: TrialMemory) -> int:

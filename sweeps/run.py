@@ -100,6 +100,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1
             trainable=trainable,
             experiment_uri=plan.experiment_uri,
             concurrency=resources.concurrency,
+            reuse_workers=resources.reuse_workers,
             callbacks=build_loggers(plan.config.search.loggers),
             max_failures=plan.config.search.max_failures,
             resume=resume,
@@ -206,6 +207,7 @@ def build_tuner(
             scheduler=scheduler,
             num_samples=search.num_samples,
             max_concurrent_trials=resources.concurrency,
+            reuse_actors=resources.reuse_workers,
         ),
         run_config=tune.RunConfig(
             name=plan.experiment,
@@ -267,7 +269,12 @@ def describe_resources(resources: TrialResources) -> str:
         if memory
         else "memory check: off"
     )
-    return f"resources: {where}, {resources.concurrency} at once; {check}"
+    workers = (
+        "workers reused between trials"
+        if resources.reuse_workers
+        else f"a new worker process per trial ({resources.no_reuse_reason or 'search.reuse_workers is off'})"
+    )
+    return f"resources: {where}, {resources.concurrency} at once; {check}; {workers}"
 
 
 def build_loggers(names: Sequence[str]) -> list[Any]:

@@ -27,6 +27,9 @@ STATUSES: tuple[Status, ...] = get_args(Status)
 # come last, whatever eval loss they reported before failing.
 RANKABLE_STATUSES: tuple[Status, ...] = ("completed", "stopped")
 
+# The parts of a trial's start, in order (TrialReport's start_* fields).
+START_PARTS = ("start_imports_s", "start_worker_s", "start_model_s", "start_trainer_s", "start_step_s")
+
 # Where a trial's hyperparameters came from: QLoRA's recipe (tried first when
 # search.start_with_qlora_recipe), one of the user's search.initial_points, the searcher, or a seed re-check
 # of one of the best configurations after the search (search.recheck_top, search.recheck_seeds).
@@ -51,7 +54,7 @@ class TrialReport:
     tokens_per_s: float = math.nan  # training throughput of this process (resumed: since the resume)
     tokens: int = 0  # input tokens seen since the start (a resumed trial included)
     grad_norm: float = math.nan  # at the last logged step
-    peak_memory_gib: float = math.nan  # GPU memory allocated at most (CPU: the process's peak RSS)
+    peak_memory_gib: float = math.nan  # GPU memory allocated at most in the trial (CPU: the peak RSS)
     # The GPU Tune gave this trial (Ray sets CUDA_VISIBLE_DEVICES to it) and how many the trial sees.
     cuda_visible_devices: str = ""
     visible_gpus: int = 0
@@ -66,6 +69,17 @@ class TrialReport:
     node_id: str = ""
     gpu_ids: str = ""
     started_at: float = math.nan  # UNIX time this process started the trial
+    # The process that ran the trial: with search.reuse_workers, Tune runs trial after trial in one process.
+    worker_pid: int = 0
+    worker_trial: int = 0  # 1: the trial started its worker process; 2, 3, ...: it reused a running one
+    # The trial's start (docs/cost.md#trial-start), from its worker process's start to the end of its first
+    # optimizer step, in consecutive parts. A reused worker has no process start: its imports take 0 and
+    # its worker part runs from the end of the process's previous trial.
+    start_imports_s: float = math.nan  # to the trial's code imported (Python, Ray's worker, torch, ...)
+    start_worker_s: float = math.nan  # to the trial's function (Tune's set-up, the trial's settings fetched)
+    start_model_s: float = math.nan  # to the base model loaded (earlier trials' objects freed, tokenizer ...)
+    start_trainer_s: float = math.nan  # to LoRA attached and trl's trainer built
+    start_step_s: float = math.nan  # to the first optimizer step's end (the trainer's own set-up, the step)
     # Predicted peak GPU memory (trainable.memory, the whole process: MemoryEstimate.total_gib); NaN where
     # no estimate is made (CPU trials unless search.gpu_memory_gib is set).
     estimated_memory_gib: float = math.nan
@@ -73,6 +87,12 @@ class TrialReport:
     # reports an infinite eval loss so that the searcher's TPE ranks that region worst.
     skipped_oom: bool = False
     gpu_share: float = 0.0  # GPUs this trial held (1/trials_per_gpu; 0 for a CPU trial)
+
+    @property
+    def startup_s(self) -> float:
+        """Seconds from the worker process's start (a reused worker: its previous trial's end) to the end of
+        the trial's first optimizer step; NaN for a trial that took none."""
+        return sum(getattr(self, name) for name in START_PARTS)
 
     def to_tune(self) -> dict[str, float | int | str]:
         """The report as Tune's metrics dict; flags as 0/1 so that progress.csv holds numbers."""

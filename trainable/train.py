@@ -15,7 +15,9 @@ in a TorchTrainer without changing it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -24,7 +26,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ from trainable.memory import TrialMemory, estimate_trial_memory, fits
 from trainable.model import build_lora_model, load_base_model, load_tokenizer
 from trainable.outcome import SEED_KEY, TrialReport
 from trainable.settings import HYPERPARAMETERS, Hyperparameters, ModelSettings, TrainSettings
+
+# When this module's imports ended: a new worker process spends its start on Python, Ray and these imports.
+IMPORTED_AT = time.time()
 
 TRIAL_STATE = "trial_state.json"  # kept in each checkpoint: a TrialState
 # transformers' key for the eval loss in evaluate()'s metrics: metric_key_prefix "eval" + the model's "loss".
@@ -75,6 +79,90 @@ class TrialSettings:
     base_eval_loss: float | None = None
     # Tests of the fault handling only (trainable/faults.py); empty in every real sweep.
     faults: tuple[Fault, ...] = ()
+
+
+def process_started_at() -> float:
+    """UNIX time this process started (Linux: /proc/self/stat's start time since boot); NaN elsewhere."""
+    try:
+        # The fields after the command name, which may hold spaces; the start time is the stat line's 22nd.
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+
+
+@dataclasses.dataclass
+class WorkerProcess:
+    """This process as a trial worker. Tune may run trial after trial in it (search.reuse_workers)."""
+
+    started_at: float  # UNIX time the process started
+    trials: int = 0  # trials begun in this process (a skipped_oom trial begins none)
+    last_trial_ended_at: float = math.nan
+
+
+WORKER = WorkerProcess(started_at=process_started_at())
+
+
+@dataclasses.dataclass
+class TrialStart:
+    """UNIX times of a trial's start, in order, for the start_* fields of its reports."""
+
+    worker_trial: int  # 1: this trial started the process
+    since: float  # the process's start; a reused worker: the end of its previous trial
+    imported: float  # this module imported (a reused worker: `since`, nothing is imported again)
+    began: float  # run_trial began
+    model: float = math.nan  # the base model loaded
+    trainer: float = math.nan  # LoRA attached, trainer built
+    first_step: float = math.nan  # the first optimizer step ended
+
+    def mark(self, stage: str) -> None:
+        """setup_trial's on_stage: the base model loaded and the trainer built."""
+        if stage == "base_model_loaded":
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the copy to the GPU is asynchronous
+            self.model = time.time()
+        elif stage == "trainer_built":
+            self.trainer = time.time()
+
+    def fields(self) -> dict[str, Any]:
+        """The TrialReport fields."""
+        return {
+            "worker_pid": os.getpid(),
+            "worker_trial": self.worker_trial,
+            "start_imports_s": self.imported - self.since,
+            "start_worker_s": self.began - self.imported,
+            "start_model_s": self.model - self.began,
+            "start_trainer_s": self.trainer - self.model,
+            "start_step_s": self.first_step - self.trainer,
+        }
+
+
+def start_worker_trial(settings: TrialSettings, *, device: str) -> TrialStart:
+    """Set this process up for a trial, also when Tune reuses it after other trials (search.reuse_workers):
+    every process-wide setting a trial depends on is set each time, what an earlier trial left is freed,
+    and the peak-memory count starts afresh. The random seeds are set by run_trial, the rest lives in the
+    trial's own objects."""
+    began = time.time()
+    WORKER.trials += 1
+    if WORKER.trials > 1:
+        # The previous trial's model, trainer and optimizer hang in reference cycles until a collection.
+        gc.collect()
+    if device == "cpu":
+        torch.set_num_threads(settings.cpus)
+        with contextlib.suppress(OSError):  # elsewhere than Linux the peak stays the process's
+            Path("/proc/self/clear_refs").write_text("5")  # restarts the peak RSS that getrusage reports
+    else:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        # Trials sharing a card: this one's allocator may take only its share, so a trial that outgrows its
+        # plan runs out of memory itself (status oom) instead of starving its neighbours.
+        share = settings.gpu_share if 0 < settings.gpu_share < 1 else 1.0
+        torch.cuda.set_per_process_memory_fraction(share)
+    if WORKER.trials == 1:
+        return TrialStart(worker_trial=1, since=WORKER.started_at, imported=IMPORTED_AT, began=began)
+    since = WORKER.last_trial_ended_at
+    return TrialStart(worker_trial=WORKER.trials, since=since, imported=since, began=began)
 
 
 def quiet_libraries() -> None:
@@ -124,10 +212,12 @@ class TuneReporter(TrainerCallback):
         base_eval_loss: float | None,
         retries: int,
         restored_from_step: int,
+        start: TrialStart,
         estimated_memory_gib: float = math.nan,
         gpu_share: float = 0.0,
     ) -> None:
         self.send = send  # where each report goes, with its checkpoint
+        self.start = start
         self.device = device
         self.base_eval_loss = base_eval_loss
         self.retries = retries  # how often this trial was restarted from a checkpoint
@@ -140,7 +230,6 @@ class TuneReporter(TrainerCallback):
         in_ray = ray.is_initialized()  # not when trained by hand
         self.node_id = ray.get_runtime_context().get_node_id() if in_ray else ""
         self.gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids()) if in_ray else ""
-        self.started_at = time.time()
         self.train_losses: list[float] = []
         self.last_eval: dict[str, float] = {}
         self.train_seconds = 0.0
@@ -153,6 +242,10 @@ class TuneReporter(TrainerCallback):
             self._tokens_at_start = state.num_input_tokens_seen  # non-zero when resumed
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if math.isnan(self.start.first_step):
+            if self.device == "cuda":
+                torch.cuda.synchronize()  # the step's kernels run after the Python call returns
+            self.start.first_step = time.time()
         self.train_seconds += time.perf_counter() - self._step_start
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -198,9 +291,10 @@ class TuneReporter(TrainerCallback):
             diverged=self.diverged,
             node_id=self.node_id,
             gpu_ids=self.gpu_ids,
-            started_at=self.started_at,
+            started_at=self.start.began,
             estimated_memory_gib=self.estimated_memory_gib,
             gpu_share=self.gpu_share,
+            **self.start.fields(),
         )
         self.train_losses = []
         return report
@@ -356,8 +450,6 @@ def run_trial(
     skipped_oom.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(settings.cpus)
     hparams = trial_hparams(searched, settings.default_hparams)
     estimated = math.nan
     if settings.memory is not None:
@@ -370,10 +462,7 @@ def run_trial(
                                   gpu_share=settings.gpu_share)  # fmt: skip
             send(skipped.to_tune(), None)
             return
-    if device == "cuda" and 0 < settings.gpu_share < 1:
-        # Trials sharing a card: this one's allocator may take only its share, so a trial that outgrows its
-        # plan runs out of memory itself (status oom) instead of starving its neighbours.
-        torch.cuda.set_per_process_memory_fraction(settings.gpu_share)
+    start = start_worker_trial(settings, device=device)
     if SEED_KEY in searched:  # a seed re-check: its own LoRA init, data order and dropout masks
         settings = dataclasses.replace(
             settings, train=dataclasses.replace(settings.train, seed=int(searched[SEED_KEY]))
@@ -381,7 +470,7 @@ def run_trial(
     set_seed(settings.train.seed)
     output_dir = tempfile.mkdtemp(prefix="trial-")
     reporter = TuneReporter(send=send, device=device, base_eval_loss=settings.base_eval_loss, retries=0,
-                            restored_from_step=0, estimated_memory_gib=estimated,
+                            restored_from_step=0, start=start, estimated_memory_gib=estimated,
                             gpu_share=settings.gpu_share)  # fmt: skip
     try:
         resume_step = None
@@ -400,7 +489,8 @@ def run_trial(
         faults = tuple(f for f in settings.faults if f.applies_to(searched))
         if faults:
             callbacks.append(InjectFaults(faults, retries=reporter.retries))
-        trainer = setup_trial(hparams, settings, output_dir=output_dir, device=device, callbacks=callbacks)
+        trainer = setup_trial(hparams, settings, output_dir=output_dir, device=device, callbacks=callbacks,
+                              on_stage=start.mark)  # fmt: skip
         trainer.train(resume_from_checkpoint=resume_step)
         if reporter.diverged:
             send(reporter.report(trainer.state, eval_loss=math.nan).to_tune(), None)
@@ -410,8 +500,7 @@ def run_trial(
         send(oom.to_tune(), None)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
-        if device == "cuda":
-            torch.cuda.empty_cache()  # the next trial on this worker starts with the GPU's memory free
+        WORKER.last_trial_ended_at = time.time()
 
 
 def evaluate_base(settings: TrialSettings) -> float:
@@ -427,7 +516,11 @@ def evaluate_base(settings: TrialSettings) -> float:
         torch.set_num_threads(settings.cpus)
     model = load_base_model(settings.model_path, settings.model, device=device).eval()
     dtype = resolve_compute_dtype(settings.model.compute_dtype, device)
-    autocast = torch.autocast(device, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+    autocast = (
+        torch.autocast(device, dtype=getattr(torch, dtype))
+        if dtype != "float32"
+        else contextlib.nullcontext()
+    )
     ids, labels = settings.eval_data["input_ids"], settings.eval_data["labels"]
     size = settings.train.batch_size
     total = 0.0
@@ -472,7 +565,7 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
         tune.report(metrics, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as resume_from:
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None) as resume_from:
         run_trial(hparams, settings, send=report, resume_from=resume_from)
 
 

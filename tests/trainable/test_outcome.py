@@ -27,6 +27,13 @@ FULL = TrialReport(
     node_id="abc123",
     gpu_ids="1",
     started_at=1700000000.5,
+    worker_pid=4242,
+    worker_trial=2,
+    start_imports_s=0.0,
+    start_worker_s=0.25,
+    start_model_s=1.5,
+    start_trainer_s=0.75,
+    start_step_s=2.0,
     estimated_memory_gib=12.5,
     skipped_oom=False,
     gpu_share=0.5,
@@ -44,6 +51,11 @@ def test_report_survives_tune_and_back() -> None:
 
 def test_every_field_reaches_tune() -> None:
     assert set(FULL.to_tune()) == {f.name for f in dataclasses.fields(TrialReport)}
+
+
+def test_startup_is_the_sum_of_its_parts_and_unknown_without_a_first_step() -> None:
+    assert FULL.startup_s == 4.5
+    assert math.isnan(dataclasses.replace(FULL, start_step_s=math.nan).startup_s)
 
 
 def test_missing_and_empty_values_take_the_defaults() -> None:
