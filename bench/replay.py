@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = load_table(args.table)
     trials = args.trials or len(table.rows)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True)
     curves = [
         replay(table, method=method, seed=seed, trials=trials)
         for method in args.methods

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -82,7 +84,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1
     import ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per created study or trial is noise here
-    ray.init(ignore_reinit_error=True)
+    ray.init(address=ray_address(), ignore_reinit_error=True)
     resources = plan_resources(plan, ray.cluster_resources())
     print(describe_resources(resources), flush=True)
     if plan.trial.base_eval_loss is None:  # a resumed sweep keeps the one it measured
@@ -112,6 +114,25 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1
     if plan.config.report.enabled:
         start_report(plan)
     return path
+
+
+def ray_address() -> str | None:
+    """The address for ray.init: None (Ray's own choice: RAY_ADDRESS, else the cluster `ray start` last
+    recorded on this machine, else a new local Ray) unless that recorded cluster no longer answers; then
+    "local", with a note. Ray would wait about five minutes on a recorded cluster that is gone, then fail."""
+    from ray._private.services import find_bootstrap_address
+
+    recorded = None if os.environ.get("RAY_ADDRESS") else find_bootstrap_address(None)
+    if recorded is None:
+        return None
+    host, _, port = recorded.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError:
+        print(f"note: the Ray cluster last started on this machine ({recorded}) does not answer; starting a "
+              "local Ray instead. Set RAY_ADDRESS to use a cluster.", flush=True)  # fmt: skip
+        return "local"
+    return None
 
 
 def measure_base_eval_loss(plan: SweepPlan, resources: TrialResources) -> float:

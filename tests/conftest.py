@@ -75,7 +75,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -
 def ray_cpus():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
 

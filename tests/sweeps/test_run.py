@@ -6,8 +6,11 @@ import itertools
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -51,8 +54,8 @@ def tiny_sweep_config(tmp_path: Path, model: Path, **search: object) -> Path:
 CANARY = "hf_canary_5bd1e0a7c3"  # a fake secret in the environment that must never be written anywhere
 
 
-def run_driver(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_TOKEN": CANARY, "WANDB_API_KEY": CANARY}
+def run_driver(*args: str, cwd: Path, **environ: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_TOKEN": CANARY, "WANDB_API_KEY": CANARY, **environ}
     return subprocess.run(
         [sys.executable, "-m", "sweeps.run", *args],
         cwd=cwd,
@@ -63,12 +66,50 @@ def run_driver(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def unused_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"  # closed again: nothing answers there
+
+
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> tuple[Path, str]:
+    """The sweep on a machine where `ray start` once recorded a cluster that has since gone (a killed head,
+    a crashed test): Ray's own ray.init() would wait five minutes on it, then fail."""
     tmp = tmp_path_factory.mktemp("sweep")
-    done = run_driver("--config", str(tiny_sweep_config(tmp, tiny_llama)), cwd=tmp)
+    # Short: Ray's socket paths under RAY_TMPDIR must stay within the 107-byte limit of a Unix socket's name.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(unused_address())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("RAY_ADDRESS", raising=False)
+        done = run_driver(
+            "--config", str(tiny_sweep_config(tmp, tiny_llama)), cwd=tmp, RAY_TMPDIR=str(ray_tmp)
+        )
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-4000:]
     return tmp / "experiments" / "tiny-test", done.stdout + done.stderr
+
+
+def test_a_recorded_cluster_that_is_gone_gives_a_local_ray(tiny_sweep: tuple[Path, str]) -> None:
+    assert "does not answer; starting a local Ray instead" in tiny_sweep[1]
+
+
+def test_a_recorded_cluster_that_answers_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sweeps.run import ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    assert ray_address() is None  # nothing recorded: Ray starts its own
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{head.getsockname()[1]}")
+        assert ray_address() is None  # Ray connects to it
+    assert ray_address() == "local"  # closed: gone
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert ray_address() is None  # the user's choice, left to Ray
 
 
 def test_results_table_has_every_trial_with_config_and_metrics(tiny_sweep: tuple[Path, str]) -> None:
