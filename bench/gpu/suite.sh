@@ -34,6 +34,8 @@ Stages:
   llama7b *       one trial of a Llama-2-7B-shaped model (random weights) under Ray Tune, one GPU
   setup-time *    python -m bench.gpu.trial_setup: process start to first optimizer step, 7B shape
   two-gpu *       four trials two at a time (one per GPU), then one at a time
+  packing *       bench/gpu/packing.yaml: 8 trials of the default model sharing one GPU, then one at a
+                  time (each sweep's trials per GPU-hour, their starts; about 5 minutes)
   generation *    bench/gpu/generation.py: the report's batched generation against one prompt at a time
 
 Results: log.txt, train_step.jsonl, train_step-summary.jsonl, profile.txt, setup.jsonl, sweeps.jsonl,
@@ -48,8 +50,8 @@ fail() { echo "suite.sh: $*" >&2; exit 2; }
 
 WHEELS="" TARGET=/tmp/qlora-sweeps-site GGUF="" ADAPTER="" OUT=${OUT:-bench-out}
 STAGES=()
-KNOWN=" setup tests step step-more profile tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu generation "
-NEEDS_MODEL=" tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu generation "
+KNOWN=" setup tests step step-more profile tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing generation "
+NEEDS_MODEL=" tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing generation "
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
@@ -183,6 +185,16 @@ PY
     two-gpu)
       sweep two-at-a-time bench/gpu/two-gpu.yaml
       sweep one-at-a-time bench/gpu/two-gpu.yaml search.max_concurrent_trials=1
+      ;;
+    packing)  # a fresh experiment name each time: the stage may run several times into one --out
+      tag=$(date -u +%H%M%S)
+      for n in 8 1; do  # GPU utilization sampled every second alongside each sweep
+        nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -i 0 -l 1 \
+          > "$OUT/gpu-util-pack$n-$tag.csv" &
+        sampler=$!
+        sweep "pack$n-$tag" bench/gpu/packing.yaml "search.trials_per_gpu=$n"
+        kill $sampler
+      done
       ;;
     generation)
       adapter=$ADAPTER

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from trainable.outcome import TrialReport
+from trainable.outcome import START_PARTS, TrialReport
 
 
 def trial_reports(experiment: Path) -> dict[str, list[dict[str, Any]]]:
@@ -63,6 +63,9 @@ def main() -> None:
             "tokens_per_s": round(float(row["tokens_per_s"]), 1),
             "peak_memory_gib": round(float(row["peak_memory_gib"]), 2),
             "wall_time_s": round(float(row["wall_time_s"]), 1),
+            # The trial's start (docs/cost.md#trial-start): its worker's n-th trial, process start to first step.
+            "worker_trial": int(row["worker_trial"]),
+            **{part: round(float(row[part]), 2) for part in ("startup_s", *START_PARTS)},
             "cuda_visible_devices": report.cuda_visible_devices if report else None,
             "visible_gpus": report.visible_gpus if report else None,
             "ray_gpu_ids": report.gpu_ids if report else None,
