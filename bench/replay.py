@@ -392,17 +392,23 @@ def _finite(x: float) -> float | None:
 
 def plot_curves(curves: Sequence[Curve], *, best_loss: float, path: str | Path, title: str) -> None:
     """Best-so-far eval loss against GPU-hours: per method the median over seeds and the band between the
-    quartiles (with many seeds, the min-max band shows only the luckiest and unluckiest seed)."""
+    quartiles (with many seeds, the min-max band shows only the luckiest and unluckiest seed). Zoomed on
+    the approach to the band: up to 1.5x the best loss (the first trials' losses would flatten it) and 1.5x
+    the latest third quartile of the methods' times to the band (after it, the curves are flat)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    threshold = best_loss * (1 + BAND)
+    methods = dict.fromkeys(c.method for c in curves)
+    late = [quantile([c.time_to(threshold) for c in curves if c.method == m], 0.75) for m in methods]
     end = max(c.gpu_seconds[-1] for c in curves)
+    end = min(end, 1.5 * max((t for t in late if math.isfinite(t)), default=end))
     grid = np.linspace(0, end, 400)
     figure, axes = plt.subplots(figsize=(7, 4.2))
-    for method in dict.fromkeys(c.method for c in curves):
+    for method in methods:
         ours = [c for c in curves if c.method == method]
         # A step function: the best loss held after the last evaluation at or before each point of the grid.
         values = np.array(
@@ -422,9 +428,8 @@ def plot_curves(curves: Sequence[Curve], *, best_loss: float, path: str | Path, 
             low, middle, high = np.nanpercentile(values, [25, 50, 75], axis=0)
         (line,) = axes.plot(hours, middle, label=f"{method} (median, quartiles of {len(ours)} seeds)")
         axes.fill_between(hours, low, high, color=line.get_color(), alpha=0.15)
-    axes.axhline(
-        best_loss * (1 + BAND), color="gray", linestyle="--", linewidth=1, label="best in table + 2%"
-    )
+    axes.axhline(threshold, color="gray", linestyle="--", linewidth=1, label="best in table + 2%")
+    axes.set_ylim(best_loss * (1 - BAND), best_loss * 1.5)
     axes.set_xlabel("GPU-hours")
     axes.set_ylabel("best eval loss so far")
     axes.set_title(title)
