@@ -3,13 +3,16 @@
     python -m bench.replay points --trials 32 --seed 0        # the configurations bench/gpu/table.yaml records
     python -m sweeps.run --config bench/gpu/table.yaml        # record them on a GPU host (every trial to the end)
     python -m bench.replay table experiments/table-<stamp> --out bench/results/table-smollm2-<date>.jsonl
-    python -m bench.replay replay bench/results/table-smollm2-<date>.jsonl --seeds 5 \
-        --out bench/results/replay-smollm2-<date>.jsonl --plot docs/time-to-best.png
+    python -m bench.replay replay bench/results/table-smollm2-<date>.jsonl --seeds 20 --first-seed 3000 \
+        --out bench/results/replay-smollm2-<date>-tuned.jsonl --plot docs/time-to-best.png
+    python -m bench.replay replay bench/results/table-smollm2-<date>.jsonl --methods tpe+asha random \
+        --search startup_trials=8 reduction_factor=3 --out ...   # a variant of the driver's defaults
 
 The tabular-benchmark method of HPO research (HPOBench, NAS-Bench): train a fixed set of configurations
 once, with the eval loss at every evaluation and its GPU time, then run each search method many times
 against that table with a Tune trainable that looks the results up instead of training. A replay costs
-seconds of CPU, so every method gets several seeds under the same trial budget.
+seconds of CPU, so every method gets many seeds under the same trial budget; tune defaults on some seeds
+and report on others (--first-seed).
 
 The methods search the table's own space (the sweep's default), and each suggested point is mapped to the
 nearest recorded configuration: numbers by their position in their range (log scale for loguniform, the
@@ -18,7 +21,9 @@ categorical over the table's rows because the benchmark is about TPE's behaviour
 sweeps (its priors, ranges and startup trials); a categorical over 32 unordered rows would be a different
 problem in which TPE cannot use the structure it exists to learn. The price: a point maps to the row
 whose configuration is closest, so the table's resolution bounds what any method can find, and all
-methods share that bound.
+methods share that bound. It also bounds what TPE can learn, which random search does not try to: its
+proposals next to the best so far fall on the rows already run (about 60% of its trials on the 32-row
+table), and a row run again reports the same losses, so it tells TPE nothing new (docs/speed.md).
 
 A method's cost is the sum of the recorded GPU-seconds of the evaluations its trials actually ran: a
 trial that ASHA stopped after its second evaluation costs its first two. Trials run one at a time
@@ -243,8 +248,11 @@ class Curve:
         )
 
 
-def replay(table: Table, *, method: Method, seed: int, trials: int) -> Curve:
-    """Run one search method against the table through Tune, as the driver would build it."""
+def replay(
+    table: Table, *, method: Method, seed: int, trials: int, settings: Mapping[str, Any] | None = None
+) -> Curve:
+    """Run one search method against the table through Tune, as the driver would build it; `settings`
+    overrides fields of the driver's SearchSettings (startup_trials, grace_period, ...) to replay a variant."""
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -261,6 +269,7 @@ def replay(table: Table, *, method: Method, seed: int, trials: int) -> Curve:
         space=table.space,
         seed=seed,
         scheduler="asha" if method.endswith("+asha") else "none",
+        **(settings or {}),
     )
     if method.startswith("tpe"):
         # The default sweep's first points (QLoRA's recipe when it lies in the space), then TPE.
@@ -301,9 +310,21 @@ def replay(table: Table, *, method: Method, seed: int, trials: int) -> Curve:
     return Curve(method, seed, rows, evaluations, losses, spent, best)
 
 
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile by linear interpolation between order statistics (numpy's default), where a value
+    next to an infinite one is infinite rather than NaN: a seed that never reached the band is slower
+    than every seed that did."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low, high = ordered[math.floor(position)], ordered[math.ceil(position)]
+    if math.isinf(high):
+        return high
+    return low + (position - math.floor(position)) * (high - low)
+
+
 def summarize(curves: Sequence[Curve], *, best_loss: float) -> list[dict[str, Any]]:
-    """Per method: GPU time to the band (median and range over seeds; null where a seed never got
-    there, which counts as infinitely long in the median), and the default's median over random's."""
+    """Per method: GPU time to the band (median, quartiles and range over seeds; null where a seed never
+    got there, which counts as infinitely long), and the default's median over random's."""
     threshold = best_loss * (1 + BAND)
     summary: list[dict[str, Any]] = []
     medians: dict[str, float] = {}
@@ -319,16 +340,50 @@ def summarize(curves: Sequence[Curve], *, best_loss: float) -> list[dict[str, An
                 "reached": len(finite),
                 "threshold": threshold,
                 "median_gpu_s": _finite(medians[method]),
+                "q1_gpu_s": _finite(quantile(times, 0.25)),
+                "q3_gpu_s": _finite(quantile(times, 0.75)),
                 "min_gpu_s": min(finite) if finite else None,
                 "max_gpu_s": _finite(max(times)),
             }
         )
     if DEFAULT_METHOD in medians and "random" in medians:
         ratio = medians[DEFAULT_METHOD] / medians["random"] if medians["random"] > 0 else math.nan
+        low, high = ratio_interval(
+            [c.time_to(threshold) for c in curves if c.method == DEFAULT_METHOD],
+            [c.time_to(threshold) for c in curves if c.method == "random"],
+        )
         summary.append(
-            {"kind": "ratio", "of": DEFAULT_METHOD, "over": "random", "median_ratio": _finite(ratio)}
+            {
+                "kind": "ratio",
+                "of": DEFAULT_METHOD,
+                "over": "random",
+                "median_ratio": _finite(ratio),
+                "interval_95": [_finite(low), _finite(high)],
+            }
         )
     return summary
+
+
+def ratio_interval(
+    times: Sequence[float], baseline: Sequence[float], *, resamples: int = 2000
+) -> tuple[float, float]:
+    """A 95% bootstrap interval of median(times) / median(baseline): the seeds of each method resampled
+    with replacement (seeded, so a replay file always gets the same interval). 2000 resamples: twice the
+    1000 Efron and Tibshirani (1993) ask of a percentile interval. A resample in which neither median
+    reaches the band has no ratio and is left out."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ours, theirs = np.array(times), np.array(baseline)
+    ratios = []
+    for _ in range(resamples):
+        a = float(np.median(rng.choice(ours, len(ours))))
+        b = float(np.median(rng.choice(theirs, len(theirs))))
+        if not (math.isinf(a) and math.isinf(b)) and b > 0:
+            ratios.append(a / b)
+    if not ratios:
+        return math.nan, math.nan
+    return quantile(ratios, 0.025), quantile(ratios, 0.975)
 
 
 def _finite(x: float) -> float | None:
@@ -336,17 +391,24 @@ def _finite(x: float) -> float | None:
 
 
 def plot_curves(curves: Sequence[Curve], *, best_loss: float, path: str | Path, title: str) -> None:
-    """Best-so-far eval loss against GPU-hours: per method the median over seeds and the min-max band."""
+    """Best-so-far eval loss against GPU-hours: per method the median over seeds and the band between the
+    quartiles (with many seeds, the min-max band shows only the luckiest and unluckiest seed). Zoomed on
+    the approach to the band: up to 1.5x the best loss (the first trials' losses would flatten it) and 1.5x
+    the latest third quartile of the methods' times to the band (after it, the curves are flat)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    threshold = best_loss * (1 + BAND)
+    methods = dict.fromkeys(c.method for c in curves)
+    late = [quantile([c.time_to(threshold) for c in curves if c.method == m], 0.75) for m in methods]
     end = max(c.gpu_seconds[-1] for c in curves)
+    end = min(end, 1.5 * max((t for t in late if math.isfinite(t)), default=end))
     grid = np.linspace(0, end, 400)
     figure, axes = plt.subplots(figsize=(7, 4.2))
-    for method in dict.fromkeys(c.method for c in curves):
+    for method in methods:
         ours = [c for c in curves if c.method == method]
         # A step function: the best loss held after the last evaluation at or before each point of the grid.
         values = np.array(
@@ -363,12 +425,11 @@ def plot_curves(curves: Sequence[Curve], *, best_loss: float, path: str | Path, 
         hours = grid / 3600
         with warnings.catch_warnings():  # before a seed's first evaluation its curve is NaN
             warnings.simplefilter("ignore", RuntimeWarning)
-            low, middle, high = (f(values, axis=0) for f in (np.nanmin, np.nanmedian, np.nanmax))
-        (line,) = axes.plot(hours, middle, label=f"{method} (median of {len(ours)} seeds)")
+            low, middle, high = np.nanpercentile(values, [25, 50, 75], axis=0)
+        (line,) = axes.plot(hours, middle, label=f"{method} (median, quartiles of {len(ours)} seeds)")
         axes.fill_between(hours, low, high, color=line.get_color(), alpha=0.15)
-    axes.axhline(
-        best_loss * (1 + BAND), color="gray", linestyle="--", linewidth=1, label="best in table + 2%"
-    )
+    axes.axhline(threshold, color="gray", linestyle="--", linewidth=1, label="best in table + 2%")
+    axes.set_ylim(best_loss * (1 - BAND), best_loss * 1.5)
     axes.set_xlabel("GPU-hours")
     axes.set_ylabel("best eval loss so far")
     axes.set_title(title)
@@ -376,6 +437,24 @@ def plot_curves(curves: Sequence[Curve], *, best_loss: float, path: str | Path, 
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+# Search settings the replay sets itself: the trial budget, the table's space, the seed, the scheduler by method.
+REPLAY_SETS = ("num_samples", "space", "seed", "scheduler")
+
+
+def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs (values in YAML: 4, true, null) as overrides of the driver's SearchSettings."""
+    from sweeps.config import SearchSettings
+
+    fields = {f.name for f in dataclasses.fields(SearchSettings)} - set(REPLAY_SETS)
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--search {pair}: give KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        settings[key] = yaml.safe_load(value)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,8 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", required=True, help="the JSONL file to write: curves, summaries, the ratio")
     run.add_argument("--plot", help="a PNG of best-so-far eval loss against GPU-hours")
     run.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    run.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every method")
+    run.add_argument("--seeds", type=int, default=5, help="N seeds for every method, from --first-seed on")
+    run.add_argument("--first-seed", type=int, default=0, help="the first seed (seeds not used to tune on)")
     run.add_argument("--trials", type=int, help="trials per replay (default: as many as the table has rows)")
+    run.add_argument(
+        "--search",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="replay a variant of the driver's defaults: search settings such as startup_trials=4 grace_period=1",
+    )
     run.add_argument("--num-cpus", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -411,21 +498,35 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from sweeps.config import SearchSettings
+
+    settings = parse_settings(args.search)
     table = load_table(args.table)
     trials = args.trials or len(table.rows)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    search = SearchSettings(num_samples=trials, space=table.space, **settings)  # checks the values first
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True)
     curves = [
-        replay(table, method=method, seed=seed, trials=trials)
+        replay(table, method=method, seed=seed, trials=trials, settings=settings)
         for method in args.methods
-        for seed in range(args.seeds)
+        for seed in seeds
     ]
     summary = summarize(curves, best_loss=table.best_loss)
     header = {
         "kind": "replay",
         "table": args.table,
         "trials": trials,
+        "seeds": [seeds.start, seeds.stop - 1],
         "best_loss": table.best_loss,
         "band": BAND,
+        # What "tpe+asha" ran with: the driver's defaults unless --search changed them.
+        "search": {
+            **settings,
+            "startup_trials": search.startup_trials,
+            "grace_period": search.grace_period,
+            "reduction_factor": search.reduction_factor,
+            "start_with_qlora_recipe": search.start_with_qlora_recipe,
+        },
     }
     lines = [header, *({"kind": "curve", **dataclasses.asdict(c)} for c in curves), *summary]
     Path(args.out).write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")

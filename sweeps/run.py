@@ -248,13 +248,13 @@ def build_tuner(
 
 def build_searcher(search: SearchSettings, points: list[dict[str, Any]]) -> Any:  # OptunaSearch
     """Optuna's TPE behind Tune's OptunaSearch: `points` first (the recipe, initial points), random trials
-    until search.tpe_startup_trials have finished, then TPE. Tune gives it the space, metric and mode
+    until search.startup_trials have finished, then TPE. Tune gives it the space, metric and mode
     (Tuner's param_space and TuneConfig; by hand: `set_search_properties(METRIC, MODE, to_tune_space(...))`)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = optuna.samplers.TPESampler(
-        n_startup_trials=search.tpe_startup_trials,
+        n_startup_trials=search.startup_trials,
         # One joint model of all parameters: the best learning rate depends on r and lora_alpha (the update
         # scales with alpha/r), which independent per-parameter models cannot see (Falkner et al. 2018, BOHB).
         multivariate=True,

@@ -5,6 +5,7 @@ seeds change the order. Through Tune on 2 CPUs; a replay of a few trials takes s
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from bench.replay import (
     load_table,
     main,
     nearest_row,
+    quantile,
+    ratio_interval,
     replay,
     sample_points,
     table_from_experiment,
@@ -135,6 +138,8 @@ def test_replay_command_writes_the_table_summaries_and_plot(table: Table, replay
     assert ratio["median_ratio"] == pytest.approx(
         summaries["tpe+asha"]["median_gpu_s"] / summaries["random"]["median_gpu_s"]
     )
+    low, high = ratio["interval_95"]
+    assert low <= ratio["median_ratio"] <= high
     assert replayed["plot"].stat().st_size > 10_000
 
 
@@ -168,3 +173,52 @@ def test_the_recording_config_holds_the_seeded_sample_of_the_default_space() -> 
     assert config.search.num_samples == len(config.search.initial_points)
     # Regenerate with `python -m bench.replay points --trials 32 --seed 0` when the default space changes.
     assert config.search.initial_points == sample_points(DEFAULT_SPACE, config.search.num_samples, seed=0)
+
+
+def test_quartiles_count_a_seed_that_never_got_there_as_slowest() -> None:
+    assert quantile([4.0, 1.0, 3.0, 2.0], 0.25) == pytest.approx(1.75)  # numpy's default interpolation
+    assert quantile([1.0, 2.0, 3.0, math.inf], 0.5) == 2.5
+    assert quantile([1.0, 2.0, 3.0, math.inf], 0.75) == math.inf
+    assert quantile([1.0, math.inf, math.inf], 0.5) == math.inf
+
+
+def test_ratio_interval_brackets_the_ratio_of_medians_and_is_seeded() -> None:
+    assert ratio_interval([1.0] * 5, [2.0] * 5) == (0.5, 0.5)
+    times, baseline = [10.0, 12.0, 20.0, 30.0, math.inf], [15.0, 30.0, 40.0, 60.0, 90.0]
+    low, high = ratio_interval(times, baseline)
+    assert low < 20.0 / 40.0 < high
+    assert ratio_interval(times, baseline) == (low, high)
+    # A method that never reaches the band is infinitely slow, not left out.
+    assert ratio_interval([math.inf] * 3, [1.0, 2.0, 3.0]) == (math.inf, math.inf)
+
+
+def test_replay_command_replays_a_variant_on_later_seeds(ray_cpus: None, tmp_path: Path) -> None:
+    """--search overrides the driver's search settings for the replay (here ASHA's grace period, so that
+    trials are stopped at the first evaluation, which the default never does), --first-seed moves the
+    seeds, and the header records what ran."""
+    path, out = tmp_path / "table.jsonl", tmp_path / "replay.jsonl"
+    write_replay_table(make_table(), path)
+    argv = [
+        "replay",
+        str(path),
+        "--methods",
+        "tpe+asha",
+        "--seeds",
+        "2",
+        "--first-seed",
+        "7",
+        "--trials",
+        "8",
+    ]
+    assert main([*argv, "--out", str(out), "--search", "grace_period=1", "startup_trials=2"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    header, curves = lines[0], [line for line in lines if line["kind"] == "curve"]
+    assert header["seeds"] == [7, 8] and [c["seed"] for c in curves] == [7, 8]
+    assert header["search"]["grace_period"] == 1 and header["search"]["startup_trials"] == 2
+    assert any(1 in c["evaluations"] for c in curves)
+    again = replay(
+        make_table(), method="tpe+asha", seed=7, trials=8, settings={"grace_period": 1, "startup_trials": 2}
+    )
+    assert again.rows == curves[0]["rows"] and again.evaluations == curves[0]["evaluations"]
+    with pytest.raises(SystemExit, match="grace_period"):
+        main([*argv, "--out", str(out), "--search", "grace=1"])

@@ -70,10 +70,16 @@ def test_the_same_seed_gives_the_same_sweep_and_another_seed_another() -> None:
     assert all(a != b for a, b in zip(first[1:], other[1:], strict=True))
 
 
-@pytest.mark.parametrize(("num_samples", "startup"), [(1, 3), (8, 3), (16, 4), (32, 8), (64, 10), (500, 10)])
-def test_random_start_up_scales_with_the_sweep(num_samples: int, startup: int) -> None:
-    assert SearchSettings(num_samples=num_samples).tpe_startup_trials == startup
-    assert SearchSettings(num_samples=num_samples, startup_trials=2).tpe_startup_trials == 2
+@pytest.mark.parametrize("num_samples", [8, 32, 500])
+def test_tpe_takes_over_after_three_random_trials_whatever_the_sweep_size(num_samples: int) -> None:
+    """The default start-up is 3 finished trials at every sweep size: the first 3 suggestions are the
+    random sampler's (the same as a start-up that never ends), the 4th is TPE's own."""
+    default = suggestions(SearchSettings(num_samples=num_samples, seed=3), [], 5)
+    random = suggestions(SearchSettings(num_samples=num_samples, seed=3, startup_trials=100), [], 5)
+    assert default[:3] == random[:3]
+    assert default[3] != random[3] and default[4] != random[4]
+    longer = suggestions(SearchSettings(num_samples=num_samples, seed=3, startup_trials=4), [], 5)
+    assert longer[:4] == random[:4] and longer[4] != random[4]
 
 
 def test_startup_trials_must_be_positive() -> None:
