@@ -10,8 +10,9 @@ trial per GPU, all of them at once. A trial (`report_only`) imports no torch: it
 made-up eval losses, each with a checkpoint of one small file, as a real trial's evaluations come. Per sweep
 it records the wall time, the driver's CPU time and peak RSS, and the time spent in each of the driver's
 steps (Tuner.fit, the study mirror, collect_results, write_table), by wrapping those functions while the
-sweep runs. One JSON line per sweep goes to --out, one per size (median and range over the repeats, and
-the growth per trial from the smallest size to the largest) to <out>-summary.jsonl.
+sweep runs. One JSON line per sweep is added to --out; <out>-summary.jsonl gets one per size (median and
+range over the repeats, and the growth per trial against the smallest size) over every sweep --out holds
+of the same cluster shape, so that sizes run by separate commands are summarized together.
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ def report_only_trainable(*, evaluations: int) -> Callable[[SweepPlan, TrialReso
 
 def build_plan(trials: int, storage: Path, *, evaluations: int) -> SweepPlan:
     """A SweepPlan as plan_sweep would make it for a config of `trials` trials, without a model or data
-    (the trials load neither): the default search space, ASHA, one GPU per trial, no report, and the base
-    model's eval loss already known, so that the driver does not measure it."""
+    (the trials load neither): the default search space, ASHA, one GPU per trial, no report (it would
+    load the model), and the base model's eval loss already known, so that the driver does not measure it."""
     from sweeps.config import validate_config
     from sweeps.plan import SweepPlan, with_base_eval_loss
     from trainable.train import TrialSettings
@@ -117,7 +118,14 @@ def build_plan(trials: int, storage: Path, *, evaluations: int) -> SweepPlan:
             "storage_path": str(storage),
             "experiment": f"scale-{trials}",
             "train": {"max_steps": evaluations * eval_every, "eval_every": eval_every},
-            "search": {"num_samples": trials, "cpus_per_trial": 1, "gpus_per_trial": 1, "trials_per_gpu": 1},
+            # grace_period 1: ASHA may stop a trial after its first report, so it acts even at 2 evaluations.
+            "search": {
+                "num_samples": trials,
+                "cpus_per_trial": 1,
+                "gpus_per_trial": 1,
+                "trials_per_gpu": 1,
+                "grace_period": 1,
+            },
             "report": {"enabled": False},
         },
         origin="bench.scale",
@@ -223,6 +231,7 @@ def measure_sweep(*, trials: int, nodes: int, gpus_per_node: int, evaluations: i
                 "gpus_per_node": gpus_per_node,
                 "evaluations": evaluations,
                 "trials_in_table": len(table),
+                "reports": int(table["eval_history"].map(len).sum()),  # results the driver handled
                 "statuses": table["status"].value_counts().to_dict(),
                 "all_ended": len(table) == trials and bool(table["status"].isin(RANKABLE_STATUSES).all()),
                 "wall_s": round(wall, 2),
@@ -250,38 +259,40 @@ def measure_sweep(*, trials: int, nodes: int, gpus_per_node: int, evaluations: i
         cluster.shutdown()
 
 
+# The figures summarize() gives per size; gcs_rss_end_mib is the head node's GCS server, which keeps a
+# record of every actor (one per trial) for the cluster's life.
+FIGURES = ("wall_s", "fit_s", "mirror_s", "collect_s", "write_s", "driver_cpu_s", "driver_rss_peak_mib",
+           "gcs_rss_end_mib")  # fmt: skip
+
+
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per size: the median and range (min, max) of each figure over the repeats; and per figure, its value
-    per trial at the largest size over that at the smallest (1 is linear growth, below 1 less than linear)."""
-    figures = ["wall_s", "fit_s", "mirror_s", "collect_s", "write_s", "driver_cpu_s", "driver_rss_peak_mib"]
-    sizes = sorted({r["trials"] for r in records})
+    """Per size: the median and range (min, max) of each figure over the repeats. For each size after the
+    smallest: each figure's median per trial over the smallest size's (1 is linear growth, below 1 less
+    than linear), and the driver's peak RSS added per extra trial (memory has a fixed part: Python, torch,
+    Ray)."""
     rows = []
-    for size in sizes:
+    for size in sorted({r["trials"] for r in records}):
         runs = [r for r in records if r["trials"] == size]
         row: dict[str, Any] = {
             "trials": size,
             "repeats": len(runs),
             "all_ended": all(r["all_ended"] for r in runs),
         }
-        for name in figures:
+        for name in FIGURES:
             values = [r[name] for r in runs]
             row[name] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
         rows.append(row)
-    if len(rows) > 1:
-        small, large = rows[0], rows[-1]
-        growth = {
+    smallest = rows[0]
+    for row in rows[1:]:
+        row["per_trial_vs_smallest"] = {
             name: round(
-                (large[name]["median"] / large["trials"]) / (small[name]["median"] / small["trials"]), 3
+                (row[name]["median"] / row["trials"]) / (smallest[name]["median"] / smallest["trials"]), 3
             )
-            for name in figures
-            if small[name]["median"] > 0
+            for name in FIGURES
+            if smallest[name]["median"] > 0
         }
-        # Memory has a fixed part (Python, torch, Ray): its growth is the extra MiB per extra trial.
-        extra = (large["driver_rss_peak_mib"]["median"] - small["driver_rss_peak_mib"]["median"]) / (
-            large["trials"] - small["trials"]
-        )
-        rows.append({"growth_per_trial": growth, "rss_mib_per_extra_trial": round(extra, 3),
-                     "from_trials": small["trials"], "to_trials": large["trials"]})  # fmt: skip
+        added = row["driver_rss_peak_mib"]["median"] - smallest["driver_rss_peak_mib"]["median"]
+        row["rss_mib_per_extra_trial"] = round(added / (row["trials"] - smallest["trials"]), 3)
     return rows
 
 
@@ -292,7 +303,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=4, help="worker nodes of the simulated cluster")
     parser.add_argument("--gpus-per-node", type=int, default=4, help="fake GPUs (and CPUs) per worker node")
     parser.add_argument(
-        "--evaluations", type=int, default=4, help="reports per trial, each with a checkpoint"
+        "--evaluations",
+        type=int,
+        default=2,  # few: on a 2-core machine each report costs the simulated cluster more than the driver
+        help="reports per trial (ASHA may stop a trial after its first), each with a checkpoint",
     )
     parser.add_argument("--out", type=Path, required=True, help="a .jsonl file; one line per sweep is added")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one sweep in this process
@@ -318,19 +332,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # The benchmark starts a cluster of its own; RAY_ADDRESS would point the driver elsewhere.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    records = []
-    for size in args.sizes:
-        for repeat in range(args.repeats):
+    for repeat in range(args.repeats):  # each size once per round, so that the machine's load spreads
+        for size in args.sizes:
             print(f"bench.scale: {size} trials, repeat {repeat + 1} of {args.repeats}", flush=True)
             done = subprocess.run([sys.executable, "-m", "bench.scale", "--one", str(size), *shape], env=env,
                                   cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
             if done.returncode:
                 print(done.stdout[-4000:], done.stderr[-4000:], sep="\n", file=sys.stderr)
                 return done.returncode
-            records.append({**json.loads(done.stdout.strip().splitlines()[-1]), "repeat": repeat})
+            record = {**json.loads(done.stdout.strip().splitlines()[-1]), "repeat": repeat}
             with args.out.open("a") as out:
-                out.write(json.dumps(records[-1]) + "\n")
-    summary = summarize(records)
+                out.write(json.dumps(record) + "\n")
+    # Every sweep --out holds of this cluster's shape, this run's and earlier ones'.
+    lines = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    same = (args.nodes, args.gpus_per_node, args.evaluations)
+    summary = summarize([r for r in lines if (r["nodes"], r["gpus_per_node"], r["evaluations"]) == same])
     summary_path = args.out.with_name(f"{args.out.stem}-summary.jsonl")
     summary_path.write_text("".join(json.dumps(row) + "\n" for row in summary))
     print("\n".join(json.dumps(row) for row in summary))

@@ -39,14 +39,14 @@ def test_the_trial_reports_a_loss_that_falls_and_is_lowest_at_the_best_learning_
 
 
 def test_summary_gives_median_and_range_and_growth_per_trial() -> None:
-    figures = {"wall_s": 0, "fit_s": 0, "mirror_s": 0, "collect_s": 0, "write_s": 0, "driver_cpu_s": 0}
-    records = [
-        {**figures, "trials": 10, "all_ended": True, "wall_s": w, "driver_rss_peak_mib": 600}
-        for w in (9, 10, 14)
-    ] + [{**figures, "trials": 100, "all_ended": True, "wall_s": 200, "driver_rss_peak_mib": 690}]
-    small, large, growth = scale.summarize(records)
+    def record(trials: int, wall_s: float, rss: float) -> dict[str, float]:
+        zeros = dict.fromkeys(scale.FIGURES, 0.0)
+        return {**zeros, "trials": trials, "all_ended": True, "wall_s": wall_s, "driver_rss_peak_mib": rss}
+
+    records = [record(10, 9, 600), record(10, 10, 600), record(10, 14, 600), record(100, 200, 690)]
+    small, large = scale.summarize(records)
     assert small["wall_s"] == {"median": 10, "min": 9, "max": 14} and small["repeats"] == 3
-    assert large["wall_s"]["median"] == 200
+    assert "per_trial_vs_smallest" not in small
     # 1 s per trial at 10 trials, 2 s at 100: twice the time per trial; figures that are 0 have no ratio.
-    assert growth["growth_per_trial"] == {"wall_s": 2.0, "driver_rss_peak_mib": pytest.approx(0.115)}
-    assert growth["rss_mib_per_extra_trial"] == 1.0
+    assert large["per_trial_vs_smallest"] == {"wall_s": 2.0, "driver_rss_peak_mib": pytest.approx(0.115)}
+    assert large["rss_mib_per_extra_trial"] == 1.0  # 90 MiB more for 90 more trials
