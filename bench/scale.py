@@ -9,8 +9,8 @@ driver's, as on a cluster) and --nodes worker nodes with --gpus-per-node fake GP
 trial per GPU, all of them at once. A trial (`report_only`) imports no torch: it reports --evaluations
 made-up eval losses, each with a checkpoint of one small file, as a real trial's evaluations come. Per sweep
 it records the wall time, the driver's CPU time and peak RSS, and the time spent in each of the driver's
-steps (Tuner.fit, the study mirror, collect_results, write_table), by wrapping those functions while the
-sweep runs. One JSON line per sweep is added to --out; <out>-summary.jsonl gets one per size (median and
+steps (Tuner.fit, the searcher's suggestions and results, the study mirror, collect_results, write_table),
+by wrapping those functions while the sweep runs. One JSON line per sweep is added to --out; <out>-summary.jsonl gets one per size (median and
 range over the repeats, and the growth per trial against the smallest size) over every sweep --out holds
 of the same cluster shape, so that sizes run by separate commands are summarized together.
 """
@@ -144,8 +144,8 @@ def build_plan(trials: int, storage: Path, *, evaluations: int) -> SweepPlan:
 
 @contextlib.contextmanager
 def timed(owner: Any, name: str, seconds: list[float]) -> Iterator[None]:
-    """While open, `owner.name` appends its duration to `seconds` on each call. The function is the
-    driver's own, called where the driver calls it: the benchmark times, it does not replace."""
+    """While open, `owner.name` appends its duration to `seconds` on each call. The function runs as it
+    is, called where the driver calls it: the benchmark times it, it does not replace it."""
     original = getattr(owner, name)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -190,11 +190,19 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def early_and_late(name: str, seconds: list[float], calls: int = 50) -> dict[str, float]:
+    return {
+        f"{name}_first_ms": round(1000 * statistics.mean(seconds[:calls]), 1),
+        f"{name}_last_ms": round(1000 * statistics.mean(seconds[-calls:]), 1),
+    }
+
+
 def measure_sweep(*, trials: int, nodes: int, gpus_per_node: int, evaluations: int) -> dict[str, Any]:
     """One sweep of `trials` trials through sweeps.run.run_sweep on a fresh Cluster, timed step by step."""
     import pandas as pd
     import ray
     from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
 
     from sweeps import run
     from sweeps.study import StudyMirror
@@ -204,13 +212,14 @@ def measure_sweep(*, trials: int, nodes: int, gpus_per_node: int, evaluations: i
         ray.init(address=cluster.address, logging_level=logging.WARNING)
         with tempfile.TemporaryDirectory(prefix="scale-") as storage:
             plan = build_plan(trials, Path(storage), evaluations=evaluations)
-            steps: dict[str, list[float]] = {
-                name: [] for name in ("resources", "fit", "mirror", "collect", "write")
-            }
+            names = ("resources", "fit", "suggest", "tell", "mirror", "collect", "write")
+            steps: dict[str, list[float]] = {name: [] for name in names}
             rss_start, cpu_start, start = rss_mib(), cpu_seconds(), time.perf_counter()
             with (
                 timed(run, "plan_resources", steps["resources"]),
                 timed(tune.Tuner, "fit", steps["fit"]),
+                timed(OptunaSearch, "suggest", steps["suggest"]),  # TPE, once per trial
+                timed(OptunaSearch, "on_trial_complete", steps["tell"]),
                 timed(StudyMirror, "record", steps["mirror"]),
                 timed(run, "collect_results", steps["collect"]),
                 timed(run, "write_table", steps["write"]),
@@ -224,7 +233,6 @@ def measure_sweep(*, trials: int, nodes: int, gpus_per_node: int, evaluations: i
                 raise RuntimeError(f"bench.scale: the driver never called {', '.join(untimed)}")
             table = pd.read_parquet(path)
             gcs = cluster.head_node.all_processes["gcs_server"][0].process.pid
-            mirror = steps["mirror"]
             return {
                 "trials": trials,
                 "nodes": nodes,
@@ -237,10 +245,12 @@ def measure_sweep(*, trials: int, nodes: int, gpus_per_node: int, evaluations: i
                 "wall_s": round(wall, 2),
                 "setup_s": round(sum(steps["resources"]), 2),  # once per sweep: the cluster's resources
                 "fit_s": round(sum(steps["fit"]), 2),
-                "mirror_s": round(sum(mirror), 2),
-                # The mirror's cost per trial early and late in the sweep: the same if it does not grow.
-                "mirror_first_ms": round(1000 * statistics.mean(mirror[:50]), 1),
-                "mirror_last_ms": round(1000 * statistics.mean(mirror[-50:]), 1),
+                "searcher_s": round(sum(steps["suggest"]) + sum(steps["tell"]), 2),
+                "mirror_s": round(sum(steps["mirror"]), 2),
+                # The cost per trial of TPE's suggestion and of the mirror early and late in the sweep (their
+                # first and last 50 calls): the same if it does not grow with the trials before.
+                **early_and_late("suggest", steps["suggest"]),
+                **early_and_late("mirror", steps["mirror"]),
                 "collect_s": round(sum(steps["collect"]), 2),
                 "write_s": round(sum(steps["write"]), 2),
                 "wall_per_trial_s": round(wall / trials, 4),
@@ -261,8 +271,8 @@ def measure_sweep(*, trials: int, nodes: int, gpus_per_node: int, evaluations: i
 
 # The figures summarize() gives per size; gcs_rss_end_mib is the head node's GCS server, which keeps a
 # record of every actor (one per trial) for the cluster's life.
-FIGURES = ("wall_s", "fit_s", "mirror_s", "collect_s", "write_s", "driver_cpu_s", "driver_rss_peak_mib",
-           "gcs_rss_end_mib")  # fmt: skip
+FIGURES = ("wall_s", "fit_s", "searcher_s", "mirror_s", "collect_s", "write_s", "driver_cpu_s",
+           "driver_rss_peak_mib", "gcs_rss_end_mib")  # fmt: skip
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
