@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from analysis.experiment import RESULTS, SUMMARY, is_remote, write_summary, write_table
@@ -76,10 +76,18 @@ def start_experiment(plan: SweepPlan) -> None:
         ) from err
 
 
-def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1) -> str:
+def run_sweep(
+    plan: SweepPlan,
+    *,
+    resume: bool = False,
+    verbosity: Verbosity = 1,
+    build_trainable: Callable[[SweepPlan, TrialResources], Any] | None = None,
+) -> str:
     """Run (or resume) the sweep of an experiment that start_experiment began, write its results and report;
     returns where results.parquet is. `verbosity`: Tune's console output, 0 none, 1 the progress table, 2
-    each trial's start and results too; every trial prints one line per evaluation at any verbosity."""
+    each trial's start and results too; every trial prints one line per evaluation at any verbosity.
+    `build_trainable`: Tune's trainable for the plan and its resources, trial_trainable (the real trial)
+    unless given; bench/scale.py gives trials that only report, to time the driver alone."""
     import optuna
     import ray
 
@@ -90,7 +98,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, verbosity: Verbosity = 1
     if plan.trial.base_eval_loss is None:  # a resumed sweep keeps the one it measured
         plan = with_base_eval_loss(plan, measure_base_eval_loss(plan, resources))
         write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
-    trainable = trial_trainable(plan, resources)
+    trainable = (build_trainable or trial_trainable)(plan, resources)
     grid = build_tuner(plan, trainable, resources, resume=resume, verbosity=verbosity).fit()
     table = collect_results(grid, plan.config)
     path = write_table(table, plan.experiment_uri, RESULTS)  # the search's, kept should the re-checks fail

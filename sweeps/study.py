@@ -41,19 +41,27 @@ class StudyMirror(Callback):
         self.study_name = study_name
         self.distributions = to_optuna_distributions(space)
         self.max_steps = max_steps
+        self._study: Any = None  # optuna.Study, opened at the first record
+        self._mirrored: set[str] = set()  # Tune's ids of the trials the study holds
 
     def study(self) -> Any:
+        """The RDB study, opened once per driver, with the Tune trial ids it holds read once. Opened and read
+        back at every record, each record cost more as the study grew (0.52 s at a sweep's start, 1.40 s
+        after 300 trials: python -m bench.scale on a loaded 2-core machine, docs/cost.md)."""
         import optuna
 
-        return optuna.create_study(
-            storage=self.storage, study_name=self.study_name, direction=DIRECTION, load_if_exists=True
-        )
+        if self._study is None:
+            self._study = optuna.create_study(
+                storage=self.storage, study_name=self.study_name, direction=DIRECTION, load_if_exists=True
+            )
+            self._mirrored = {t.user_attrs.get(TRIAL_KEY) for t in self._study.get_trials(deepcopy=False)}
+        return self._study
 
     def record(self, trial: Any, *, errored: bool) -> None:
         import optuna
 
         study = self.study()
-        if any(t.user_attrs.get(TRIAL_KEY) == trial.trial_id for t in study.get_trials(deepcopy=False)):
+        if trial.trial_id in self._mirrored:
             return  # already mirrored before the driver was restarted
         last = TrialReport.from_tune(trial.last_result or {})
         # The study sees only the last report, so its loss stands for the best one.
@@ -75,6 +83,7 @@ class StudyMirror(Callback):
                 user_attrs={TRIAL_KEY: trial.trial_id},
             )
         )
+        self._mirrored.add(trial.trial_id)
         if self.keep_with is not None:
             from analysis.experiment import STUDY, write_file
 

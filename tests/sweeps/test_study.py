@@ -1,0 +1,36 @@
+"""The Optuna study mirror: each of Tune's trials once, also when the driver restarts and records again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import optuna
+
+from sweeps.study import TRIAL_KEY, StudyMirror
+
+SPACE = {"r": {"choice": [8, 16]}}
+
+
+def finished_trial(trial_id: str, eval_loss: float) -> Any:
+    """What the mirror reads of Tune's Trial: its id, its last result and its config."""
+    return SimpleNamespace(
+        trial_id=trial_id, last_result={"eval_loss": eval_loss, "step": 4}, config={"r": 8}
+    )
+
+
+def test_a_restarted_driver_mirrors_each_trial_once(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = StudyMirror(storage=storage, study_name="mirror", space=SPACE, max_steps=4)
+    first.record(finished_trial("a", 1.5), errored=False)
+    first.record(finished_trial("a", 1.5), errored=False)  # told twice: Tune's complete, then its error
+    first.record(finished_trial("b", 1.2), errored=False)
+    # The driver was killed and resumed: a new mirror on the same study, told again of a trial it holds.
+    second = StudyMirror(storage=storage, study_name="mirror", space=SPACE, max_steps=4)
+    second.record(finished_trial("b", 1.2), errored=False)
+    second.record(finished_trial("c", 1.1), errored=True)
+    trials = optuna.load_study(study_name="mirror", storage=storage).trials
+    assert [t.user_attrs[TRIAL_KEY] for t in trials] == ["a", "b", "c"]
+    assert [t.value for t in trials] == [1.5, 1.2, None]
+    assert trials[2].state == optuna.trial.TrialState.FAIL
