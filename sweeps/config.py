@@ -22,6 +22,7 @@ from analysis.settings import ReportSettings
 from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, check_value, contains
 from trainable.outcome import Origin
 from trainable.settings import (
+    HYPERPARAMETERS,
     STRICT,
     DataSettings,
     Hyperparameters,
@@ -118,8 +119,14 @@ class SweepConfig:
     def labeled_points_to_evaluate(self) -> list[tuple[Origin, dict[str, Any]]]:
         """points_to_evaluate, each with where it came from."""
         recipe = self.recipe_point
-        first: list[tuple[Origin, dict[str, Any]]] = [("recipe", recipe)] if recipe else []
-        return first + [("initial", p) for p in self.search.initial_points]
+        first: list[tuple[Origin, dict[str, Any]]] = [("recipe", self.complete(recipe))] if recipe else []
+        return first + [("initial", self.complete(p)) for p in self.search.initial_points]
+
+    def complete(self, point: dict[str, Any]) -> dict[str, Any]:
+        """A point with every searched key: those it leaves out take the `lora` section's value, the one a
+        trial uses for a key nobody searches (Tune's searcher needs a value for each)."""
+        left_out = [key for key in self.search.space if key not in point and key in HYPERPARAMETERS]
+        return {**{key: getattr(self.lora, key) for key in left_out}, **point}
 
     def experiment_name(self, now: datetime.datetime | None = None) -> str:
         stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%d-%H%M%S")
@@ -184,14 +191,18 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
     labelled = [("search.start_with_qlora_recipe (QLoRA's {})", recipe)] if recipe else []
     labelled += [(f"search.initial_points[{i}].{{}}", p) for i, p in enumerate(config.search.initial_points)]
     for label, point in labelled:
-        for name, value in point.items():
+        for name, value in config.complete(point).items():
             key = label.format(name)
             if name not in config.search.space:
                 problems.append(f"{key}: not in search.space ({', '.join(config.search.space)})")
             elif name in bad_params:
                 continue
             elif not contains(config.search.space, name, value):
-                problems.append(f"{key}: {value!r} lies outside search.space.{name}")
+                problems.append(
+                    f"{key}: {value!r} lies outside search.space.{name}" if name in point else
+                    f"{key}: left out, so lora.{name} ({value!r}), which lies outside search.space.{name}; "
+                    f"give {name} in the point or set lora.{name}"
+                )  # fmt: skip
             else:
                 problems += [f"{key}: {p}" for p in check_value(name, value)]
     if len(labelled) > config.search.num_samples:

@@ -136,7 +136,7 @@ def test_lora_options_are_searchable_and_checked() -> None:
     space = "search.space.{}={}"
     config = load_config(
         "local",
-        [space.format("use_dora", "{choice: [false, true]}"), space.format("use_rslora", "{choice: [true]}"),
+        [space.format("use_dora", "{choice: [false, true]}"), space.format("use_rslora", "{choice: [true]}"), "lora.use_rslora=true",
          space.format("loraplus_lr_ratio", "{loguniform: [1, 16]}")],
     )  # fmt: skip
     assert set(to_tune_space(config.search.space)) >= {"use_dora", "use_rslora", "loraplus_lr_ratio"}
@@ -146,3 +146,28 @@ def test_lora_options_are_searchable_and_checked() -> None:
         load_config("local", [space.format("loraplus_lr_ratio", "{uniform: [0.5, 4]}")])
     with pytest.raises(ConfigError, match=r"lora\.loraplus_lr_ratio"):
         load_config("local", ["lora.loraplus_lr_ratio=0.5"])
+
+
+def test_a_point_that_leaves_out_searched_keys_takes_the_lora_sections_values() -> None:
+    """Tune's searcher needs a value for every searched key in every point (it raises once Ray has
+    started otherwise): a left-out key gets the value trials use when it is not searched."""
+    from sweeps.run import build_searcher
+
+    dora = "search.space.use_dora={choice: [false, true]}"
+    config = load_config("local", ["search.num_samples=3", dora, "lora.use_dora=true",
+                                   "search.initial_points=[{r: 8}]", "search.start_with_qlora_recipe=true"])  # fmt: skip
+    recipe, point = config.points_to_evaluate
+    assert recipe == {**{k: v for k, v in QLORA_RECIPE.items() if k in config.search.space}, "use_dora": True}
+    lora = config.lora
+    assert point == {"r": 8, "learning_rate": lora.learning_rate, "lora_alpha": lora.lora_alpha,
+                     "target_modules": lora.target_modules, "lora_dropout": lora.lora_dropout, "use_dora": True}  # fmt: skip
+    searcher = build_searcher(config.search, config.points_to_evaluate)
+    searcher.set_search_properties("eval_loss", "min", to_tune_space(config.search.space))
+    assert [searcher.suggest(f"t{i}") for i in range(2)] == [recipe, point]
+
+    with pytest.raises(ConfigError) as err:
+        load_config("local", ["search.initial_points=[{r: 8}]", "search.num_samples=2", "lora.lora_alpha=64"])
+    assert (
+        "search.initial_points[0].lora_alpha: left out, so lora.lora_alpha (64), which lies outside "
+        "search.space.lora_alpha; give lora_alpha in the point or set lora.lora_alpha" in str(err.value)
+    )
