@@ -3,6 +3,7 @@ gradients (trainable/compact.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,41 @@ def test_compact_loss_and_gradients_equal_trl(
         # Equal up to float32 summation order: the two sum the same terms in other orders.
         assert torch.linalg.vector_norm(ours - theirs) <= 1e-4 * torch.linalg.vector_norm(theirs) + 1e-9
     assert any(g.abs().sum() > 0 for g in compact_grads)
+
+
+def test_a_cpu_trial_trains_padding_free_with_the_loss_and_gradients_of_padded_batches(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """One row of packed examples (transformers keeps them apart by position_ids): the padded batch's loss
+    and gradients, without the padding's compute."""
+    trial = prepare_trial(
+        model=ModelSettings(name_or_path=str(tiny_llama), gradient_checkpointing=False),
+        data=DataSettings(max_length=128, max_train_examples=16, max_eval_examples=4),
+        train=TrainSettings(max_steps=1, eval_every=1, batch_size=8),
+    ).settings
+    hparams = Hyperparameters(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    trainer = setup_trial(hparams, trial, output_dir=str(tmp_path), device="cpu", callbacks=[])
+    examples = [trainer.train_dataset[i] for i in range(8)]
+    packed = trainer.data_collator(examples)
+    padded = dataclasses.replace(trainer.data_collator, padding_free=False)(examples)
+    real = sum(len(e["input_ids"]) for e in examples)
+    assert packed["input_ids"].shape == (1, real) and "attention_mask" not in packed
+    assert padded["input_ids"].numel() > real  # what padding-free saves
+    lora = [p for n, p in trainer.model.named_parameters() if p.requires_grad]
+    torch.nn.init.normal_(lora[1], std=0.02)  # LoRA B starts at zero: give every gradient a nonzero path
+
+    def loss_and_grads(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, lora)]
+
+    packed_loss, packed_grads = loss_and_grads(packed)
+    padded_loss, padded_grads = loss_and_grads(padded)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(packed_grads, padded_grads, strict=True):
+        assert torch.linalg.vector_norm(ours - theirs) <= 1e-4 * torch.linalg.vector_norm(theirs) + 1e-9
+    # Without the position_ids' boundaries the examples would attend to each other: other gradients.
+    _, crossed_grads = loss_and_grads({k: v for k, v in packed.items() if k != "position_ids"})
+    assert any(
+        torch.linalg.vector_norm(ours - theirs) > 1e-2 * torch.linalg.vector_norm(theirs)
+        for ours, theirs in zip(crossed_grads, padded_grads, strict=True)
+    )
