@@ -106,8 +106,8 @@ def test_a_config_predicted_not_to_fit_is_skipped_and_the_budget_stops_the_sweep
     )
     assert small < big
     card = (small + big) / 2
-    num_samples = 6
-    # 5 trial-seconds (a CPU sweep counts its trials' wall time): less than one trial that trains takes.
+    num_samples = 20  # far more than the budget allows, however fast a trial is
+    # 5 trial-seconds (a CPU sweep counts its trials' wall time): a few trials, far fewer than num_samples.
     config = write_config(tmp_path, tiny_llama, num_samples=num_samples, max_concurrent_trials=2,
                           trials_per_gpu=1, gpu_memory_gib=card, budget_gpu_hours=5 / 3600,
                           initial_points=[BIG, SMALL])  # fmt: skip
