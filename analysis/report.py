@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -56,6 +57,7 @@ from analysis.rank import choose_candidates
 from analysis.score import BASELINE
 from analysis.seeds import describe_seed_spread, pool_seeds
 from analysis.settings import ReportSettings, load_report_settings
+from trainable.settings import ModelSettings
 
 # Held-out prompts shown side by side on the page (spread over the tasks): two per bundled task; a page of
 # 300 prompts x 6 candidates would bury the rest. Every answer is in generations.parquet.
@@ -154,8 +156,22 @@ def generate_answers(
     )
     texts = render_prompts(prompts, tokenizer, template)
     model = load_base_model(model_path, model_settings, device=device)
+    if device == "cpu" and model_settings.quantization != "none":
+        model = dequantized_for_generation(model, model_settings)
     torch.set_grad_enabled(False)
     return generate_for_candidates(model, tokenizer, prompts, texts, candidates, settings.generation)
+
+
+def dequantized_for_generation(model: Any, settings: ModelSettings) -> Any:
+    """The 4-bit base with its weights dequantized once, in the compute dtype: on a CPU a 4-bit layer
+    dequantizes its whole weight at every call, which in generation is every new token (docs/report.md
+    has the figures). The values are those every 4-bit call computes, so
+    adapters attached to it answer as on the 4-bit base."""
+    import torch
+
+    from trainable.hardware import resolve_compute_dtype
+
+    return model.dequantize(dtype=getattr(torch, resolve_compute_dtype(settings.compute_dtype, "cpu")))
 
 
 def run_report(

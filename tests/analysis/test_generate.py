@@ -89,3 +89,32 @@ def test_adapters_swapped_in_place_answer_as_freshly_loaded_ones(tiny_llama: Pat
         a for a, _ in generate_batched(base, tokenizer, texts, settings)
     ]
     assert [answers[("t0", p.prompt_id)] for p in prompts] != [answers[(BASE, p.prompt_id)] for p in prompts]
+
+
+def test_the_dequantized_base_answers_as_the_4bit_one_on_the_cpu(tiny_llama: Path, tmp_path: Path) -> None:
+    """The report generates on a CPU with the 4-bit base dequantized once (analysis.report says why): the
+    same weights, so the same answers, with and without an adapter."""
+    from analysis.report import dequantized_for_generation
+
+    four_bit = ModelSettings(quantization="nf4", compute_dtype="float32")
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", seed=0)
+    tokenizer = load_tokenizer(str(tiny_llama), four_bit)
+    prompts = build_prompts(examples(4), ["Hello"], count=4)
+    texts = render_prompts(prompts, tokenizer, DEFAULT_CHAT_TEMPLATE)
+    candidates = [Candidate(BASE), Candidate("t0", adapter)]
+    settings = GenerationSettings(max_new_tokens=8)
+
+    def answers(model: torch.nn.Module) -> list[str]:
+        return list(
+            generate_for_candidates(model, tokenizer, prompts, texts, candidates, settings)[0]["answer"]
+        )
+
+    quantized = load_base_model(str(tiny_llama), four_bit, device="cpu")
+    assert any(type(m).__name__ == "Linear4bit" for m in quantized.modules())
+    expected = answers(quantized)
+    dequantized = dequantized_for_generation(
+        load_base_model(str(tiny_llama), four_bit, device="cpu"), four_bit
+    )
+    assert not any(type(m).__name__ == "Linear4bit" for m in dequantized.modules())
+    assert answers(dequantized) == expected
+    assert expected[: len(prompts)] != expected[len(prompts) :]  # the adapter changed the answers
