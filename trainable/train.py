@@ -514,6 +514,7 @@ def evaluate_base(settings: TrialSettings) -> float:
     train.batch_size examples in order, right-padded, each batch's mean loss over its answer tokens, the
     batches averaged weighted by their number of examples, under the trial's compute dtype.
     """
+    quiet_libraries()  # a Ray task: its output reaches the sweep's console like a trial's
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(settings.cpus)
@@ -556,6 +557,10 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
     from ray import tune
 
     quiet_libraries()
+    # Before a reused worker (search.reuse_workers) takes the next trial, Tune waits this long for a stopped
+    # trial's thread to unwind (its checkpoint folder removed) and fails the next trial if it has not: 2 s
+    # by default, little on a loaded node. Read by Tune in this process.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     trial_id = tune.get_context().get_trial_id()
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
