@@ -514,7 +514,6 @@ def evaluate_base(settings: TrialSettings) -> float:
     train.batch_size examples in order, right-padded, each batch's mean loss over its answer tokens, the
     batches averaged weighted by their number of examples, under the trial's compute dtype.
     """
-    quiet_libraries()  # a Ray task: its output reaches the sweep's console like a trial's
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(settings.cpus)
