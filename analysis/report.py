@@ -142,12 +142,11 @@ def generate_answers(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """Load the base model once and let every candidate answer every prompt."""
     import torch
-    from transformers.utils import logging as transformers_logging
 
     from trainable.data import choose_chat_template
-    from trainable.model import load_base_model, load_tokenizer
+    from trainable.model import load_base_model, load_tokenizer, quiet_libraries
 
-    transformers_logging.disable_progress_bar()  # per-tensor loading bars would bury the summary
+    quiet_libraries()  # per-tensor loading bars and library notes would bury the summary
     model_path = resolve_base_model(experiment)
     model_settings = experiment.model_settings
     tokenizer = load_tokenizer(model_path, model_settings)

@@ -40,9 +40,9 @@ from sweeps.results import collect_results, format_results
 from sweeps.space import to_tune_space
 from sweeps.study import StudyMirror
 from trainable.data import DataError
-from trainable.model import ModelError
+from trainable.model import ModelError, quiet_libraries
 from trainable.outcome import METRIC, MODE
-from trainable.train import TrialSettings, evaluate_base, quiet_libraries, train_trial
+from trainable.train import TrialSettings, evaluate_base, train_trial
 
 Verbosity = Literal[0, 1, 2]
 

@@ -79,6 +79,8 @@ def resolve_model(name_or_path: str, *, revision: str | None = None) -> str:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return str(target)
+        print(f"converting the embedded model to a checkpoint in {target} (once)", flush=True)
+        quiet_libraries()  # no per-tensor bar, no note on the GGUF loader's dtype
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         # The GGUF loader marks the model as GGUF-quantized, which blocks saving; its weights are plain
@@ -173,6 +175,21 @@ def build_quantization_config(settings: ModelSettings, *, device: str) -> BitsAn
         bnb_4bit_compute_dtype=getattr(torch, resolve_compute_dtype(settings.compute_dtype, device)),
         bnb_4bit_quant_storage=torch.uint8,
     )
+
+
+def quiet_libraries() -> None:
+    """Keep a trial's output to what a person watching a sweep needs: no per-tensor loading bars, no
+    per-log dicts, no notes that Tune saved a checkpoint, no deprecation warnings about library internals
+    that the project does not call (they repeat once per trial and bury the progress table)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)\.")
 
 
 def load_base_model(path: str, settings: ModelSettings, *, device: str) -> PreTrainedModel:

@@ -36,7 +36,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from trainable.faults import Fault, InjectFaults
 from trainable.hardware import resolve_compute_dtype
 from trainable.memory import TrialMemory, estimate_trial_memory, fits
-from trainable.model import build_lora_model, load_base_model, load_tokenizer
+from trainable.model import build_lora_model, load_base_model, load_tokenizer, quiet_libraries
 from trainable.outcome import SEED_KEY, TrialReport
 from trainable.settings import HYPERPARAMETERS, Hyperparameters, ModelSettings, TrainSettings
 
@@ -163,21 +163,6 @@ def start_worker_trial(settings: TrialSettings, *, device: str) -> TrialStart:
         return TrialStart(worker_trial=1, since=WORKER.started_at, imported=IMPORTED_AT, began=began)
     since = WORKER.last_trial_ended_at
     return TrialStart(worker_trial=WORKER.trials, since=since, imported=since, began=began)
-
-
-def quiet_libraries() -> None:
-    """Keep a trial's output to what a person watching a sweep needs: no per-tensor loading bars, no
-    per-log dicts, no notes that Tune saved a checkpoint, no deprecation warnings about library internals
-    that the project does not call (they repeat once per trial and bury the progress table)."""
-    import logging
-    import warnings
-
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)\.")
 
 
 def describe_evaluation(trial_id: str, report: TrialReport, max_steps: int) -> str:
