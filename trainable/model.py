@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import re
@@ -80,9 +82,13 @@ def resolve_model(name_or_path: str, *, revision: str | None = None) -> str:
         if (target / "config.json").exists():
             return str(target)
         print(f"converting the embedded model to a checkpoint in {target} (once)", flush=True)
-        quiet_libraries()  # no per-tensor bar, no note on the GGUF loader's dtype
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        quiet_libraries()  # no note on the GGUF loader's dtype
+        # Nor its per-tensor bar (plain tqdm, on stderr); errors still raise.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
+            )
         # The GGUF loader marks the model as GGUF-quantized, which blocks saving; its weights are plain
         # dequantized tensors by now, so drop the marker.
         model.hf_quantizer = None  # type: ignore[assignment]
