@@ -20,7 +20,6 @@ os.environ.setdefault(
 import argparse
 import contextlib
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,8 @@ from analysis import report
 from analysis.experiment import load_experiment
 from analysis.seeds import pool_seeds
 from analysis.settings import load_report_settings
+from bench.records import append_jsonl, spread
 from trainable.hardware import describe_cpu
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
-            "max": round(max(values), 2)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                "same_answers": all(a == answers[False][0] for a in answers[False] + answers[True]),
                "cpu": describe_cpu()}  # fmt: skip
     print(json.dumps(summary), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        for record in [*runs, summary]:
-            f.write(json.dumps(record) + "\n")
+    append_jsonl(args.out, [*runs, summary])
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from bench.records import append_jsonl, spread
 from sweeps.config import load_config
 from trainable.hardware import describe_cpu
 from trainable.prepare import prepare_trial
@@ -65,11 +66,6 @@ def time_steps(*, padding_free: bool, steps: int) -> dict[str, Any]:
             "step_s": [round(s, 3) for s in seconds], "losses": losses}  # fmt: skip
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-            "max": round(max(values), 3)}  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run (after one warm-up)")
@@ -89,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"summary": True, "padded_s_per_step": spread(padded), "padding_free_s_per_step": spread(free),
                "speedup": spread([a / b for a, b in zip(padded, free, strict=True)]), **machine}  # fmt: skip
     print(json.dumps(summary), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        for record in [*runs, summary]:
-            f.write(json.dumps(record) + "\n")
+    append_jsonl(args.out, [*runs, summary])
     return 0
 
 

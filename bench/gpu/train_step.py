@@ -62,6 +62,7 @@ from bench.recipes import (
     prepare_like_sft_trainer,
     realistic_batches,
 )
+from bench.records import append_jsonl
 
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 MEMORY_MARGIN_GIB = 0.25  # left free under the textbook's peak when spending memory on unchecked layers
@@ -431,12 +432,6 @@ def format_summary(summary: Sequence[dict[str, Any]]) -> str:
         lines.append(f"{s['case']:12s} {s['label'][:32]:32s} {s['repeats']:2d} {text:>24s} "
                      f"{s['tokens_per_s']['median']:12.0f} {s['step_s']['spread']:11.1%} {s['peak_gib']:8.2f}")  # fmt: skip
     return "\n".join(lines)
-
-
-def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
