@@ -18,6 +18,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers.utils import logging as transformers_logging
 
 from trainable.hardware import resolve_compute_dtype
 from trainable.settings import DEFAULT_MODEL, Hyperparameters, ModelSettings
@@ -82,23 +83,32 @@ def resolve_model(name_or_path: str, *, revision: str | None = None) -> str:
         if (target / "config.json").exists():
             return str(target)
         print(f"converting the embedded model to a checkpoint in {target} (once)", flush=True)
-        quiet_libraries()  # no note on the GGUF loader's dtype
-        # Nor its per-tensor bar (plain tqdm, on stderr); errors still raise.
-        with contextlib.redirect_stderr(io.StringIO()):
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
-            )
-        # The GGUF loader marks the model as GGUF-quantized, which blocks saving; its weights are plain
-        # dequantized tensors by now, so drop the marker.
-        model.hf_quantizer = None  # type: ignore[assignment]
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        # Without the loader's and the writer's progress bars (tqdm, on stderr) or their notes (the GGUF
+        # loader's on the dtype); errors still raise, and the process's logging is as it was afterwards.
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                staging = convert_gguf(gguf, target.parent)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
         staging.rename(target)  # atomic: a half-written checkpoint is never visible
     return str(target)
+
+
+def convert_gguf(gguf: Path, parent: Path) -> Path:
+    """The GGUF file as a bf16 safetensors checkpoint (weights and tokenizer) in a new folder under `parent`."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # The GGUF loader marks the model as GGUF-quantized, which blocks saving; its weights are plain
+    # dequantized tensors by now, so drop the marker.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=".convert-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    return staging
 
 
 def check_model_source(name_or_path: str, *, revision: str | None = None) -> None:
@@ -189,8 +199,6 @@ def quiet_libraries() -> None:
     that the project does not call (they repeat once per trial and bury the progress table)."""
     import logging
     import warnings
-
-    from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
