@@ -256,6 +256,19 @@ def experiment_names(storage: str | Path, *, prefix: str) -> list[str]:
     )
 
 
+def holds_run_state(folder: str | Path) -> bool:
+    """Whether a Tune experiment folder (local or a storage URI) holds the run state Tune resumes from
+    (experiment_state-*.json). Tune writes tuner.pkl as soon as a Tuner is made, which is all that
+    Tuner.can_restore looks for, and the run state only once the run is under way: a driver killed in
+    between leaves a folder that Tuner.restore cannot resume, and nothing in it worth keeping."""
+    from pyarrow import fs
+
+    location = str(folder) if is_remote(folder) else str(Path(folder).resolve())
+    filesystem, root = fs.FileSystem.from_uri(location)
+    infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    return any(i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json") for i in infos)
+
+
 def write_table(table: pd.DataFrame, folder: str | Path, name: str) -> str:
     """A table as Parquet (or CSV, by the name's suffix), written atomically into `folder`."""
     if name.endswith(".csv"):

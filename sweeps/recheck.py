@@ -15,7 +15,7 @@ extra trials. A Tuner of its own holds exactly the K x N re-checks as fixed poin
 BasicVariantGenerator), runs them without the early-stopping scheduler (a re-check must train as long as
 the run it checks), and is resumable the same way as the search: a driver killed during the re-checks
 restores this experiment (finished re-checks are kept, unfinished ones continue from their checkpoints);
-killed before they started, the resumed driver finds no `rechecks/` experiment and starts them, choosing
+killed before they started (no run state in `rechecks/` yet), the resumed driver starts them, choosing
 the same configurations from the same finished search. The Optuna study holds the search's trials only.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.experiment import RECHECKS, join
+from analysis.experiment import RECHECKS, holds_run_state, join
 from sweeps.budget import SECONDS_PER_HOUR, budget_seconds
 from sweeps.config import SweepConfig
 from trainable.outcome import METRIC, MODE, RANKABLE_STATUSES, SEED_KEY
@@ -83,12 +83,12 @@ def build_recheck_tuner(
     verbosity: int = 1,
 ) -> Any:  # ray.tune.Tuner
     """The Tuner of the re-checks, in the experiment's `rechecks/` subfolder; restored from there when
-    resuming and it exists, else new."""
+    resuming and their run had started, else new."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     path = join(experiment_uri, RECHECKS)
-    if resume and tune.Tuner.can_restore(path):
+    if resume and holds_run_state(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from analysis.experiment import RESULTS, SUMMARY, is_remote, write_summary, write_table
+from analysis.experiment import RESULTS, SUMMARY, holds_run_state, is_remote, write_summary, write_table
 from sweeps.budget import BudgetSearcher
 from sweeps.config import ConfigError, SearchSettings, load_config
 from sweeps.plan import (
@@ -218,9 +218,10 @@ def build_tuner(
         keep_with=keep_with,
     )
     scheduler = build_scheduler(search, reports=math.ceil(config.train.max_steps / config.train.eval_every))
-    if resume:
+    if resume and holds_run_state(plan.experiment_uri):
         # Finished trials stay as they are; unfinished and crashed ones continue from their last checkpoint;
         # the searcher is restored from the experiment's state, the RDB study only gains the trials that end.
+        # Killed before the run state was first saved, nothing ran: the sweep starts anew below.
         return tune.Tuner.restore(plan.experiment_uri, trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,

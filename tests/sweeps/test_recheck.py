@@ -16,7 +16,10 @@ import pytest
 import torch
 import yaml
 
+from analysis.experiment import RECHECKS, holds_run_state
 from sweeps.config import ConfigError, load_config
+from sweeps.recheck import RECHECK_OF, build_recheck_tuner
+from trainable.outcome import METRIC, SEED_KEY
 from trainable.settings import HYPERPARAMETERS
 
 SPACE_KEYS = ("r", "lora_alpha", "learning_rate")
@@ -83,7 +86,7 @@ def resumed_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) ->
     first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL, "".join(output)[-4000:]
     after_kill = pd.read_parquet(experiment / "results.parquet")
-    rechecks_after_kill = (experiment / "rechecks").exists()
+    rechecks_ran_before_kill = holds_run_state(experiment / RECHECKS)
     second = driver(config, "--resume", cwd=tmp)
     resumed, _ = second.communicate(timeout=900)
     assert second.returncode == 0, resumed[-4000:]
@@ -92,7 +95,7 @@ def resumed_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) ->
         "first_output": "".join(output),
         "resumed_output": resumed,
         "after_kill": after_kill,
-        "rechecks_after_kill": rechecks_after_kill,
+        "rechecks_ran_before_kill": rechecks_ran_before_kill,
         "table": pd.read_parquet(experiment / "results.parquet"),
     }
 
@@ -100,7 +103,60 @@ def resumed_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) ->
 def test_search_results_are_written_before_the_rechecks(resumed_sweep: dict) -> None:
     after_kill = resumed_sweep["after_kill"]
     assert len(after_kill) == 2 and set(after_kill["origin"]) == {"search"}
-    assert not resumed_sweep["rechecks_after_kill"]  # killed before the re-checks started
+    # Killed before the re-checks ran. The kill may land before or just after their Tuner was made
+    # (tuner.pkl written): either way the resumed sweep has to run them all (the test below and the next).
+    assert not resumed_sweep["rechecks_ran_before_kill"]
+
+
+def test_a_search_made_but_never_run_starts_anew_on_resume(
+    tmp_path: Path, tiny_llama: Path, ray_cpus: None
+) -> None:
+    """The same for the search's own Tuner: killed before Tune first saved the run state, `--resume`
+    starts the search instead of failing to restore it."""
+    from sweeps.plan import plan_sweep
+    from sweeps.resources import plan_resources
+    from sweeps.run import build_tuner
+
+    plan = plan_sweep(load_config(str(write_config(tmp_path, tiny_llama))))
+    resources = plan_resources(plan, {"CPU": 2.0})
+
+    def trainable(config: dict) -> dict:
+        return {METRIC: config["learning_rate"], "step": TRAIN["max_steps"]}
+
+    build_tuner(plan, trainable, resources)  # made, never run
+    assert not holds_run_state(plan.experiment_uri)
+    grid = build_tuner(plan, trainable, resources, resume=True).fit()
+    assert grid.num_errors == 0 and len(grid) == 2
+    assert holds_run_state(plan.experiment_uri)
+
+
+def test_rechecks_made_but_never_run_start_anew_on_resume(tmp_path: Path, ray_cpus: None) -> None:
+    """A driver killed between making the re-checks' Tuner and Tune's first save of their run state
+    leaves a `rechecks/` folder with tuner.pkl only; resuming from it failed. The resumed sweep starts them."""
+    points = [{"r": 4, SEED_KEY: seed, RECHECK_OF: "t0"} for seed in (43, 44)]
+
+    def trainable(config: dict) -> dict:
+        return {METRIC: float(config[SEED_KEY])}
+
+    def tuner(resume: bool):
+        return build_recheck_tuner(
+            points,
+            trainable=trainable,
+            experiment_uri=str(tmp_path),
+            concurrency=1,
+            reuse_workers=False,
+            callbacks=[],
+            max_failures=0,
+            resume=resume,
+            verbosity=0,
+        )
+
+    tuner(resume=False)  # made, never run
+    assert (tmp_path / RECHECKS / "tuner.pkl").exists() and not holds_run_state(tmp_path / RECHECKS)
+    grid = tuner(resume=True).fit()
+    assert grid.num_errors == 0
+    assert sorted(result.metrics[METRIC] for result in grid) == [43.0, 44.0]
+    assert holds_run_state(tmp_path / RECHECKS)  # and, had this run been killed, the next resume restores it
 
 
 def test_rechecks_train_the_best_configuration_with_new_seeds(resumed_sweep: dict) -> None:
