@@ -13,7 +13,7 @@ from trl import SFTTrainer
 from trainable.compact import CompactLossTrainer
 from trainable.prepare import prepare_trial
 from trainable.settings import DataSettings, Hyperparameters, ModelSettings, TrainSettings
-from trainable.train import setup_trial
+from trainable.train import evaluate_base, setup_trial
 
 
 @pytest.mark.parametrize("num_items_in_batch", [None, 97])
@@ -87,3 +87,20 @@ def test_a_cpu_trial_trains_padding_free_with_the_loss_and_gradients_of_padded_b
         torch.linalg.vector_norm(ours - theirs) > 1e-2 * torch.linalg.vector_norm(theirs)
         for ours, theirs in zip(crossed_grads, padded_grads, strict=True)
     )
+
+
+def test_a_trial_before_training_reports_the_base_models_eval_loss(tiny_llama: Path, tmp_path: Path) -> None:
+    """An adapter starts as the identity (LoRA B is zero), so a trial's eval loss before its first step is
+    the base model's: the driver's evaluate_base averages the eval batches as the trainer does, also when
+    the last batch is short (6 examples in batches of 4)."""
+    trial = prepare_trial(
+        model=ModelSettings(name_or_path=str(tiny_llama), gradient_checkpointing=False),
+        data=DataSettings(max_length=128, max_train_examples=16, max_eval_examples=6),
+        train=TrainSettings(max_steps=1, eval_every=1, batch_size=4),
+    ).settings
+    assert len(trial.eval_data["input_ids"]) % trial.train.batch_size != 0
+    hparams = Hyperparameters(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    trainer = setup_trial(hparams, trial, output_dir=str(tmp_path), device="cpu", callbacks=[])
+    assert trainer.args.padding_free
+    trial_loss = trainer.evaluate()["eval_loss"]
+    assert trial_loss == pytest.approx(evaluate_base(trial), rel=1e-5)
