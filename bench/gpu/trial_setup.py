@@ -34,7 +34,7 @@ def measured_process(model: str, cache: str) -> None:
 
     from trainable.prepare import prepare_trial
     from trainable.settings import DataSettings, Hyperparameters, ModelSettings, TrainSettings
-    from trainable.train import setup_trial
+    from trainable.train import TRAINER_EVAL_LOSS, setup_trial
 
     marks["imports"] = time.time() - start
     settings = ModelSettings(name_or_path=model, cache_quantized=cache != "off")
@@ -63,7 +63,7 @@ def measured_process(model: str, cache: str) -> None:
     trainer = setup_trial(Hyperparameters(), trial, output_dir=output, device="cuda", callbacks=[FirstStep()],
                           on_stage=mark)  # fmt: skip
     t = time.time()
-    base_eval = trainer.evaluate()["eval_loss"]
+    base_eval = trainer.evaluate()[TRAINER_EVAL_LOSS]
     torch.cuda.synchronize()
     eval_s = time.time() - t
     shift += eval_s  # the base model's eval, reported on its own
