@@ -181,12 +181,18 @@ def test_optuna_study_holds_every_trial(tiny_sweep: tuple[Path, str]) -> None:
     assert any(first.items() <= t.params.items() for t in study.trials)  # the initial point ran
 
 
-def test_bad_config_fails_before_ray_starts(tmp_path: Path, tiny_llama: Path) -> None:
+def test_bad_config_fails_before_ray_starts(
+    tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    from sweeps.run import main
+
     config = tiny_sweep_config(tmp_path, tiny_llama)
-    done = run_driver("--config", str(config), "lora.target_modules=qkv_proj", cwd=tmp_path)
-    assert done.returncode == 2
-    assert "lora.target_modules" in done.stderr and "qkv_proj" in done.stderr and "down_proj" in done.stderr
-    assert not (tmp_path / "experiments").exists()
+    assert main(["--config", str(config), "lora.target_modules=qkv_proj"]) == 2
+    stderr = capsys.readouterr().err
+    assert "lora.target_modules" in stderr and "qkv_proj" in stderr and "down_proj" in stderr
+    assert not ray.is_initialized() and not (tmp_path / "experiments").exists()
 
 
 def test_no_secret_from_the_environment_is_written(tiny_sweep: tuple[Path, str]) -> None:
@@ -207,9 +213,17 @@ def test_no_secret_from_the_environment_is_written(tiny_sweep: tuple[Path, str])
         ("model.quantization=none", "model"),
     ],
 )
-def test_resume_refuses_a_changed_sweep(tiny_sweep: tuple[Path, str], override: str, part: str) -> None:
+def test_resume_refuses_a_changed_sweep(
+    tiny_sweep: tuple[Path, str],
+    override: str,
+    part: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sweeps.run import main  # in this process: the refusal comes before Ray, and a new driver costs 10 s
+
     experiment = tiny_sweep[0]
-    config = experiment.parent.parent / "tiny.yaml"
-    done = run_driver("--config", str(config), "--resume", override, cwd=experiment.parent.parent)
-    assert done.returncode == 2
-    assert f"the {part} differ" in done.stderr and str(experiment) in done.stderr
+    monkeypatch.chdir(experiment.parent.parent)
+    assert main(["--config", "tiny.yaml", "--resume", override]) == 2
+    stderr = capsys.readouterr().err
+    assert f"the {part} differ" in stderr and str(experiment) in stderr
