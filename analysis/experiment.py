@@ -248,11 +248,10 @@ def experiment_names(storage: str | Path, *, prefix: str) -> list[str]:
     sorted (names end in a UTC timestamp, so the newest is last)."""
     from pyarrow import fs
 
-    location = str(storage) if is_remote(storage) else str(Path(storage).resolve())
-    filesystem, root = fs.FileSystem.from_uri(location)
-    infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
     return sorted(
-        i.base_name for i in infos if i.type == fs.FileType.Directory and i.base_name.startswith(prefix)
+        i.base_name
+        for i in folder_entries(storage)
+        if i.type == fs.FileType.Directory and i.base_name.startswith(prefix)
     )
 
 
@@ -261,12 +260,19 @@ def holds_run_state(folder: str | Path) -> bool:
     (experiment_state-*.json). Tune writes tuner.pkl as soon as a Tuner is made, which is all that
     Tuner.can_restore looks for, and the run state only once the run is under way: a driver killed in
     between leaves a folder that Tuner.restore cannot resume, and nothing in it worth keeping."""
+    return any(
+        i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")
+        for i in folder_entries(folder)
+    )
+
+
+def folder_entries(folder: str | Path) -> list[Any]:  # list[pyarrow.fs.FileInfo]
+    """What `folder` (a local path or a storage URI) holds, not recursively; empty if it does not exist."""
     from pyarrow import fs
 
     location = str(folder) if is_remote(folder) else str(Path(folder).resolve())
     filesystem, root = fs.FileSystem.from_uri(location)
-    infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
-    return any(i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json") for i in infos)
+    return list(filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True)))
 
 
 def write_table(table: pd.DataFrame, folder: str | Path, name: str) -> str:
