@@ -149,6 +149,26 @@ def table_from_experiment(path: str | Path) -> Table:
     return Table(space=space, rows=rows, source=str(experiment.path), model=config["model"]["name_or_path"])
 
 
+def merge_tables(tables: Sequence[Table]) -> Table:
+    """One table from several recordings of the same space and evaluations (a table made denser later)."""
+    first = tables[0]
+    for other in tables[1:]:
+        if other.space != first.space:
+            raise ValueError(
+                f"{other.source}: its space differs from {first.source}'s; a table has one space"
+            )
+        if other.reports != first.reports:
+            raise ValueError(
+                f"{other.source}: {other.reports} evaluations a trial, {first.source}: {first.reports}; "
+                "a table's rows all have the same number"
+            )
+    return dataclasses.replace(
+        first,
+        rows=[row for table in tables for row in table.rows],
+        source=" + ".join(t.source for t in tables),
+    )
+
+
 def _plain(value: Any) -> Any:
     """A numpy scalar from a parquet row as the Python value the space spells."""
     return value.item() if hasattr(value, "item") else value
@@ -463,8 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     points = commands.add_parser("points", help="print the configurations to record, as YAML initial_points")
     points.add_argument("--trials", type=int, default=32)
     points.add_argument("--seed", type=int, default=0)
-    record = commands.add_parser("table", help="turn a recording sweep's results.parquet into the table")
-    record.add_argument("experiment", help="the recording sweep's experiment folder")
+    record = commands.add_parser("table", help="turn recording sweeps' results.parquet into the table")
+    record.add_argument(
+        "experiments", nargs="+", help="the recording sweeps' experiment folders, rows in order"
+    )
     record.add_argument("--out", required=True, help="the table file to write (.jsonl)")
     run = commands.add_parser("replay", help="replay the search methods against a table")
     run.add_argument("table", help="a table written by `python -m bench.replay table`")
@@ -491,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump({"initial_points": chosen}, default_flow_style=None, sort_keys=False), end="")
         return 0
     if args.command == "table":
-        table = table_from_experiment(args.experiment)
+        table = merge_tables([table_from_experiment(path) for path in args.experiments])
         write_table(table, args.out)
         print(f"{len(table.rows)} rows, best eval loss {table.best_loss:.4f}: {args.out}")
         return 0

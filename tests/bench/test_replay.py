@@ -4,6 +4,7 @@ seeds change the order. Through Tune on 2 CPUs; a replay of a few trials takes s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,7 @@ from bench.replay import (
     TableRow,
     load_table,
     main,
+    merge_tables,
     nearest_row,
     quantile,
     ratio_interval,
@@ -166,13 +168,39 @@ def test_table_from_an_experiment_keeps_completed_trials(tmp_path: Path) -> None
     assert table.best_loss == 0.5 and table.model == "smollm2"
 
 
-def test_the_recording_config_holds_the_seeded_sample_of_the_default_space() -> None:
-    config = load_config(str(REPO / "bench/gpu/table.yaml"))
+@pytest.mark.parametrize(("config_file", "seed"), [("table.yaml", 0), ("table-b.yaml", 1)])
+def test_the_recording_configs_hold_seeded_samples_of_the_default_space(config_file: str, seed: int) -> None:
+    config = load_config(str(REPO / "bench/gpu" / config_file))
     assert config.search.space == DEFAULT_SPACE
     assert config.search.scheduler == "none"
     assert config.search.num_samples == len(config.search.initial_points)
-    # Regenerate with `python -m bench.replay points --trials 32 --seed 0` when the default space changes.
-    assert config.search.initial_points == sample_points(DEFAULT_SPACE, config.search.num_samples, seed=0)
+    # Regenerate with `python -m bench.replay points --trials 32 --seed N` when the default space changes.
+    assert config.search.initial_points == sample_points(DEFAULT_SPACE, config.search.num_samples, seed=seed)
+
+
+def test_the_two_recording_configs_differ_only_in_their_points_and_name() -> None:
+    """The halves of one table must be recorded alike, or their rows' losses and GPU-seconds differ for
+    reasons other than the configuration."""
+    first, second = (load_config(str(REPO / "bench/gpu" / name)) for name in ("table.yaml", "table-b.yaml"))
+    assert first.model == second.model and first.data == second.data and first.train == second.train
+    assert not set(map(str, first.search.initial_points)) & set(map(str, second.search.initial_points))
+    assert dataclasses.replace(
+        second.search, initial_points=first.search.initial_points, reuse_workers=True
+    ) == (dataclasses.replace(first.search, reuse_workers=True))
+
+
+def test_merged_tables_keep_every_row_and_refuse_another_space(tmp_path: Path) -> None:
+    table = make_table()
+    merged = merge_tables([table, dataclasses.replace(table, source="b")])
+    assert merged.rows == table.rows + table.rows and merged.space == table.space
+    with pytest.raises(ValueError, match="space differs"):
+        merge_tables([table, dataclasses.replace(table, space={"r": {"choice": [8]}}, source="b")])
+    short = [
+        dataclasses.replace(row, eval_loss=row.eval_loss[:1], eval_seconds=row.eval_seconds[:1])
+        for row in table.rows
+    ]
+    with pytest.raises(ValueError, match="same number"):
+        merge_tables([table, dataclasses.replace(table, rows=short, source="b")])
 
 
 def test_quartiles_count_a_seed_that_never_got_there_as_slowest() -> None:
