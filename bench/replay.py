@@ -3,6 +3,7 @@
     python -m bench.replay points --trials 32 --seed 0        # the configurations bench/gpu/table.yaml records
     python -m sweeps.run --config bench/gpu/table.yaml        # record them on a GPU host (every trial to the end)
     python -m bench.replay table experiments/table-<stamp> --out bench/results/table-smollm2-<date>.jsonl
+    python -m bench.replay table experiments/table-<stamp> experiments/table-smollm2-b-<stamp> --out ...  # 64 rows
     python -m bench.replay replay bench/results/table-smollm2-<date>.jsonl --seeds 20 --first-seed 3000 \
         --out bench/results/replay-smollm2-<date>-tuned.jsonl --plot docs/time-to-best.png
     python -m bench.replay replay bench/results/table-smollm2-<date>.jsonl --methods tpe+asha random \
@@ -146,7 +147,7 @@ def table_from_experiment(path: str | Path) -> Table:
         )
     if len(done) < len(results):
         print(f"left out {len(results) - len(done)} trial(s) that did not complete", file=sys.stderr)
-    return Table(space=space, rows=rows, source=str(experiment.path), model=config["model"]["name_or_path"])
+    return Table(space=space, rows=rows, source=str(path), model=config["model"]["name_or_path"])
 
 
 def merge_tables(tables: Sequence[Table]) -> Table:
@@ -513,7 +514,12 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump({"initial_points": chosen}, default_flow_style=None, sort_keys=False), end="")
         return 0
     if args.command == "table":
-        table = merge_tables([table_from_experiment(path) for path in args.experiments])
+        table = merge_tables(
+            [
+                load_table(path) if path.endswith(".jsonl") else table_from_experiment(path)
+                for path in args.experiments
+            ]
+        )
         write_table(table, args.out)
         print(f"{len(table.rows)} rows, best eval loss {table.best_loss:.4f}: {args.out}")
         return 0
