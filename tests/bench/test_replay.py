@@ -201,6 +201,21 @@ def test_merged_tables_keep_every_row_and_refuse_another_space(tmp_path: Path) -
     ]
     with pytest.raises(ValueError, match="same number"):
         merge_tables([table, dataclasses.replace(table, rows=short, source="b")])
+    # The command takes tables written earlier as well as experiment folders.
+    write_replay_table(table, tmp_path / "a.jsonl")
+    assert (
+        main(
+            [
+                "table",
+                str(tmp_path / "a.jsonl"),
+                str(tmp_path / "a.jsonl"),
+                "--out",
+                str(tmp_path / "ab.jsonl"),
+            ]
+        )
+        == 0
+    )
+    assert load_table(tmp_path / "ab.jsonl").rows == table.rows + table.rows
 
 
 def test_quartiles_count_a_seed_that_never_got_there_as_slowest() -> None:
