@@ -1,6 +1,10 @@
 """The sweep driver (`python -m sweeps.run`)."""
 
 import os
+import time
+
+# When the driver's code began to load: its start clock (sweeps.run.StartClock) counts the imports from here.
+IMPORTED_AT = time.perf_counter()
 
 # Ray folds log lines that differ only in their numbers ("[repeated 3x across cluster]"), which would hide
 # all but one of the trials' evaluation lines. It reads this setting once, when `ray` is first imported,

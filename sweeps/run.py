@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import sweeps
 from analysis.experiment import RESULTS, SUMMARY, holds_run_state, is_remote, write_summary, write_table
 from sweeps.budget import BudgetSearcher
 from sweeps.config import ConfigError, SearchSettings, load_config
@@ -47,7 +48,28 @@ from trainable.train import TrialSettings, evaluate_base, train_trial
 Verbosity = Literal[0, 1, 2]
 
 
+@dataclasses.dataclass
+class StartClock:
+    """Where the driver's time goes before Tune starts the first trial: each part from the previous mark,
+    printed once as `driver ready in 45 s: imports 6.1 s, plan 3.0 s, ...` (docs/cost.md#the-drivers-start)."""
+
+    last: float = dataclasses.field(default_factory=time.perf_counter)
+    parts: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+
+    def mark(self, part: str) -> None:
+        now = time.perf_counter()
+        self.parts.append((part, now - self.last))
+        self.last = now
+
+    def describe(self) -> str:
+        total = sum(seconds for _, seconds in self.parts)
+        spent = ", ".join(f"{part} {seconds:.1f} s" for part, seconds in self.parts)
+        return f"driver ready in {total:.0f} s: {spent}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    clock = StartClock(last=sweeps.IMPORTED_AT)
+    clock.mark("imports")
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
@@ -60,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(describe_plan(plan), flush=True)
-    run_sweep(plan, resume=args.resume, verbosity=args.verbosity)
+    clock.mark("plan")
+    run_sweep(plan, resume=args.resume, verbosity=args.verbosity, clock=clock)
     return 0
 
 
@@ -82,24 +105,33 @@ def run_sweep(
     resume: bool = False,
     verbosity: Verbosity = 1,
     build_trainable: Callable[[SweepPlan, TrialResources], Any] | None = None,
+    clock: StartClock | None = None,
 ) -> str:
     """Run (or resume) the sweep of an experiment that start_experiment began, write its results and report;
     returns where results.parquet is. `verbosity`: Tune's console output, 0 none, 1 the progress table, 2
     each trial's start and results too; every trial prints one line per evaluation at any verbosity.
     `build_trainable`: Tune's trainable for the plan and its resources, trial_trainable (the real trial)
-    unless given; bench/scale.py gives trials that only report, to time the driver alone."""
+    unless given; bench/scale.py gives trials that only report, to time the driver alone. `clock`: the
+    driver's start so far, continued here and printed when Tune starts."""
     import optuna
     import ray
 
+    clock = clock or StartClock()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per created study or trial is noise here
     ray.init(address=ray_address(), ignore_reinit_error=True)
+    clock.mark("Ray")
     resources = plan_resources(plan, ray.cluster_resources())
     print(describe_resources(resources), flush=True)
+    clock.mark("resources")  # on GPUs, the card's memory asked of a GPU worker
     if plan.trial.base_eval_loss is None:  # a resumed sweep keeps the one it measured
         plan = with_base_eval_loss(plan, measure_base_eval_loss(plan, resources))
         write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
+        clock.mark("base model eval")
     trainable = (build_trainable or trial_trainable)(plan, resources)
-    grid = build_tuner(plan, trainable, resources, resume=resume, verbosity=verbosity).fit()
+    tuner = build_tuner(plan, trainable, resources, resume=resume, verbosity=verbosity)
+    clock.mark("searcher and Tune")
+    print(clock.describe(), flush=True)
+    grid = tuner.fit()
     table = collect_results(grid, plan.config)
     path = write_table(table, plan.experiment_uri, RESULTS)  # the search's, kept should the re-checks fail
     points = plan_rechecks(table, plan.config)

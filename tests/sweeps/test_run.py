@@ -153,6 +153,24 @@ def test_console_shows_one_line_per_evaluation_and_no_library_noise(tiny_sweep: 
     assert re.search(r"eval_loss\s+train_loss\s+step\s+tokens_per_s", output)
 
 
+def test_console_says_where_the_drivers_start_went(tiny_sweep: tuple[Path, str]) -> None:
+    """One line before the first trial: each part of the driver's start, in the order spent, adding up to
+    the total; the base model's eval part holds the eval the driver timed on its own."""
+    _, output = tiny_sweep
+    line = re.search(r"driver ready in (\d+) s: (.+)", output)
+    assert line, output[-3000:]
+    parts = re.findall(r"([A-Za-z][A-Za-z ]*?) ([\d.]+) s", line[2])
+    assert [name for name, _ in parts] == [
+        "imports", "plan", "Ray", "resources", "base model eval", "searcher and Tune"
+    ]  # fmt: skip
+    seconds = {name: float(value) for name, value in parts}
+    assert abs(sum(seconds.values()) - int(line[1])) <= 1
+    assert seconds["imports"] > 0.5 and seconds["Ray"] > 0.5  # torch and Ray take seconds to load and start
+    base_eval = float(re.search(r"measured once for the sweep, (\d+) s", output)[1])
+    assert seconds["base model eval"] >= base_eval - 0.5
+    assert output.index("driver ready in") < re.search(r"trial \w+: step", output).start()
+
+
 def test_adapters_load_with_peft_on_their_targets(tiny_sweep: tuple[Path, str], tiny_llama: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
