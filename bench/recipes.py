@@ -58,11 +58,14 @@ class LlamaShape:
         return self.num_hidden_layers * per_layer + 2 * vocab_size * d + d
 
 
-ShapeName = Literal["7b", "small", "tiny"]
+ShapeName = Literal["7b", "1b", "small", "tiny"]
 SHAPES: dict[ShapeName, LlamaShape] = {
     # Llama-2-7B. No 7B weights can be downloaded where the benchmarks run; random ones train as fast.
     "7b": LlamaShape(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, max_position_embeddings=4096),
+    # TinyLlama-1.1B (Llama-2's architecture and tokenizer size): a 1B-class model for the packing bench.
+    "1b": LlamaShape(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                     num_key_value_heads=4, max_position_embeddings=2048),
     # Large enough for real GEMM shapes and grouped-query attention, small enough to train 40 steps in
     # seconds: the GPU tests' model, and the benchmark's quick check of itself.
     "small": LlamaShape(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,

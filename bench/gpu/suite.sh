@@ -35,7 +35,8 @@ Stages:
   setup-time *    python -m bench.gpu.trial_setup: process start to first optimizer step, 7B shape
   two-gpu *       four trials two at a time (one per GPU), then one at a time
   packing *       bench/gpu/packing.yaml: 8 trials of the default model sharing one GPU, then one at a
-                  time (each sweep's trials per GPU-hour, their starts; about 5 minutes)
+                  time (each sweep's trials per GPU-hour, their starts; about 6 minutes)
+  packing-1b *    the same 8 configurations on a 1B-shaped Llama (TinyLlama-1.1B's shape, random weights)
   generation *    bench/gpu/generation.py: the report's batched generation against one prompt at a time
 
 Results: log.txt, train_step.jsonl, train_step-summary.jsonl, profile.txt, setup.jsonl, sweeps.jsonl,
@@ -50,8 +51,8 @@ fail() { echo "suite.sh: $*" >&2; exit 2; }
 
 WHEELS="" TARGET=/tmp/qlora-sweeps-site GGUF="" ADAPTER="" OUT=${OUT:-bench-out}
 STAGES=()
-KNOWN=" setup tests step step-more profile tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing generation "
-NEEDS_MODEL=" tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing generation "
+KNOWN=" setup tests step step-more profile tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b generation "
+NEEDS_MODEL=" tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b generation "
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
@@ -109,6 +110,19 @@ sweep() {  # sweep LABEL CONFIG [overrides...]: run the driver, time it, summari
   end=$(date +%s.%N)
   run python3 -m bench.gpu.sweep_summary "experiments/$label" --label "$label" \
     --wall-s "$(python3 -c "print(round($end - $start, 1))")" --out "$OUT"
+}
+
+packing() {  # packing LABEL [overrides...]: 8 per GPU, then 1, GPU utilization sampled every second beside each
+  local label=$1 tag n sampler
+  shift
+  tag=$(date -u +%H%M%S)  # a fresh experiment name each time: the stage may run several times into one --out
+  for n in 8 1; do
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -i 0 -l 1 \
+      > "$OUT/gpu-util-$label$n-$tag.csv" &
+    sampler=$!
+    sweep "$label$n-$tag" bench/gpu/packing.yaml "search.trials_per_gpu=$n" "$@"
+    kill $sampler
+  done
 }
 
 for stage in "${STAGES[@]}"; do
@@ -186,15 +200,12 @@ PY
       sweep two-at-a-time bench/gpu/two-gpu.yaml
       sweep one-at-a-time bench/gpu/two-gpu.yaml search.max_concurrent_trials=1
       ;;
-    packing)  # a fresh experiment name each time: the stage may run several times into one --out
-      tag=$(date -u +%H%M%S)
-      for n in 8 1; do  # GPU utilization sampled every second alongside each sweep
-        nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -i 0 -l 1 \
-          > "$OUT/gpu-util-pack$n-$tag.csv" &
-        sampler=$!
-        sweep "pack$n-$tag" bench/gpu/packing.yaml "search.trials_per_gpu=$n"
-        kill $sampler
-      done
+    packing)
+      packing pack
+      ;;
+    packing-1b)
+      run python3 -m bench.gpu.make_model --shape 1b --tokenizer smollm2 --out /tmp/llama1b-shape
+      packing pack1b- model.name_or_path=/tmp/llama1b-shape
       ;;
     generation)
       adapter=$ADAPTER
