@@ -486,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     points.add_argument("--seed", type=int, default=0)
     record = commands.add_parser("table", help="turn recording sweeps' results.parquet into the table")
     record.add_argument(
-        "experiments", nargs="+", help="the recording sweeps' experiment folders, rows in order"
+        "experiments",
+        nargs="+",
+        help="recording sweeps' experiment folders or tables made earlier, rows in order",
     )
     record.add_argument("--out", required=True, help="the table file to write (.jsonl)")
     run = commands.add_parser("replay", help="replay the search methods against a table")
