@@ -122,6 +122,18 @@ def test_seeds_change_the_order_and_a_seed_repeats_it(table: Table, replayed: di
     assert again.gpu_seconds == curves[("tpe+asha", 0)]["gpu_seconds"]
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_the_direct_engine_replays_what_tune_replays(
+    table: Table, replayed: dict[str, Any], method: str
+) -> None:
+    """Without Tune, the same searcher and scheduler run the same trials, stop them at the same
+    evaluations and charge the same GPU-seconds, seed for seed."""
+    for seed in (0, 1):
+        through_tune = replayed["curves"][(method, seed)]
+        direct = replay(table, method=method, seed=seed, trials=16, engine="direct")
+        assert {k: v for k, v in through_tune.items() if k != "kind"} == dataclasses.asdict(direct)
+
+
 def test_replay_command_writes_the_table_summaries_and_plot(table: Table, replayed: dict[str, Any]) -> None:
     assert load_table(replayed["path"]) == table
     lines = replayed["lines"]
@@ -263,5 +275,24 @@ def test_replay_command_replays_a_variant_on_later_seeds(ray_cpus: None, tmp_pat
         make_table(), method="tpe+asha", seed=7, trials=8, settings={"grace_period": 1, "startup_trials": 2}
     )
     assert again.rows == curves[0]["rows"] and again.evaluations == curves[0]["evaluations"]
+    direct = out.with_name("direct.jsonl")
+    assert (
+        main(
+            [
+                *argv,
+                "--out",
+                str(direct),
+                "--search",
+                "grace_period=1",
+                "startup_trials=2",
+                "--engine",
+                "direct",
+            ]
+        )
+        == 0
+    )
+    direct_lines = [json.loads(line) for line in direct.read_text().splitlines()]
+    assert direct_lines[0]["engine"] == "direct" and header["engine"] == "tune"
+    assert direct_lines[1:] == lines[1:]  # the same curves, summaries and ratio
     with pytest.raises(SystemExit, match="grace_period"):
         main([*argv, "--out", str(out), "--search", "grace=1"])
