@@ -615,10 +615,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(table.rows)} rows, best eval loss {table.best_loss:.4f}: {args.out}")
         return 0
 
+    import optuna
     import ray
 
     from sweeps.config import SearchSettings
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per replay's new study
     settings = parse_settings(args.search)
     table = load_table(args.table)
     trials = args.trials or len(table.rows)
