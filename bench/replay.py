@@ -425,10 +425,11 @@ def quantile(values: Sequence[float], q: float) -> float:
     return low + (position - math.floor(position)) * (high - low)
 
 
-def summarize(curves: Sequence[Curve], *, best_loss: float) -> list[dict[str, Any]]:
-    """Per method: GPU time to the band (median, quartiles and range over seeds; null where a seed never
-    got there, which counts as infinitely long), and the default's median over random's."""
-    threshold = best_loss * (1 + BAND)
+def summarize(curves: Sequence[Curve], *, best_loss: float, band: float = BAND) -> list[dict[str, Any]]:
+    """Per method: GPU time to the band, within `band` of the best (median, quartiles and range over seeds;
+    null where a seed never got there, which counts as infinitely long), and the default's median over
+    random's."""
+    threshold = best_loss * (1 + band)
     summary: list[dict[str, Any]] = []
     medians: dict[str, float] = {}
     for method in dict.fromkeys(c.method for c in curves):
@@ -493,7 +494,9 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def plot_curves(curves: Sequence[Curve], *, best_loss: float, path: str | Path, title: str) -> None:
+def plot_curves(
+    curves: Sequence[Curve], *, best_loss: float, path: str | Path, title: str, band: float = BAND
+) -> None:
     """Best-so-far eval loss against GPU-hours: per method the median over seeds and the band between the
     quartiles (with many seeds, the min-max band shows only the luckiest and unluckiest seed). Zoomed on
     the approach to the band: up to 1.5x the best loss (the first trials' losses would flatten it) and 1.5x
@@ -504,7 +507,7 @@ def plot_curves(curves: Sequence[Curve], *, best_loss: float, path: str | Path, 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    threshold = best_loss * (1 + BAND)
+    threshold = best_loss * (1 + band)
     methods = dict.fromkeys(c.method for c in curves)
     late = [quantile([c.time_to(threshold) for c in curves if c.method == m], 0.75) for m in methods]
     end = max(c.gpu_seconds[-1] for c in curves)
@@ -531,8 +534,8 @@ def plot_curves(curves: Sequence[Curve], *, best_loss: float, path: str | Path, 
             low, middle, high = np.nanpercentile(values, [25, 50, 75], axis=0)
         (line,) = axes.plot(hours, middle, label=f"{method} (median, quartiles of {len(ours)} seeds)")
         axes.fill_between(hours, low, high, color=line.get_color(), alpha=0.15)
-    axes.axhline(threshold, color="gray", linestyle="--", linewidth=1, label="best in table + 2%")
-    axes.set_ylim(best_loss * (1 - BAND), best_loss * 1.5)
+    axes.axhline(threshold, color="gray", linestyle="--", linewidth=1, label=f"best in table + {band:.0%}")
+    axes.set_ylim(best_loss * (1 - band), best_loss * 1.5)
     axes.set_xlabel("GPU-hours")
     axes.set_ylabel("best eval loss so far")
     axes.set_title(title)
@@ -589,6 +592,12 @@ def main(argv: list[str] | None = None) -> int:
         help="replay a variant of the driver's defaults: search settings such as startup_trials=4 grace_period=1",
     )
     run.add_argument(
+        "--band",
+        type=float,
+        default=BAND,
+        help=f"the band: within this fraction of the best (default {BAND})",
+    )
+    run.add_argument(
         "--engine",
         choices=ENGINES,
         default="tune",
@@ -633,14 +642,14 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods
         for seed in seeds
     ]
-    summary = summarize(curves, best_loss=table.best_loss)
+    summary = summarize(curves, best_loss=table.best_loss, band=args.band)
     header = {
         "kind": "replay",
         "table": args.table,
         "trials": trials,
         "seeds": [seeds.start, seeds.stop - 1],
         "best_loss": table.best_loss,
-        "band": BAND,
+        "band": args.band,
         "engine": args.engine,
         # What "tpe+asha" ran with: the driver's defaults unless --search changed them.
         "search": {
@@ -655,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     if args.plot:
         title = f"{Path(args.table).stem}: {trials} trials per replay"
-        plot_curves(curves, best_loss=table.best_loss, path=args.plot, title=title)
+        plot_curves(curves, best_loss=table.best_loss, path=args.plot, title=title, band=args.band)
     for line in summary:
         print(json.dumps(line))
     return 0

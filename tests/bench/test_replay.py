@@ -294,5 +294,12 @@ def test_replay_command_replays_a_variant_on_later_seeds(ray_cpus: None, tmp_pat
     direct_lines = [json.loads(line) for line in direct.read_text().splitlines()]
     assert direct_lines[0]["engine"] == "direct" and header["engine"] == "tune"
     assert direct_lines[1:] == lines[1:]  # the same curves, summaries and ratio
+    # A wider band: the summary's threshold and times are measured against it.
+    assert main([*argv, "--out", str(direct), "--engine", "direct", "--band", "0.5"]) == 0
+    wide = [json.loads(line) for line in direct.read_text().splitlines()]
+    (summary,) = [line for line in wide if line["kind"] == "summary"]
+    wide_curves = [Curve(**{k: v for k, v in c.items() if k != "kind"}) for c in wide if c["kind"] == "curve"]
+    assert wide[0]["band"] == 0.5 and summary["threshold"] == pytest.approx(BEST_LOSS * 1.5)
+    assert summary["median_gpu_s"] == pytest.approx(sum(c.time_to(BEST_LOSS * 1.5) for c in wide_curves) / 2)
     with pytest.raises(SystemExit, match="grace_period"):
         main([*argv, "--out", str(out), "--search", "grace=1"])
