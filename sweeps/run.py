@@ -292,32 +292,28 @@ def build_searcher(search: SearchSettings, points: list[dict[str, Any]]) -> Any:
     """Optuna's TPE behind Tune's OptunaSearch: `points` first (the recipe, initial points), random trials
     until search.startup_trials have finished, then TPE. Tune gives it the space, metric and mode
     (Tuner's param_space and TuneConfig; by hand: `set_search_properties(METRIC, MODE, to_tune_space(...))`)."""
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     with warnings.catch_warnings():
         # Optuna 4.9 deprecated prior_weight, to be removed in 6 (pyproject keeps optuna below 6). Its
         # replacement, if any, must be measured on the time-to-best replay before moving (docs/search.md).
         warnings.filterwarnings("ignore", message=".*prior_weight.*", category=FutureWarning)
-        sampler = _tpe_sampler(search)
+        sampler = optuna.samplers.TPESampler(
+            n_startup_trials=search.startup_trials,
+            # Also spreads each categorical kernel over every choice (prior_weight / (n + 1) on each), so at
+            # 20 TPE models mainly the learning rate and samples r, alpha, layers and dropout broadly.
+            prior_weight=search.prior_weight,
+            # One joint model of all parameters: the best learning rate depends on r and lora_alpha (the
+            # update scales with alpha/r), which independent per-parameter models cannot see (Falkner et al.
+            # 2018, BOHB).
+            multivariate=True,
+            # Trials that are still running count as bad results, so parallel trials spread out instead of
+            # all sampling next to the current best.
+            constant_liar=True,
+            seed=search.seed,
+        )
     return OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
-
-
-def _tpe_sampler(search: SearchSettings) -> Any:  # optuna.samplers.TPESampler
-    import optuna
-
-    return optuna.samplers.TPESampler(
-        n_startup_trials=search.startup_trials,
-        # Also spreads each categorical kernel over every choice (weight prior_weight / (n + 1) on each), so
-        # at 20 TPE models mainly the learning rate and samples r, alpha, layers and dropout broadly.
-        prior_weight=search.prior_weight,
-        # One joint model of all parameters: the best learning rate depends on r and lora_alpha (the update
-        # scales with alpha/r), which independent per-parameter models cannot see (Falkner et al. 2018, BOHB).
-        multivariate=True,
-        # Trials that are still running count as bad results, so parallel trials spread out instead of all
-        # sampling next to the current best.
-        constant_liar=True,
-        seed=search.seed,
-    )
 
 
 def build_scheduler(search: SearchSettings, *, reports: int) -> Any:  # ASHAScheduler | None
