@@ -109,6 +109,7 @@ def collect_results(grid: Any, config: SweepConfig, *, rechecks: Any = None) -> 
                 "worker_trial": last.worker_trial,
                 "startup_s": last.startup_s,
                 **{name: getattr(last, name) for name in START_PARTS},
+                "base_copied": last.base_copied,
                 "retries": last.retries,
                 "restored_from_step": last.restored_from_step,
                 "eval_history": [float(x) for x in losses],

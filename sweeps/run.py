@@ -221,7 +221,12 @@ def trial_trainable(plan: SweepPlan, resources: TrialResources) -> Any:
     the cluster (search.cpus_per_trial, resources.gpu_share)."""
     from ray import tune
 
-    trial = dataclasses.replace(plan.trial, gpu_share=resources.gpu_share, memory=resources.memory)
+    trial = dataclasses.replace(
+        plan.trial,
+        gpu_share=resources.gpu_share,
+        memory=resources.memory,
+        reused_worker=resources.reuse_workers,
+    )
     return tune.with_resources(
         tune.with_parameters(train_trial, settings=trial),
         {"cpu": plan.config.search.cpus_per_trial, "gpu": resources.gpu_share},

@@ -80,6 +80,8 @@ class TrialReport:
     start_model_s: float = math.nan  # to the base model loaded (earlier trials' objects freed, tokenizer ...)
     start_trainer_s: float = math.nan  # to LoRA attached and trl's trainer built
     start_step_s: float = math.nan  # to the first optimizer step's end (the trainer's own set-up, the step)
+    # The base model was a copy of the one the reused worker kept from its first trial, not loaded.
+    base_copied: bool = False
     # Predicted peak GPU memory (trainable.memory, the whole process: MemoryEstimate.total_gib); NaN where
     # no estimate is made (CPU trials unless search.gpu_memory_gib is set).
     estimated_memory_gib: float = math.nan

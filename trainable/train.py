@@ -16,6 +16,7 @@ in a TorchTrainer without changing it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 import json
@@ -35,7 +36,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from trainable.faults import Fault, InjectFaults
 from trainable.hardware import resolve_compute_dtype
-from trainable.memory import TrialMemory, estimate_trial_memory, fits
+from trainable.memory import MemoryEstimate, TrialMemory, estimate_trial_memory, fits
 from trainable.model import build_lora_model, load_base_model, load_tokenizer, quiet_libraries
 from trainable.outcome import SEED_KEY, TrialReport
 from trainable.settings import HYPERPARAMETERS, Hyperparameters, ModelSettings, TrainSettings
@@ -73,6 +74,9 @@ class TrialSettings:
     eval_data: dict[str, list[list[int]]]
     cpus: int = 1
     gpu_share: float = 0.0  # GPUs this trial holds (1 / search.trials_per_gpu), 0 for CPU trials
+    # Tune may run further trials in this trial's worker process (search.reuse_workers): the worker then
+    # keeps an untouched copy of the quantized base for them where it fits (KeptBase).
+    reused_worker: bool = False
     memory: TrialMemory | None = None  # set: estimate the trial's peak first and skip it if it cannot fit
     # The plain quantized base model's loss on eval_data (no adapter), measured once per sweep by the driver
     # (evaluate_base) and reported by every trial as the bar to clear; None: not measured.
@@ -93,12 +97,25 @@ def process_started_at() -> float:
 
 
 @dataclasses.dataclass
+class KeptBase:
+    """The quantized base model a reused worker keeps between its trials, never trained or run: each later
+    trial of the same model trains a copy of it (a copy on the device, instead of a load from the node's
+    cache or a fresh quantization). Trials freeze the base, but LoRA, kbit preparation and the fast path
+    change the model they are given, so the kept one is only ever copied."""
+
+    key: tuple[str, ModelSettings, str]  # model path, model settings, device
+    model: Any
+    nbytes: int  # device memory it holds (CUDA), what a trial beside it must leave room for
+
+
+@dataclasses.dataclass
 class WorkerProcess:
     """This process as a trial worker. Tune may run trial after trial in it (search.reuse_workers)."""
 
     started_at: float  # UNIX time the process started
     trials: int = 0  # trials begun in this process (a skipped_oom trial begins none)
     last_trial_ended_at: float = math.nan
+    base: KeptBase | None = None
 
 
 WORKER = WorkerProcess(started_at=process_started_at())
@@ -112,16 +129,18 @@ class TrialStart:
     since: float  # the process's start; a reused worker: the end of its previous trial
     imported: float  # this module imported (a reused worker: `since`, nothing is imported again)
     began: float  # run_trial began
-    model: float = math.nan  # the base model loaded
+    model: float = math.nan  # the base model loaded (or copied from the one the worker kept)
     trainer: float = math.nan  # LoRA attached, trainer built
     first_step: float = math.nan  # the first optimizer step ended
+    base_copied: bool = False  # the base was a copy of the one the worker kept, not loaded
 
     def mark(self, stage: str) -> None:
-        """setup_trial's on_stage: the base model loaded and the trainer built."""
-        if stage == "base_model_loaded":
+        """setup_trial's on_stage: the base model loaded (or copied) and the trainer built."""
+        if stage in ("base_model_loaded", "base_model_copied"):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the copy to the GPU is asynchronous
             self.model = time.time()
+            self.base_copied = stage == "base_model_copied"
         elif stage == "trainer_built":
             self.trainer = time.time()
 
@@ -135,6 +154,7 @@ class TrialStart:
             "start_model_s": self.model - self.began,
             "start_trainer_s": self.trainer - self.model,
             "start_step_s": self.first_step - self.trainer,
+            "base_copied": self.base_copied,
         }
 
 
@@ -181,8 +201,11 @@ def trial_hparams(searched: dict[str, Any], defaults: Hyperparameters) -> Hyperp
 
 
 def peak_memory_gib(device: str) -> float:
+    """The trial's peak: on CUDA the memory it allocated at most, less the base its worker keeps for later
+    trials (KeptBase), so that it compares with the trial's estimate; on CPU the process's peak RSS."""
     if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
+        kept = WORKER.base.nbytes if WORKER.base is not None else 0
+        return (torch.cuda.max_memory_allocated() - kept) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
@@ -408,15 +431,18 @@ def setup_trial(
     device: str,
     callbacks: list[Any],
     on_stage: Callable[[str], None] | None = None,
+    keep_base: bool = False,
 ) -> Any:
     """A trial's setup, everything before its first step: tokenizer, quantized base model, LoRA, trainer.
-    Returns the trainer. `on_stage` is called after each part (tokenizer, base_model_loaded,
-    lora_attached, trainer_built) for the setup benchmark (bench/gpu/trial_setup.py)."""
+    Returns the trainer. `keep_base`: keep an untouched copy of the base in this process for later trials
+    (base_for_trial). `on_stage` is called after each part (tokenizer, base_model_loaded or
+    base_model_copied, lora_attached, trainer_built) for the trial's start times and the setup benchmark
+    (bench/gpu/trial_setup.py)."""
     stage = on_stage or (lambda name: None)
     tokenizer = load_tokenizer(settings.model_path, settings.model)
     stage("tokenizer")
-    model = load_base_model(settings.model_path, settings.model, device=device)
-    stage("base_model_loaded")
+    model, copied = base_for_trial(settings, device=device, keep=keep_base)
+    stage("base_model_copied" if copied else "base_model_loaded")
     model = build_lora_model(model, hparams, gradient_checkpointing=settings.model.gradient_checkpointing)
     stage("lora_attached")
     trainer = build_trainer(
@@ -424,6 +450,45 @@ def setup_trial(
     )
     stage("trainer_built")
     return trainer
+
+
+def base_for_trial(settings: TrialSettings, *, device: str, keep: bool) -> tuple[Any, bool]:
+    """The trial's quantized base model, and whether it is a copy of the one this worker kept (KeptBase).
+
+    A worker that kept the same model's base gives the trial a copy of it. If the trial may not keep one
+    (`keep` false: no further trials here, or no room beside this trial), a kept base is handed over as
+    the trial's own, or dropped if it is another model's. Otherwise the base is loaded and, with `keep`,
+    a copy of it kept for later trials."""
+    key = (settings.model_path, settings.model, device)
+    kept = WORKER.base
+    if kept is not None and kept.key == key:
+        if keep:
+            return copy.deepcopy(kept.model), True
+        WORKER.base = None  # no room beside this trial: it trains the kept one itself
+        return kept.model, True
+    WORKER.base = None
+    model = load_base_model(settings.model_path, settings.model, device=device)
+    if keep:
+        before = torch.cuda.memory_allocated() if device == "cuda" else 0
+        kept_model = copy.deepcopy(model)
+        nbytes = torch.cuda.memory_allocated() - before if device == "cuda" else 0
+        WORKER.base = KeptBase(key=key, model=kept_model, nbytes=nbytes)
+    return model, False
+
+
+def room_to_keep_base(settings: TrialSettings, estimate: MemoryEstimate | None, *, device: str) -> bool:
+    """Whether this trial's worker keeps a copy of the base beside the trial (KeptBase): only where Tune
+    may reuse the worker, and on a GPU only where the trial's estimate plus the copy (the estimate's weight
+    terms) still fits the trial's share of the card. A GPU trial without an estimate keeps none: whether it
+    has room is not known. On CPU the copy takes host memory, which no estimate covers."""
+    if not settings.reused_worker:
+        return False
+    if device == "cpu":
+        return True
+    if estimate is None or settings.memory is None:
+        return False
+    copy_gib = estimate.base_weights + estimate.dequant_scales + estimate.embeddings
+    return estimate.total_gib + copy_gib <= settings.memory.card_gib * settings.memory.share
 
 
 def run_trial(
@@ -440,6 +505,7 @@ def run_trial(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hparams = trial_hparams(searched, settings.default_hparams)
     estimated = math.nan
+    estimate = None
     if settings.memory is not None:
         estimate = estimate_trial_memory(settings.memory, hparams)
         estimated = estimate.total_gib
@@ -477,8 +543,9 @@ def run_trial(
         faults = tuple(f for f in settings.faults if f.applies_to(searched))
         if faults:
             callbacks.append(InjectFaults(faults, retries=reporter.retries))
+        keep_base = room_to_keep_base(settings, estimate, device=device)
         trainer = setup_trial(hparams, settings, output_dir=output_dir, device=device, callbacks=callbacks,
-                              on_stage=start.mark)  # fmt: skip
+                              on_stage=start.mark, keep_base=keep_base)  # fmt: skip
         trainer.train(resume_from_checkpoint=resume_step)
         if reporter.diverged:
             send(reporter.report(trainer.state, eval_loss=math.nan).to_tune(), None)

@@ -66,6 +66,7 @@ def main() -> None:
             # The trial's start (docs/cost.md#trial-start): its worker's n-th trial, process start to first step.
             "worker_trial": int(row["worker_trial"]),
             **{part: round(float(row[part]), 2) for part in ("startup_s", *START_PARTS)},
+            "base_copied": bool(row.get("base_copied", False)),
             "cuda_visible_devices": report.cuda_visible_devices if report else None,
             "visible_gpus": report.visible_gpus if report else None,
             "ray_gpu_ids": report.gpu_ids if report else None,

@@ -67,6 +67,8 @@ def test_a_reused_worker_runs_trial_after_trial_and_trains_as_a_new_one(
     # One process ran the four trials in turn; only the first paid for starting it.
     assert table["worker_pid"].nunique() == 1 and list(table["worker_trial"]) == [1, 2, 3, 4]
     assert table["start_imports_s"].iloc[0] > 0 and (table["start_imports_s"].iloc[1:] == 0).all()
+    # The first loaded the base and kept a copy; the others trained copies of it.
+    assert list(table["base_copied"]) == [False, True, True, True]
     parts = ["start_imports_s", "start_worker_s", "start_model_s", "start_trainer_s", "start_step_s"]
     assert (table[parts] >= 0).all().all()
     assert (table["startup_s"] - table[parts].sum(axis=1)).abs().max() < 1e-9
@@ -112,3 +114,35 @@ def test_reuse_is_off_where_paged_optimizer_states_would_pile_up() -> None:
     assert worker_reuse_problem(torch_adamw, gpus=1, memory=None) == ""
     assert worker_reuse_problem(default, gpus=0, memory=None) == ""
     assert "estimate is off" in worker_reuse_problem(default, gpus=1, memory=None)
+
+
+def test_a_reused_gpu_worker_keeps_a_base_copy_only_where_the_trial_leaves_room_for_it() -> None:
+    """The kept base (trainable.train.KeptBase) sits in the trial's share of the card beside the trial: it
+    is kept where the trial's estimate plus the copy's weights fit the share, never without an estimate,
+    always on CPU (host memory), and only where Tune may reuse the worker."""
+    import dataclasses
+
+    from trainable.memory import estimate_trial_memory
+    from trainable.settings import Hyperparameters
+    from trainable.train import TrialSettings, room_to_keep_base
+
+    hparams = Hyperparameters(r=64, target_modules="all-linear")
+    plan = memory_plan(LLAMA_7B)
+    estimate = estimate_trial_memory(plan, hparams)
+    copy_gib = estimate.base_weights + estimate.dequant_scales + estimate.embeddings
+    assert 3 < copy_gib < 5  # a 7B model's 4-bit weights and bf16 embeddings
+
+    def settings(card_gib: float, *, reused: bool = True) -> TrialSettings:
+        memory = dataclasses.replace(plan, card_gib=card_gib, share=0.5)
+        return TrialSettings(model_path="m", model=None, train=None, default_hparams=hparams,  # type: ignore[arg-type]
+                             train_data={}, eval_data={}, gpu_share=0.5, memory=memory,
+                             reused_worker=reused)  # fmt: skip
+
+    roomy = 2 * (estimate.total_gib + copy_gib) + 0.01  # half of it holds the trial and the copy
+    tight = 2 * (estimate.total_gib + copy_gib / 2)  # half of it holds the trial, not the copy
+    assert room_to_keep_base(settings(roomy), estimate, device="cuda")
+    assert not room_to_keep_base(settings(tight), estimate, device="cuda")
+    assert not room_to_keep_base(settings(roomy, reused=False), estimate, device="cuda")
+    assert not room_to_keep_base(settings(roomy), None, device="cuda")
+    assert room_to_keep_base(settings(roomy), None, device="cpu")
+    assert not room_to_keep_base(settings(roomy, reused=False), None, device="cpu")

@@ -62,3 +62,56 @@ def test_faults_travel_in_the_trial_settings(prepared: PreparedTrial, tmp_path: 
 def test_a_bad_fault_spec_names_the_entry(spec: str) -> None:
     with pytest.raises(ValueError, match="QLORA_SWEEPS_FAULTS: bad entry"):
         parse_faults(spec)
+
+
+def test_a_reused_worker_trains_later_trials_on_a_copy_of_the_base_it_kept(
+    prepared: PreparedTrial, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three trials in this process, as Tune runs them in a reused worker: the first loads (and quantizes)
+    # the base and keeps an untouched copy; the later ones train copies of it, loading nothing. A trained
+    # copy must not leak into the kept base: the third trial, like the first, must draw the same curve.
+    import dataclasses
+
+    import torch
+
+    import trainable.train as train
+    from trainable.model import load_base_model
+
+    loads: list[str] = []
+
+    def counting_load(path: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        loads.append(path)
+        return load_base_model(path, *args, **kwargs)
+
+    monkeypatch.setattr(train, "load_base_model", counting_load)
+    monkeypatch.setattr(train, "WORKER", train.WorkerProcess(started_at=0.0))
+    settings = dataclasses.replace(prepared.settings, reused_worker=True, base_eval_loss=1.0)
+    a = {"r": 4, "target_modules": "qv", "learning_rate": 5e-3}
+    b = {"r": 8, "target_modules": "all-linear", "learning_rate": 1e-2}
+    runs = [
+        train_by_hand(hparams, settings, output_dir=tmp_path / str(i)) for i, hparams in enumerate([a, b, a])
+    ]
+
+    assert len(loads) == 1
+    assert [run[-1]["base_copied"] for run in runs] == [0, 1, 1]
+    curves = [[r["eval_loss"] for r in run] for run in runs]
+    assert curves[0] != curves[1]
+    assert curves[2] == curves[0]  # bit for bit: same seed, same base
+    # The kept base is still the loaded model, bit for bit: no LoRA layers, no upcast norms.
+    kept = train.WORKER.base.model.state_dict()
+    fresh = load_base_model(settings.model_path, settings.model, device="cpu").state_dict()
+    assert kept.keys() == fresh.keys()
+    assert all(kept[k].dtype == fresh[k].dtype and torch.equal(kept[k], fresh[k]) for k in fresh)
+
+
+def test_a_worker_that_runs_one_trial_keeps_no_base(
+    prepared: PreparedTrial, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    import trainable.train as train
+
+    monkeypatch.setattr(train, "WORKER", train.WorkerProcess(started_at=0.0))
+    settings = dataclasses.replace(prepared.settings, base_eval_loss=1.0)  # reused_worker off
+    reports = train_by_hand({"r": 4}, settings, output_dir=tmp_path)
+    assert reports[-1]["base_copied"] == 0 and train.WORKER.base is None
