@@ -177,3 +177,46 @@ def test_quantized_cache_gives_the_same_model(small_llama: Path, tmp_path: Path,
     b = bnbf.dequantize_4bit(layer_b.weight.data, layer_b.weight.quant_state)
     assert torch.equal(a, b)
     assert torch.equal(first.lm_head.weight, second.lm_head.weight)
+
+
+def test_a_copy_of_the_kept_base_computes_and_trains_as_the_loaded_one(
+    small_llama: Path, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # A reused worker's later trials train a copy, made on the card, of the 4-bit base it kept
+    # (trainable.train.base_for_trial): the copy must give the loaded model's logits and LoRA gradients
+    # exactly, take the card memory it is counted for, and leave the kept base untouched when trained.
+    import trainable.train as train
+    from trainable.model import build_lora_model
+    from trainable.settings import Hyperparameters, ModelSettings
+
+    monkeypatch.setenv("QLORA_SWEEPS_CACHE", str(tmp_path))
+    monkeypatch.setattr(train, "WORKER", train.WorkerProcess(started_at=0.0))
+    settings = train.TrialSettings(model_path=str(small_llama), model=ModelSettings(name_or_path=str(small_llama)),
+                                   train=None, default_hparams=Hyperparameters(), train_data={},  # type: ignore[arg-type]
+                                   eval_data={}, reused_worker=True)  # fmt: skip
+    loaded, copied = train.base_for_trial(settings, device="cuda", keep=True)
+    assert not copied and train.WORKER.base is not None
+    weights = sum(t.numel() * t.element_size() for t in train.WORKER.base.model.state_dict().values())
+    assert (
+        weights <= train.WORKER.base.nbytes <= 1.25 * weights
+    )  # the quantization state held twice, rounding
+    copy, copied = train.base_for_trial(settings, device="cuda", keep=True)
+    assert copied and copy is not loaded
+
+    ids = torch.randint(0, 512, (2, 64), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(loaded(input_ids=ids).logits, copy(input_ids=ids).logits)
+
+    def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        lora = init_lora(build_lora_model(model, Hyperparameters(r=8, target_modules="all-linear"),
+                                          gradient_checkpointing=True), b_std=0.02)  # fmt: skip
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lora(input_ids=ids, labels=ids).loss.backward()
+        return lora_grads(lora)
+
+    kept = {k: v.clone() for k, v in train.WORKER.base.model.state_dict().items()}
+    a, b = grads(loaded), grads(copy)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    after = train.WORKER.base.model.state_dict()
+    assert after.keys() == kept.keys() and all(torch.equal(after[k], kept[k]) for k in kept)
