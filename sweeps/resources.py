@@ -8,12 +8,15 @@ The card's memory is `search.gpu_memory_gib` when set, else asked of a GPU worke
 holding a GPU (the same code on a laptop and on a cluster whose head node has no GPU; the driver itself
 never touches CUDA, so it holds no memory on a card its trials share). A worker without CUDA (Ray's fake
 GPUs in tests) answers nothing: no estimate, one trial per GPU unless `search.trials_per_gpu` says more.
+The same worker says whether CUDA MPS serves its node, which decides how fast trials sharing a card run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +46,7 @@ class TrialResources:
     memory: TrialMemory | None  # None: no estimate (CPU trials, unknown card or a shape the estimate lacks)
     reuse_workers: bool = False  # Tune runs the next trial in an ended trial's worker process
     no_reuse_reason: str = ""  # why not, when search.reuse_workers asked for it
+    mps: bool | None = None  # CUDA MPS serves the GPU worker asked (Card.mps); None: not asked
 
     @property
     def gpu_share(self) -> float:
@@ -66,7 +70,8 @@ def plan_resources(plan: SweepPlan, resources: dict[str, float]) -> TrialResourc
     without a cap trials would run one by one)."""
     search = plan.config.search
     gpus = trial_gpus(plan.config, resources)
-    card_gib = search.gpu_memory_gib or (card_memory_gib() if gpus else None)
+    card = ask_card() if gpus and not search.gpu_memory_gib else None
+    card_gib = search.gpu_memory_gib or (card.memory_gib if card else None)
     memory = trial_memory(plan, card_gib) if card_gib else None
     per_gpu = search.trials_per_gpu
     if per_gpu == "auto":
@@ -86,6 +91,7 @@ def plan_resources(plan: SweepPlan, resources: dict[str, float]) -> TrialResourc
         memory=memory,
         reuse_workers=search.reuse_workers and not reason,
         no_reuse_reason=reason,
+        mps=card.mps if card else None,
     )
 
 
@@ -166,14 +172,24 @@ def auto_trials_per_gpu(config: SweepConfig, memory: TrialMemory) -> int:
     return max(1, min(64, int(SAFETY_MARGIN * memory.card_gib // worst)))
 
 
-def card_memory_gib() -> float | None:
-    """A GPU worker's card memory in GiB, asked through one Ray task holding a GPU; None where that worker
-    has no CUDA (fake GPUs) or none answers within CARD_QUERY_TIMEOUT_S."""
+@dataclass(frozen=True)
+class Card:
+    """What a GPU worker says of its card."""
+
+    memory_gib: float
+    # A CUDA MPS control daemon answers on the worker's node: processes sharing the card run their kernels
+    # side by side in one context; without it the card takes turns between them (docs/cost.md#mps).
+    mps: bool
+
+
+def ask_card() -> Card | None:
+    """A GPU worker's card, asked through one Ray task holding a GPU; None where that worker has no CUDA
+    (fake GPUs) or none answers within CARD_QUERY_TIMEOUT_S."""
     import ray
 
-    task = ray.remote(_card_memory_here).options(num_gpus=1, num_cpus=0)
+    task = ray.remote(_card_here).options(num_gpus=1, num_cpus=0)
     try:
-        answer: float | None = ray.get(task.remote(), timeout=CARD_QUERY_TIMEOUT_S)
+        answer: Card | None = ray.get(task.remote(), timeout=CARD_QUERY_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         answer = None
     if answer is None:
@@ -183,9 +199,22 @@ def card_memory_gib() -> float | None:
     return answer
 
 
-def _card_memory_here() -> float | None:
+def _card_here() -> Card | None:
     import torch
 
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(0).total_memory / GIB
+    return Card(memory_gib=torch.cuda.get_device_properties(0).total_memory / GIB, mps=mps_running())
+
+
+def mps_running(control: str = "nvidia-cuda-mps-control") -> bool:
+    """Whether a CUDA MPS control daemon answers on this node: its front end (`control`, on PATH) asked for
+    the daemon's server list exits 0. False where the program is missing, fails or does not answer in 5 s."""
+    program = shutil.which(control)
+    if program is None:
+        return False
+    try:
+        done = subprocess.run([program], input="get_server_list\n", capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0

@@ -350,7 +350,16 @@ def describe_resources(resources: TrialResources) -> str:
         if resources.reuse_workers
         else f"a new worker process per trial ({resources.no_reuse_reason or 'search.reuse_workers is off'})"
     )
-    return f"resources: {where}, {resources.concurrency} at once; {check}; {workers}"
+    line = f"resources: {where}, {resources.concurrency} at once; {check}; {workers}"
+    if resources.gpus and resources.trials_per_gpu > 1 and resources.mps is not None:
+        line += (
+            "; CUDA MPS on: the trials sharing a card run side by side"
+            if resources.mps
+            else "\nnote: no CUDA MPS on the GPU worker asked, so the trials sharing a card take turns on it, each "
+            "less than half as fast as alone; start `nvidia-cuda-mps-control -d` on each GPU node first "
+            "(docs/cost.md#mps)"
+        )
+    return line
 
 
 def build_loggers(names: Sequence[str]) -> list[Any]:

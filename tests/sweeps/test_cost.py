@@ -140,3 +140,37 @@ def test_a_config_predicted_not_to_fit_is_skipped_and_the_budget_stops_the_sweep
     assert states[(SMALL["r"], SMALL["target_modules"])] == optuna.trial.TrialState.COMPLETE
     # CPU trials hold no GPU: 0 GPU-seconds, said so in the summary.
     assert (table["gpu_seconds"] == 0).all() and "CPU trials: 0 GPU-hours" in done.stdout
+
+
+def test_mps_counts_as_running_only_when_its_control_daemon_answers(tmp_path: Path) -> None:
+    # nvidia-cuda-mps-control's front end exits 0 when its daemon answers `get_server_list`, non-zero when no
+    # daemon runs; these stand-ins answer the same way (and one never answers).
+    from sweeps.resources import mps_running
+
+    def program(name: str, body: str) -> str:
+        path = tmp_path / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+        return str(path)
+
+    assert mps_running(program("daemon-up", 'read line; [ "$line" = get_server_list ] && echo 4242'))
+    assert not mps_running(
+        program("daemon-down", "echo 'Cannot find MPS control daemon process' >&2; exit 1")
+    )
+    assert not mps_running(program("stuck", "sleep 30"))
+    assert not mps_running(str(tmp_path / "not-installed"))
+
+
+def test_the_driver_says_when_trials_share_a_card_without_mps() -> None:
+    from sweeps.resources import TrialResources
+    from sweeps.run import describe_resources
+
+    def line(per_gpu: int, mps: bool | None) -> str:
+        return describe_resources(
+            TrialResources(gpus=1, trials_per_gpu=per_gpu, concurrency=per_gpu, memory=None, mps=mps)
+        )
+
+    assert "take turns" in line(8, False) and "nvidia-cuda-mps-control -d" in line(8, False)
+    assert "CUDA MPS on" in line(8, True) and "note:" not in line(8, True)
+    assert "MPS" not in line(1, False)  # one trial per card: nothing to share
+    assert "MPS" not in line(8, None)  # not asked (search.gpu_memory_gib set, or Ray's fake GPUs)
