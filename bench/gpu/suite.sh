@@ -37,6 +37,8 @@ Stages:
   packing *       bench/gpu/packing.yaml: 8 trials of the default model sharing one GPU, then one at a
                   time (each sweep's trials per GPU-hour, their starts; about 6 minutes)
   packing-1b *    the same 8 configurations on a 1B-shaped Llama (TinyLlama-1.1B's shape, random weights)
+  packing-mps *   the packing stage with CUDA MPS running for the packed sweep (started and stopped here
+                  with nvidia-cuda-mps-control), one at a time without it
   generation *    bench/gpu/generation.py: the report's batched generation against one prompt at a time
 
 Results: log.txt, train_step.jsonl, train_step-summary.jsonl, profile.txt, setup.jsonl, sweeps.jsonl,
@@ -51,8 +53,8 @@ fail() { echo "suite.sh: $*" >&2; exit 2; }
 
 WHEELS="" TARGET=/tmp/qlora-sweeps-site GGUF="" ADAPTER="" OUT=${OUT:-bench-out}
 STAGES=()
-KNOWN=" setup tests step step-more profile tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b generation "
-NEEDS_MODEL=" tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b generation "
+KNOWN=" setup tests step step-more profile tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b packing-mps generation "
+NEEDS_MODEL=" tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b packing-mps generation "
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
@@ -112,16 +114,24 @@ sweep() {  # sweep LABEL CONFIG [overrides...]: run the driver, time it, summari
     --wall-s "$(python3 -c "print(round($end - $start, 1))")" --out "$OUT"
 }
 
-packing() {  # packing LABEL [overrides...]: 8 per GPU, then 1, GPU utilization sampled every second beside each
+packing() {  # packing LABEL [overrides...]: 8 per GPU, then 1, GPU utilization sampled every second beside each;
+  # with MPS=1 the packed sweep runs under CUDA MPS (docs/cost.md#mps), started before it and stopped after
   local label=$1 tag n sampler
   shift
   tag=$(date -u +%H%M%S)  # a fresh experiment name each time: the stage may run several times into one --out
   for n in 8 1; do
+    if [ "${MPS:-0}" = 1 ] && [ "$n" = 8 ]; then
+      run nvidia-cuda-mps-control -d || fail "packing-mps: nvidia-cuda-mps-control -d failed"
+    fi
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -i 0 -l 1 \
       > "$OUT/gpu-util-$label$n-$tag.csv" &
     sampler=$!
     sweep "$label$n-$tag" bench/gpu/packing.yaml "search.trials_per_gpu=$n" "$@"
     kill $sampler
+    if [ "${MPS:-0}" = 1 ] && [ "$n" = 8 ]; then
+      echo quit | nvidia-cuda-mps-control
+      sleep 2  # the daemon and its server exit; the next sweep's trials get their own contexts again
+    fi
   done
 }
 
@@ -202,6 +212,9 @@ PY
       ;;
     packing)
       packing pack
+      ;;
+    packing-mps)
+      MPS=1 packing mps
       ;;
     packing-1b)
       run python3 -m bench.gpu.make_model --shape 1b --tokenizer smollm2 --out /tmp/llama1b-shape
