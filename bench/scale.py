@@ -109,7 +109,7 @@ def build_plan(trials: int, storage: Path, *, evaluations: int) -> SweepPlan:
     load the model), and the base model's eval loss already known, so that the driver does not measure it."""
     from sweeps.config import validate_config
     from sweeps.plan import SweepPlan, with_base_eval_loss
-    from trainable.train import TrialSettings
+    from trainable.prepare import TrialSettings
 
     eval_every = 2  # any value: the trials make their losses up; steps = evaluations x eval_every
     config = validate_config(

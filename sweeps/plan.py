@@ -33,8 +33,7 @@ from trainable.faults import ENV as FAULTS_ENV
 from trainable.faults import Fault, parse_faults
 from trainable.hardware import describe_environment, environment_changes
 from trainable.model import cache_dir, load_module_names, resolve_model, resolve_target_modules
-from trainable.prepare import prepare_trial
-from trainable.train import TrialSettings
+from trainable.prepare import TrialSettings, prepare_trial
 
 
 @dataclass(frozen=True)

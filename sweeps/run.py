@@ -42,9 +42,10 @@ from sweeps.results import collect_results, format_results
 from sweeps.space import to_tune_space
 from sweeps.study import StudyMirror
 from trainable.data import DataError
+from trainable.evaluate import evaluate_base
 from trainable.model import ModelError, quiet_libraries
 from trainable.outcome import METRIC, MODE
-from trainable.train import TrialSettings, evaluate_base, train_trial
+from trainable.prepare import TrialSettings
 
 Verbosity = Literal[0, 1, 2]
 
@@ -177,7 +178,7 @@ def ray_address() -> str | None:
 
 
 def measure_base_eval_loss(plan: SweepPlan, resources: TrialResources) -> float:
-    """The base model's eval loss (trainable.train.evaluate_base), once per sweep, as a Ray task with a
+    """The base model's eval loss (trainable.evaluate.evaluate_base), once per sweep, as a Ray task with a
     trial's resources: on a cluster it runs on a worker with a GPU, not on the head node."""
     import ray
 
@@ -220,6 +221,8 @@ def trial_trainable(plan: SweepPlan, resources: TrialResources) -> Any:
     """Tune's trainable: train_trial with the plan's trial settings, the memory plan and a trial's share of
     the cluster (search.cpus_per_trial, resources.gpu_share)."""
     from ray import tune
+
+    from trainable.train import train_trial  # the training libraries (peft, trl): not for the driver's start
 
     trial = dataclasses.replace(
         plan.trial,

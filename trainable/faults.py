@@ -4,8 +4,9 @@
 
 The driver reads the specification once from its own environment (parse_faults; a bad one stops it before
 Ray starts) and hands the faults to every trial in its TrialSettings, so trials on any node get them. A
-trial adds the InjectFaults callback only when faults match its hyperparameters; with none (always,
-outside tests) nothing of this module runs in a trial.
+trial adds the InjectFaults callback (trainable.train) only when faults match its hyperparameters; with
+none (always, outside tests) no fault code runs in a trial. This module only parses and matches, so the
+driver imports no training library for it.
 
 Each entry is `action@step[:key=value,...]`: at that optimizer step, a trial whose hyperparameters match
 every key=value (all trials when none are given) gets the fault. `kill` ends the trial's process with
@@ -15,13 +16,8 @@ writes NaN into the LoRA weights so the loss turns NaN.
 
 from __future__ import annotations
 
-import os
-import signal
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import torch
-from transformers import TrainerCallback
 
 ENV = "QLORA_SWEEPS_FAULTS"
 Action = Literal["kill", "oom", "nan"]
@@ -53,23 +49,3 @@ def parse_faults(text: str) -> tuple[Fault, ...]:
         match = tuple((key.strip(), value.strip()) for key, value in pairs)
         faults.append(Fault(action, int(step), match))  # type: ignore[arg-type]
     return tuple(faults)
-
-
-class InjectFaults(TrainerCallback):
-    def __init__(self, faults: tuple[Fault, ...], *, retries: int) -> None:
-        self.faults = faults
-        self.retries = retries
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
-        for fault in self.faults:
-            if state.global_step != fault.step:
-                continue
-            if fault.action == "kill" and self.retries == 0:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if fault.action == "oom":
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. (injected by " + ENV + ")")
-            if fault.action == "nan" and model is not None:
-                with torch.no_grad():
-                    for name, param in model.named_parameters():
-                        if "lora_" in name:
-                            param.fill_(float("nan"))

@@ -14,12 +14,36 @@ from typing import Any
 
 from trainable.data import DataError, choose_chat_template, load_splits, tokenize_examples
 from trainable.faults import Fault
+from trainable.memory import TrialMemory
 from trainable.model import load_tokenizer, resolve_model
 from trainable.settings import DataSettings, Hyperparameters, ModelSettings, TrainSettings
-from trainable.train import TrialSettings
 
 # Fewer training examples than this cannot fill a single batch of the default size (train.batch_size: 8).
 MIN_TRAIN_EXAMPLES = 8
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """Everything a trial needs besides its hyperparameters, resolved by the driver (absolute paths,
+    tokenized data) so that trials on any node of a cluster see the same inputs."""
+
+    model_path: str
+    model: ModelSettings
+    train: TrainSettings
+    default_hparams: Hyperparameters  # values of the hyperparameters the sweep does not search
+    train_data: dict[str, list[list[int]]]  # input_ids and labels, tokenized once by the driver
+    eval_data: dict[str, list[list[int]]]
+    cpus: int = 1
+    gpu_share: float = 0.0  # GPUs this trial holds (1 / search.trials_per_gpu), 0 for CPU trials
+    # Tune may run further trials in this trial's worker process (search.reuse_workers): the worker then
+    # keeps an untouched copy of the quantized base for them where it fits (KeptBase).
+    reused_worker: bool = False
+    memory: TrialMemory | None = None  # set: estimate the trial's peak first and skip it if it cannot fit
+    # The plain quantized base model's loss on eval_data (no adapter), measured once per sweep by the driver
+    # (evaluate_base) and reported by every trial as the bar to clear; None: not measured.
+    base_eval_loss: float | None = None
+    # Tests of the fault handling only (trainable/faults.py); empty in every real sweep.
+    faults: tuple[Fault, ...] = ()
 
 
 @dataclass(frozen=True)

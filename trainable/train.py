@@ -24,6 +24,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,12 +35,15 @@ import ray
 import torch
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
-from trainable.faults import Fault, InjectFaults
+from trainable.evaluate import evaluate_base
+from trainable.faults import ENV as FAULTS_ENV
+from trainable.faults import Fault
 from trainable.hardware import resolve_compute_dtype
-from trainable.memory import MemoryEstimate, TrialMemory, estimate_trial_memory, fits
+from trainable.memory import MemoryEstimate, estimate_trial_memory, fits
 from trainable.model import build_lora_model, load_base_model, load_tokenizer, quiet_libraries
 from trainable.outcome import SEED_KEY, TrialReport
-from trainable.settings import HYPERPARAMETERS, Hyperparameters, ModelSettings, TrainSettings
+from trainable.prepare import TrialSettings
+from trainable.settings import HYPERPARAMETERS, Hyperparameters, ModelSettings
 
 # When this module's imports ended: a new worker process spends its start on Python, Ray and these imports.
 IMPORTED_AT = time.time()
@@ -59,30 +63,6 @@ class TrialState:
 # Where a trial's reports go: the metrics, and the checkpoint folder saved with them (None: no checkpoint).
 # Tune's session in a sweep (train_trial), a list in this process (train_by_hand).
 ReportSink = Callable[[dict[str, Any], "str | None"], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrialSettings:
-    """Everything a trial needs besides its hyperparameters, resolved by the driver (absolute paths,
-    tokenized data) so that trials on any node of a cluster see the same inputs."""
-
-    model_path: str
-    model: ModelSettings
-    train: TrainSettings
-    default_hparams: Hyperparameters  # values of the hyperparameters the sweep does not search
-    train_data: dict[str, list[list[int]]]  # input_ids and labels, tokenized once by the driver
-    eval_data: dict[str, list[list[int]]]
-    cpus: int = 1
-    gpu_share: float = 0.0  # GPUs this trial holds (1 / search.trials_per_gpu), 0 for CPU trials
-    # Tune may run further trials in this trial's worker process (search.reuse_workers): the worker then
-    # keeps an untouched copy of the quantized base for them where it fits (KeptBase).
-    reused_worker: bool = False
-    memory: TrialMemory | None = None  # set: estimate the trial's peak first and skip it if it cannot fit
-    # The plain quantized base model's loss on eval_data (no adapter), measured once per sweep by the driver
-    # (evaluate_base) and reported by every trial as the bar to clear; None: not measured.
-    base_eval_loss: float | None = None
-    # Tests of the fault handling only (trainable/faults.py); empty in every real sweep.
-    faults: tuple[Fault, ...] = ()
 
 
 def process_started_at() -> float:
@@ -558,45 +538,26 @@ def run_trial(
         WORKER.last_trial_ended_at = time.time()
 
 
-def evaluate_base(settings: TrialSettings) -> float:
-    """The plain quantized base model's loss on the trials' eval data, without any adapter: the bar every
-    adapter of the sweep has to clear, measured once per sweep (the driver runs this as a Ray task).
+class InjectFaults(TrainerCallback):
+    """The faults of trainable/faults.py, done at their optimizer steps."""
 
-    Computed the way the trainer computes a trial's eval_loss, so that the two compare: batches of
-    train.batch_size examples in order, right-padded, each batch's mean loss over its answer tokens, the
-    batches averaged weighted by their number of examples, under the trial's compute dtype.
-    """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(settings.cpus)
-    model = load_base_model(settings.model_path, settings.model, device=device).eval()
-    dtype = resolve_compute_dtype(settings.model.compute_dtype, device)
-    autocast = (
-        torch.autocast(device, dtype=getattr(torch, dtype))
-        if dtype != "float32"
-        else contextlib.nullcontext()
-    )
-    ids, labels = settings.eval_data["input_ids"], settings.eval_data["labels"]
-    size = settings.train.batch_size
-    total = 0.0
-    with torch.no_grad(), autocast:
-        for start in range(0, len(ids), size):
-            batch_ids, batch_labels = ids[start : start + size], labels[start : start + size]
-            longest = max(len(x) for x in batch_ids)
-            # Padding is masked out of attention and loss, so its token id does not matter.
-            loss = model(
-                input_ids=torch.tensor([x + [0] * (longest - len(x)) for x in batch_ids], device=device),
-                attention_mask=torch.tensor(
-                    [[1] * len(x) + [0] * (longest - len(x)) for x in batch_ids], device=device
-                ),
-                labels=torch.tensor([y + [-100] * (longest - len(y)) for y in batch_labels], device=device),
-                use_cache=False,
-            ).loss
-            total += float(loss) * len(batch_ids)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return total / len(ids)
+    def __init__(self, faults: tuple[Fault, ...], *, retries: int) -> None:
+        self.faults = faults
+        self.retries = retries
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        for fault in self.faults:
+            if state.global_step != fault.step:
+                continue
+            if fault.action == "kill" and self.retries == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault.action == "oom":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. (injected by " + FAULTS_ENV + ")")
+            if fault.action == "nan" and model is not None:
+                with torch.no_grad():
+                    for name, param in model.named_parameters():
+                        if "lora_" in name:
+                            param.fill_(float("nan"))
 
 
 def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:

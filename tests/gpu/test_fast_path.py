@@ -187,13 +187,14 @@ def test_a_copy_of_the_kept_base_computes_and_trains_as_the_loaded_one(
     # exactly, take the card memory it is counted for, and leave the kept base untouched when trained.
     import trainable.train as train
     from trainable.model import build_lora_model
+    from trainable.prepare import TrialSettings
     from trainable.settings import Hyperparameters, ModelSettings
 
     monkeypatch.setenv("QLORA_SWEEPS_CACHE", str(tmp_path))
     monkeypatch.setattr(train, "WORKER", train.WorkerProcess(started_at=0.0))
-    settings = train.TrialSettings(model_path=str(small_llama), model=ModelSettings(name_or_path=str(small_llama)),
-                                   train=None, default_hparams=Hyperparameters(), train_data={},  # type: ignore[arg-type]
-                                   eval_data={}, reused_worker=True)  # fmt: skip
+    settings = TrialSettings(model_path=str(small_llama), model=ModelSettings(name_or_path=str(small_llama)),
+                             train=None, default_hparams=Hyperparameters(), train_data={},  # type: ignore[arg-type]
+                             eval_data={}, reused_worker=True)  # fmt: skip
     loaded, copied = train.base_for_trial(settings, device="cuda", keep=True)
     assert not copied and train.WORKER.base is not None
     weights = sum(t.numel() * t.element_size() for t in train.WORKER.base.model.state_dict().values())

@@ -9,8 +9,8 @@ import pytest
 
 from sweeps.config import ConfigError, load_config
 from sweeps.plan import SweepPlan, find_experiment, study_file
+from trainable.prepare import TrialSettings
 from trainable.settings import Hyperparameters, ModelSettings, TrainSettings
-from trainable.train import TrialSettings
 
 NO_DATA: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
 

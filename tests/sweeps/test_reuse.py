@@ -123,8 +123,9 @@ def test_a_reused_gpu_worker_keeps_a_base_copy_only_where_the_trial_leaves_room_
     import dataclasses
 
     from trainable.memory import estimate_trial_memory
+    from trainable.prepare import TrialSettings
     from trainable.settings import Hyperparameters
-    from trainable.train import TrialSettings, room_to_keep_base
+    from trainable.train import room_to_keep_base
 
     hparams = Hyperparameters(r=64, target_modules="all-linear")
     plan = memory_plan(LLAMA_7B)

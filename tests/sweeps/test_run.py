@@ -171,6 +171,15 @@ def test_console_says_where_the_drivers_start_went(tiny_sweep: tuple[Path, str])
     assert output.index("driver ready in") < re.search(r"trial \w+: step", output).start()
 
 
+def test_the_driver_imports_no_training_library() -> None:
+    # The driver (and the worker that measures the base model, which unpickles its function from
+    # sweeps.run) plans, tokenizes and loads the base: peft and trl are for the trials. Importing them cost
+    # the driver's start about 4 s of 16 on a GPU host (docs/cost.md#the-drivers-start).
+    code = "import sys, sweeps.run, sweeps.resources; print(sorted(m for m in ('peft', 'trl') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_adapters_load_with_peft_on_their_targets(tiny_sweep: tuple[Path, str], tiny_llama: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

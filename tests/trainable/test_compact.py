@@ -11,9 +11,10 @@ import torch
 from trl import SFTTrainer
 
 from trainable.compact import CompactLossTrainer
+from trainable.evaluate import evaluate_base
 from trainable.prepare import prepare_trial
 from trainable.settings import DataSettings, Hyperparameters, ModelSettings, TrainSettings
-from trainable.train import evaluate_base, setup_trial
+from trainable.train import setup_trial
 
 
 @pytest.mark.parametrize("num_items_in_batch", [None, 97])
