@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,7 +77,7 @@ def test_a_reused_worker_trains_later_trials_on_a_copy_of_the_base_it_kept(
     import torch
 
     import trainable.train as train
-    from trainable.model import load_base_model
+    from trainable.model import build_lora_model, load_base_model
 
     loads: list[str] = []
 
@@ -83,7 +85,15 @@ def test_a_reused_worker_trains_later_trials_on_a_copy_of_the_base_it_kept(
         loads.append(path)
         return load_base_model(path, *args, **kwargs)
 
+    trained: list[weakref.ref[Any]] = []
+
+    def recording_build(*args, **kwargs):  # type: ignore[no-untyped-def]
+        model = build_lora_model(*args, **kwargs)
+        trained.append(weakref.ref(model))
+        return model
+
     monkeypatch.setattr(train, "load_base_model", counting_load)
+    monkeypatch.setattr(train, "build_lora_model", recording_build)
     monkeypatch.setattr(train, "WORKER", train.WorkerProcess(started_at=0.0))
     settings = dataclasses.replace(prepared.settings, reused_worker=True, base_eval_loss=1.0)
     a = {"r": 4, "target_modules": "qv", "learning_rate": 5e-3}
@@ -93,6 +103,9 @@ def test_a_reused_worker_trains_later_trials_on_a_copy_of_the_base_it_kept(
     ]
 
     assert len(loads) == 1
+    # Each trial's start freed the trial before it: the process's objects from before its first trial are
+    # left out of collections (gc.freeze), the trials' own are not.
+    assert len(trained) == 3 and [ref() is None for ref in trained[:2]] == [True, True]
     assert [run[-1]["base_copied"] for run in runs] == [0, 1, 1]
     curves = [[r["eval_loss"] for r in run] for run in runs]
     assert curves[0] != curves[1]
