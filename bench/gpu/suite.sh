@@ -24,6 +24,9 @@ Stages:
   setup           install --wheels DIR into --target, print versions and GPUs, and check that every
                   dependency in pyproject.toml is installed within its range (fails otherwise)
   tests           the GPU tests: python -m pytest tests/gpu
+  imports         a new process's imports: the driver's (sweeps.run) and a trial's (trainable.train), timed
+                  3 times each, then 8 trials' at once, and python -X importtime of each (importtime-*.txt)
+  mps-check       sweeps.resources.mps_running() with no MPS daemon, with one started here, and after it quit
   step            python -m bench.gpu.train_step --cases fixed,realistic: the project's step against
                   the textbook recipe, 7B shape, 3 repeats each (estimated 6 minutes)
   step-more       the same for the cases fixed-qv, ladder, memory and long
@@ -39,6 +42,9 @@ Stages:
   packing-1b *    the same 8 configurations on a 1B-shaped Llama (TinyLlama-1.1B's shape, random weights)
   packing-mps *   the packing stage with CUDA MPS running for the packed sweep (started and stopped here
                   with nvidia-cuda-mps-control), one at a time without it
+  packing16-mps * bench/gpu/packing-16.yaml (16 configurations, two waves of 8) packed 8 per GPU under CUDA
+                  MPS (about 2 minutes)
+  packing16-alone *  the same 16 one at a time (about 7 minutes); run it right after packing16-mps
   generation *    bench/gpu/generation.py: the report's batched generation against one prompt at a time
 
 Results: log.txt, train_step.jsonl, train_step-summary.jsonl, profile.txt, setup.jsonl, sweeps.jsonl,
@@ -53,8 +59,8 @@ fail() { echo "suite.sh: $*" >&2; exit 2; }
 
 WHEELS="" TARGET=/tmp/qlora-sweeps-site GGUF="" ADAPTER="" OUT=${OUT:-bench-out}
 STAGES=()
-KNOWN=" setup tests step step-more profile tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b packing-mps generation "
-NEEDS_MODEL=" tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b packing-mps generation "
+KNOWN=" setup tests imports mps-check step step-more profile tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b packing-mps packing16-mps packing16-alone generation "
+NEEDS_MODEL=" tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b packing-mps packing16-mps packing16-alone generation "
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
@@ -114,21 +120,22 @@ sweep() {  # sweep LABEL CONFIG [overrides...]: run the driver, time it, summari
     --wall-s "$(python3 -c "print(round($end - $start, 1))")" --out "$OUT"
 }
 
-packing() {  # packing LABEL [overrides...]: 8 per GPU, then 1, GPU utilization sampled every second beside each;
-  # with MPS=1 the packed sweep runs under CUDA MPS (docs/cost.md#mps), started before it and stopped after
+packing() {  # packing LABEL [overrides...]: PACKING_CONFIG's trials (default bench/gpu/packing.yaml), for each N in
+  # PER_GPU (default "8 1") N per GPU, GPU utilization sampled every second beside each; with MPS=1 the packed
+  # sweeps run under CUDA MPS (docs/cost.md#mps), started before each and stopped after
   local label=$1 tag n sampler
   shift
   tag=$(date -u +%H%M%S)  # a fresh experiment name each time: the stage may run several times into one --out
-  for n in 8 1; do
-    if [ "${MPS:-0}" = 1 ] && [ "$n" = 8 ]; then
+  for n in ${PER_GPU:-8 1}; do
+    if [ "${MPS:-0}" = 1 ] && [ "$n" != 1 ]; then
       run nvidia-cuda-mps-control -d || fail "packing-mps: nvidia-cuda-mps-control -d failed"
     fi
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -i 0 -l 1 \
       > "$OUT/gpu-util-$label$n-$tag.csv" &
     sampler=$!
-    sweep "$label$n-$tag" bench/gpu/packing.yaml "search.trials_per_gpu=$n" "$@"
+    sweep "$label$n-$tag" "${PACKING_CONFIG:-bench/gpu/packing.yaml}" "search.trials_per_gpu=$n" "$@"
     kill $sampler
-    if [ "${MPS:-0}" = 1 ] && [ "$n" = 8 ]; then
+    if [ "${MPS:-0}" = 1 ] && [ "$n" != 1 ]; then
       echo quit | nvidia-cuda-mps-control
       sleep 2  # the daemon and its server exit; the next sweep's trials get their own contexts again
     fi
@@ -142,6 +149,9 @@ for stage in "${STAGES[@]}"; do
     setup)
       run python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$TARGET" "$WHEELS"/*.whl || fail "setup: installing the wheels failed"
+      # Bytecode as pip's default install writes it (compiled here in parallel): without it the first
+      # processes to import each module compile it, and a sweep's start would be measured with that.
+      run python3 -m compileall -q -j 0 "$TARGET" >/dev/null || fail "setup: compiling the wheels failed"
       run python3 - <<'PY' || fail "setup: dependencies missing or out of range (listed above)"
 import importlib, importlib.metadata as md, inspect, sys, tomllib
 from packaging.requirements import Requirement
@@ -177,6 +187,29 @@ PY
       ;;
     tests)
       run env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -p no:cacheprovider tests/gpu
+      ;;
+    imports)
+      for i in 1 2 3; do
+        for module in sweeps.run trainable.train; do
+          run python3 -c "import time; t = time.perf_counter(); import $module; print('import $module', round(time.perf_counter() - t, 2), 's')"
+        done
+      done
+      log "8 processes importing trainable.train at once (a packed sweep's trials starting together)"
+      for i in 1 2 3 4 5 6 7 8; do
+        python3 -c "import time; t = time.perf_counter(); import trainable.train; print('import trainable.train, 1 of 8 at once:', round(time.perf_counter() - t, 2), 's')" 2>&1 | grep import &
+      done | tee -a "$OUT/log.txt"
+      wait
+      python3 -X importtime -c "import sweeps.run" 2> "$OUT/importtime-driver.txt"
+      python3 -X importtime -c "import trainable.train" 2> "$OUT/importtime-trial.txt"
+      ;;
+    mps-check)
+      check='from sweeps.resources import mps_running; print("mps_running():", mps_running())'
+      run python3 -c "$check"
+      run nvidia-cuda-mps-control -d || fail "mps-check: nvidia-cuda-mps-control -d failed"
+      run python3 -c "$check"
+      echo quit | nvidia-cuda-mps-control
+      sleep 2
+      run python3 -c "$check"
       ;;
     step)
       run env CUDA_VISIBLE_DEVICES=0 python3 -m bench.gpu.train_step --out "$OUT" --cases fixed,realistic
@@ -215,6 +248,12 @@ PY
       ;;
     packing-mps)
       MPS=1 packing mps
+      ;;
+    packing16-mps)
+      PACKING_CONFIG=bench/gpu/packing-16.yaml PER_GPU=8 MPS=1 packing mps16-
+      ;;
+    packing16-alone)
+      PACKING_CONFIG=bench/gpu/packing-16.yaml PER_GPU=1 packing mps16-
       ;;
     packing-1b)
       run python3 -m bench.gpu.make_model --shape 1b --tokenizer smollm2 --out /tmp/llama1b-shape
