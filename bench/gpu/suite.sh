@@ -120,6 +120,16 @@ sweep() {  # sweep LABEL CONFIG [overrides...]: run the driver, time it, summari
     --wall-s "$(python3 -c "print(round($end - $start, 1))")" --out "$OUT"
 }
 
+mps_start() { run nvidia-cuda-mps-control -d || fail "$1: nvidia-cuda-mps-control -d failed"; }
+mps_stop() {
+  echo quit | nvidia-cuda-mps-control
+  sleep 2  # the daemon and its server exit; CUDA programs started next get their own contexts again
+}
+
+time_import() {  # time_import MODULE [LABEL]: one new process importing MODULE, timed
+  python3 -c "import time; t = time.perf_counter(); import $1; print('import $1${2:+, $2}:', round(time.perf_counter() - t, 2), 's')" 2>&1 | grep '^import '
+}
+
 packing() {  # packing LABEL [overrides...]: PACKING_CONFIG's trials (default bench/gpu/packing.yaml), for each N in
   # PER_GPU (default "8 1") N per GPU, GPU utilization sampled every second beside each; with MPS=1 the packed
   # sweeps run under CUDA MPS (docs/cost.md#mps), started before each and stopped after
@@ -127,18 +137,13 @@ packing() {  # packing LABEL [overrides...]: PACKING_CONFIG's trials (default be
   shift
   tag=$(date -u +%H%M%S)  # a fresh experiment name each time: the stage may run several times into one --out
   for n in ${PER_GPU:-8 1}; do
-    if [ "${MPS:-0}" = 1 ] && [ "$n" != 1 ]; then
-      run nvidia-cuda-mps-control -d || fail "packing-mps: nvidia-cuda-mps-control -d failed"
-    fi
+    if [ "${MPS:-0}" = 1 ] && [ "$n" != 1 ]; then mps_start "packing with MPS"; fi
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -i 0 -l 1 \
       > "$OUT/gpu-util-$label$n-$tag.csv" &
     sampler=$!
     sweep "$label$n-$tag" "${PACKING_CONFIG:-bench/gpu/packing.yaml}" "search.trials_per_gpu=$n" "$@"
     kill $sampler
-    if [ "${MPS:-0}" = 1 ] && [ "$n" != 1 ]; then
-      echo quit | nvidia-cuda-mps-control
-      sleep 2  # the daemon and its server exit; the next sweep's trials get their own contexts again
-    fi
+    if [ "${MPS:-0}" = 1 ] && [ "$n" != 1 ]; then mps_stop; fi
   done
 }
 
@@ -191,12 +196,12 @@ PY
     imports)
       for i in 1 2 3; do
         for module in sweeps.run trainable.train; do
-          run python3 -c "import time; t = time.perf_counter(); import $module; print('import $module', round(time.perf_counter() - t, 2), 's')"
+          time_import $module | tee -a "$OUT/log.txt"
         done
       done
       log "8 processes importing trainable.train at once (a packed sweep's trials starting together)"
       for i in 1 2 3 4 5 6 7 8; do
-        python3 -c "import time; t = time.perf_counter(); import trainable.train; print('import trainable.train, 1 of 8 at once:', round(time.perf_counter() - t, 2), 's')" 2>&1 | grep import &
+        time_import trainable.train "1 of 8 at once" &
       done | tee -a "$OUT/log.txt"
       wait
       python3 -X importtime -c "import sweeps.run" 2> "$OUT/importtime-driver.txt"
@@ -205,10 +210,9 @@ PY
     mps-check)
       check='from sweeps.resources import mps_running; print("mps_running():", mps_running())'
       run python3 -c "$check"
-      run nvidia-cuda-mps-control -d || fail "mps-check: nvidia-cuda-mps-control -d failed"
+      mps_start mps-check
       run python3 -c "$check"
-      echo quit | nvidia-cuda-mps-control
-      sleep 2
+      mps_stop
       run python3 -c "$check"
       ;;
     step)
