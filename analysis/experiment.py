@@ -152,7 +152,9 @@ def load_histories(experiment: Experiment) -> pd.DataFrame:
     """Every report of every trial, one row each: HISTORY_COLUMNS (trial_id, step, eval_loss, train_loss).
 
     Read from the trial folders' progress.csv; a trial whose folder is gone falls back on the eval_history
-    list in results.parquet (steps then counted in train.eval_every units).
+    list in results.parquet (steps then counted in train.eval_every units). A restarted trial (a crash, a
+    killed driver) trains again from the last checkpoint Tune knew of, which may be older than its last
+    report, and reports those steps again: each step's last report is the one kept.
     """
     eval_every = int(experiment.config.get("train", {}).get("eval_every", 1))
     frames = []
@@ -164,6 +166,7 @@ def load_histories(experiment: Experiment) -> pd.DataFrame:
                 reports = [TrialReport.from_tune(r) for r in table.to_dict("records")]
                 fields = HISTORY_COLUMNS[1:]
                 frame = pd.DataFrame({name: [getattr(r, name) for r in reports] for name in fields})
+                frame = frame.drop_duplicates("step", keep="last").sort_values("step", kind="stable")
                 frames.append(frame.assign(trial_id=row.trial_id))
                 continue
         history = list(row.eval_history) if row.eval_history is not None else []

@@ -6,6 +6,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -17,6 +18,21 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=512,
 )
+
+
+def assert_resumed_from_checkpoints(progress: pd.DataFrame, history: pd.DataFrame, *, max_steps: int) -> None:
+    """A trial's progress.csv rows and its history as the analysis reads it (analysis.experiment
+    .load_histories), after crashes or driver kills: every restart (retries > 0) began at a checkpoint
+    the trial had reported, not from scratch, and the history has each step once, up to max_steps.
+
+    A restart may repeat steps: Tune restores the last checkpoint its saved state knew of, which can be
+    older than the trial's last report."""
+    steps = list(progress["step"])
+    for i, (retries, restored) in enumerate(
+        zip(progress["retries"], progress["restored_from_step"], strict=True)
+    ):
+        assert retries == 0 or restored in steps[:i], (i, steps, list(progress["restored_from_step"]))
+    assert list(history["step"]) == sorted(set(steps)) and steps[-1] == max_steps, (steps, history)
 
 
 @pytest.fixture(autouse=True)

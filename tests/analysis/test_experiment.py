@@ -11,12 +11,15 @@ from analysis.experiment import (
     REPORT_PAGE,
     RESULTS,
     experiment_names,
+    load_experiment,
+    load_histories,
     read_file,
     read_summary,
     write_file,
     write_summary,
     write_table,
 )
+from trainable.outcome import TrialReport
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["local", "uri"])
@@ -45,3 +48,20 @@ def test_experiment_names_are_listed_oldest_first(tmp_path: Path) -> None:
     (tmp_path / "local-notes.txt").write_text("not a folder")
     assert experiment_names(tmp_path, prefix="local-") == ["local-20261129-090000", "local-20261130-120000"]
     assert experiment_names(tmp_path / "missing", prefix="local-") == []
+
+
+def test_a_restarted_trials_history_keeps_the_steps_it_trained_again(tmp_path: Path) -> None:
+    """Killed after reporting step 6 while Tune's saved state knew only the checkpoint of step 2, the trial
+    trained steps 3-6 again: the history is the steps once each, as the run that went on reported them."""
+    trial = tmp_path / "exp" / "trial_a"
+    trial.mkdir(parents=True)
+    reports = [TrialReport(eval_loss=2.0, step=2), TrialReport(eval_loss=1.5, step=4),
+               TrialReport(eval_loss=1.3, step=6),
+               TrialReport(eval_loss=1.4, step=4, retries=1, restored_from_step=2),
+               TrialReport(eval_loss=1.2, step=6, retries=1, restored_from_step=2),
+               TrialReport(eval_loss=1.0, step=8, retries=1, restored_from_step=2)]  # fmt: skip
+    pd.DataFrame([r.to_tune() for r in reports]).to_csv(trial / "progress.csv", index=False)
+    pd.DataFrame({"trial_id": ["a"], "trial_path": [str(trial)]}).to_parquet(tmp_path / "exp" / RESULTS)
+    history = load_histories(load_experiment(tmp_path / "exp"))
+    assert list(history["step"]) == [2, 4, 6, 8]
+    assert list(history["eval_loss"]) == [2.0, 1.4, 1.2, 1.0]

@@ -3,7 +3,6 @@ tiny random Llama run through `python -m sweeps.run`."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import signal
@@ -15,6 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+from analysis.experiment import load_experiment, load_histories
+from tests.conftest import assert_resumed_from_checkpoints
+
+MAX_STEPS = 8
 
 POINTS = [
     {"r": 8, "lora_alpha": 16},  # healthy
@@ -34,7 +38,7 @@ def write_config(
         "experiment": experiment,
         "model": {"name_or_path": str(model), "gradient_checkpointing": False},
         "data": {"max_length": 128, "max_train_examples": 64, "max_eval_examples": 4},
-        "train": {"max_steps": 8, "batch_size": 4, "eval_every": 2, "warmup_ratio": 0.0},
+        "train": {"max_steps": MAX_STEPS, "batch_size": 4, "eval_every": 2, "warmup_ratio": 0.0},
         "lora": {"target_modules": "qv", "learning_rate": 5.0e-3},
         "search": {
             "num_samples": num_samples,
@@ -128,9 +132,11 @@ def test_driver_killed_repeatedly_then_resumed(tmp_path: Path, tiny_llama: Path)
     initial = table[table["origin"] == "initial"]
     assert sorted(zip(initial["r"], initial["lora_alpha"], strict=True)) == [(4, 8), (8, 16)]
     assert (table["origin"] == "search").sum() == 2
-    for trial_path in table["trial_path"]:
-        steps = list(pd.read_csv(Path(trial_path) / "progress.csv")["step"])
-        assert steps and all(b > a for a, b in itertools.pairwise(steps)), steps  # never ran backwards
+    histories = load_histories(load_experiment(experiment))
+    for trial_id, trial_path in zip(table["trial_id"], table["trial_path"], strict=True):
+        progress = pd.read_csv(Path(trial_path) / "progress.csv")
+        history = histories[histories["trial_id"] == trial_id]
+        assert_resumed_from_checkpoints(progress, history, max_steps=MAX_STEPS)
 
     import optuna
 

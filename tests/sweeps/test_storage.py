@@ -9,7 +9,6 @@ process gets a HOME of its own, so that whatever they write on this machine can 
 from __future__ import annotations
 
 import io
-import itertools
 import os
 import signal
 import subprocess
@@ -21,6 +20,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+from analysis.experiment import load_experiment, load_histories
+from tests.conftest import assert_resumed_from_checkpoints
 
 BUCKET = "sweeps"
 STORAGE = f"s3://{BUCKET}/experiments"
@@ -139,18 +141,23 @@ def test_sweep_writes_results_checkpoints_and_study_to_storage(remote_sweep: Rem
     assert f"results: {URI}/results.parquet" in remote_sweep.outputs["resume"]
 
 
-def test_killed_driver_resumes_from_storage(remote_sweep: RemoteSweep) -> None:
+def test_killed_driver_resumes_from_storage(
+    remote_sweep: RemoteSweep, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert remote_sweep.killed, (
         "the driver was to be killed mid-sweep:\n" + remote_sweep.outputs["first"][-3000:]
     )
     table = pd.read_parquet(io.BytesIO(read_stored(remote_sweep.env, "results.parquet")))
     assert table["trial_id"].is_unique and set(table["r"]) == {4, 8}
     assert (table["steps"] == 4).all()
-    for trial_path in table["trial_path"]:
+    for name, value in {**remote_sweep.env, "QLORA_SWEEPS_CACHE": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    histories = load_histories(load_experiment(URI))
+    for trial_id, trial_path in zip(table["trial_id"], table["trial_path"], strict=True):
         assert trial_path.startswith(f"{URI}/"), trial_path
         progress = read_stored(remote_sweep.env, f"{trial_path.removeprefix(URI + '/')}/progress.csv")
-        steps = list(pd.read_csv(io.BytesIO(progress))["step"])
-        assert steps and all(b > a for a, b in itertools.pairwise(steps)), steps  # never ran backwards
+        history = histories[histories["trial_id"] == trial_id]
+        assert_resumed_from_checkpoints(pd.read_csv(io.BytesIO(progress)), history, max_steps=4)
 
 
 def test_study_is_kept_with_the_results(remote_sweep: RemoteSweep, tmp_path: Path) -> None:
