@@ -1,8 +1,6 @@
-"""The base model's eval loss: the bar every adapter of a sweep has to clear, measured once per sweep (the
-driver runs evaluate_base as a Ray task; train_by_hand runs it in its own process).
-
-This module imports what loading and running the quantized base needs (torch, transformers, bitsandbytes
-when it loads), not the training libraries (peft, trl): the worker that measures it starts sooner.
+"""The base model's eval loss (evaluate_base), apart from the trials' code: this module imports what
+loading and running the quantized base needs (torch, transformers, bitsandbytes when it loads), not the
+training libraries (peft, trl), so the driver and the worker that measures it start sooner.
 """
 
 from __future__ import annotations
@@ -18,7 +16,8 @@ from trainable.prepare import TrialSettings
 
 def evaluate_base(settings: TrialSettings) -> float:
     """The plain quantized base model's loss on the trials' eval data, without any adapter: the bar every
-    adapter of the sweep has to clear, measured once per sweep (the driver runs this as a Ray task).
+    adapter of the sweep has to clear, measured once per sweep (the driver runs this as a Ray task;
+    train_by_hand in its own process).
 
     Computed the way the trainer computes a trial's eval_loss, so that the two compare: batches of
     train.batch_size examples in order, right-padded, each batch's mean loss over its answer tokens, the
