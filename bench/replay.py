@@ -34,7 +34,7 @@ trial that ASHA stopped after its second evaluation costs its first two. Trials 
 same on every replay of a seed; in a real sweep several trials run at once, but on a fixed number of GPUs
 the GPU time the search spends is the same sum.
 
-The searchers and the scheduler come from the driver's own builders (sweeps.run.build_searcher,
+The searchers and the scheduler come from the driver's own builders (sweeps.search.build_searcher,
 build_scheduler), so a change to the defaults changes the replay of "tpe+asha". `--engine direct` drives
 those same objects by hand, as Tune calls them with one trial at a time, and gives Tune's curves exactly
 (tested); it is how variants are compared over hundreds of seeds on a laptop.
@@ -288,7 +288,7 @@ def search_objects(
     # The driver imports the real trainable (and torch) at module level; only this driver-side function
     # needs it, so the lookup trainable's workers stay torch-free.
     from sweeps.config import SearchSettings, SweepConfig
-    from sweeps.run import build_scheduler, build_searcher
+    from sweeps.search import build_scheduler, build_searcher
 
     # The driver's defaults (grace period, reduction factor, the recipe first) for every method.
     search = SearchSettings(

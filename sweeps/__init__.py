@@ -3,7 +3,7 @@
 import os
 import time
 
-# When the driver's code began to load: its start clock (sweeps.run.StartClock) counts the imports from here.
+# When the driver's code began to load: its start clock (sweeps.console.StartClock) counts the imports from here.
 IMPORTED_AT = time.perf_counter()
 
 # Ray folds log lines that differ only in their numbers ("[repeated 3x across cluster]"), which would hide

@@ -29,6 +29,7 @@ import pandas as pd
 from analysis.experiment import RECHECKS, holds_run_state, join
 from sweeps.budget import SECONDS_PER_HOUR, budget_seconds
 from sweeps.config import SweepConfig
+from sweeps.search import build_run_config
 from trainable.outcome import METRIC, MODE, RANKABLE_STATUSES, SEED_KEY
 
 # A re-check's trial config names the trial whose configuration it trains again (results' config_id).
@@ -102,14 +103,11 @@ def build_recheck_tuner(
             max_concurrent_trials=concurrency,
             reuse_actors=reuse_workers,  # sweeps.resources.worker_reuse_problem: where it is safe
         ),
-        run_config=tune.RunConfig(
+        run_config=build_run_config(
             name=RECHECKS,
-            storage_path=experiment_uri,
+            storage=experiment_uri,
             callbacks=callbacks,
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
-            ),
-            failure_config=tune.FailureConfig(max_failures=max_failures),
-            verbose=verbosity,
+            max_failures=max_failures,
+            verbosity=verbosity,
         ),
     )

@@ -151,7 +151,7 @@ def test_lora_options_are_searchable_and_checked() -> None:
 def test_a_point_that_leaves_out_searched_keys_takes_the_lora_sections_values() -> None:
     """Tune's searcher needs a value for every searched key in every point (it raises once Ray has
     started otherwise): a left-out key gets the value trials use when it is not searched."""
-    from sweeps.run import build_searcher
+    from sweeps.search import build_searcher
 
     dora = "search.space.use_dora={choice: [false, true]}"
     config = load_config("local", ["search.num_samples=3", dora, "lora.use_dora=true",

@@ -115,7 +115,7 @@ def test_a_search_made_but_never_run_starts_anew_on_resume(
     starts the search instead of failing to restore it."""
     from sweeps.plan import plan_sweep
     from sweeps.resources import plan_resources
-    from sweeps.run import build_tuner
+    from sweeps.search import build_tuner
 
     plan = plan_sweep(load_config(str(write_config(tmp_path, tiny_llama))))
     resources = plan_resources(plan, {"CPU": 2.0})

@@ -96,7 +96,7 @@ def test_a_recorded_cluster_that_is_gone_gives_a_local_ray(tiny_sweep: tuple[Pat
 
 
 def test_a_recorded_cluster_that_answers_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sweeps.run import ray_address
+    from sweeps.cluster import ray_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))

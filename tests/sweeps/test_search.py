@@ -1,4 +1,4 @@
-"""The searcher as the driver builds it (sweeps.run.build_searcher: Ray Tune's OptunaSearch over Optuna's
+"""The searcher as the driver builds it (sweeps.search.build_searcher: Ray Tune's OptunaSearch over Optuna's
 TPE), fed results by hand the way Tune feeds it, without training anything."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sweeps.config import SearchSettings, load_config
-from sweeps.run import build_searcher
+from sweeps.search import build_searcher
 from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, to_tune_space
 from trainable.outcome import METRIC, MODE
 
