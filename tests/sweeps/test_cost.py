@@ -162,8 +162,8 @@ def test_mps_counts_as_running_only_when_its_control_daemon_answers(tmp_path: Pa
 
 
 def test_the_driver_says_when_trials_share_a_card_without_mps() -> None:
-    from sweeps.resources import TrialResources
     from sweeps.console import describe_resources
+    from sweeps.resources import TrialResources
 
     def line(per_gpu: int, mps: bool | None) -> str:
         return describe_resources(
