@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from trainable.outcome import METRIC, TRAIN_LOSS, TrialReport
+from trainable.schema import ADAPTER_PATH, BASE_EVAL_LOSS, TRIAL_ID, TRIAL_PATH, SweepSummary, check_results
 from trainable.settings import DataSettings, ModelSettings
 
 SUMMARY = "sweep.json"
@@ -45,7 +46,6 @@ JUDGMENTS = "judgments.parquet"
 REPORT_PAGE = "report.html"
 REPORT_OUTPUTS = (LEADERBOARD, LEADERBOARD_CSV, GENERATIONS, PAIRED_TESTS, JUDGMENTS, REPORT_PAGE)
 RECHECKS = "rechecks"  # the seed re-checks' Tune experiment, a subfolder (sweeps/recheck.py)
-BASE_EVAL_LOSS = "base_eval_loss"  # sweep.json's key of the base model's eval loss, measured once
 
 
 class ExperimentError(ValueError):
@@ -57,8 +57,10 @@ class Experiment:
     """A sweep's results, with every recorded path made to point inside `path`."""
 
     path: Path
-    summary: dict[str, Any]  # sweep.json: the config and what the driver resolved from it
-    results: pd.DataFrame  # results.parquet, adapter_path and trial_path relocated
+    summary: SweepSummary  # sweep.json: the config and what the driver resolved from it
+    results: (
+        pd.DataFrame
+    )  # results.parquet (checked: trainable.schema), adapter_path and trial_path relocated
     uri: str | None = None  # where the experiment is stored when `path` is a local copy of remote storage
 
     @property
@@ -66,28 +68,20 @@ class Experiment:
         return self.path.name
 
     @property
-    def config(self) -> dict[str, Any]:
-        return dict(self.summary.get("config", {}))
-
-    @property
     def model_settings(self) -> ModelSettings:
-        return ModelSettings(**self.config.get("model", {}))
+        return ModelSettings(**self.summary.section("model"))
 
     @property
     def data_settings(self) -> DataSettings:
-        return DataSettings(**self.config.get("data", {}))
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.summary.get("chat_template")
+        return DataSettings(**self.summary.section("data"))
 
     @property
     def base_eval_loss(self) -> float:
         """The base model's eval loss: measured once by the driver (sweep.json); for sweeps from before
         that, the median of what the trials measured."""
-        if self.summary.get(BASE_EVAL_LOSS) is not None:
-            return float(self.summary[BASE_EVAL_LOSS])
-        losses = self.results.get("base_eval_loss", pd.Series([], dtype=float)).dropna()
+        if self.summary.base_eval_loss is not None:
+            return float(self.summary.base_eval_loss)
+        losses = self.results[BASE_EVAL_LOSS].dropna()
         return float(losses.median()) if len(losses) else math.nan
 
 
@@ -124,12 +118,17 @@ def load_experiment(path: str | Path) -> Experiment:
             f"{folder}: no {RESULTS}; give the experiment folder that `python -m sweeps.run` wrote "
             "(it holds sweep.json and results.parquet once the sweep has finished)"
         )
-    summary_path = folder / SUMMARY
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    results = pd.read_parquet(results_path)
-    for column in ("adapter_path", "trial_path"):
-        if column in results:
-            results[column] = [relocate(p, folder) for p in results[column]]
+    try:
+        summary = read_summary(folder)
+        results = check_results(pd.read_parquet(results_path), source=str(results_path))
+    except FileNotFoundError as err:
+        raise ExperimentError(
+            f"{folder}: no {SUMMARY}; the sweep's driver writes it before any trial"
+        ) from err
+    except (ValueError, OSError) as err:  # a column missing, a key missing, a file that is not Parquet
+        raise ExperimentError(str(err)) from err
+    for column in (ADAPTER_PATH, TRIAL_PATH):
+        results[column] = [relocate(p, folder) for p in results[column]]
     return Experiment(path=folder, summary=summary, results=results)
 
 
@@ -138,14 +137,14 @@ def resolve_base_model(experiment: Experiment) -> str:
     on this machine (the embedded default is converted into this machine's cache)."""
     from trainable.model import resolve_model
 
-    recorded = experiment.summary.get("model_path")
+    recorded = experiment.summary.model_path
     if recorded and (Path(recorded).exists() or not Path(recorded).is_absolute()):
         return str(recorded)  # a local folder, or a hub id
     return resolve_model(experiment.model_settings.name_or_path)
 
 
 # load_histories' columns: the trial, then TrialReport fields.
-HISTORY_COLUMNS = ("trial_id", "step", METRIC, TRAIN_LOSS)
+HISTORY_COLUMNS = (TRIAL_ID, "step", METRIC, TRAIN_LOSS)
 
 
 def load_histories(experiment: Experiment) -> pd.DataFrame:
@@ -156,7 +155,7 @@ def load_histories(experiment: Experiment) -> pd.DataFrame:
     killed driver) trains again from the last checkpoint Tune knew of, which may be older than its last
     report, and reports those steps again: each step's last report is the one kept.
     """
-    eval_every = int(experiment.config.get("train", {}).get("eval_every", 1))
+    eval_every = int(experiment.summary.section("train").get("eval_every", 1))
     frames = []
     for row in experiment.results.itertuples():
         progress = Path(row.trial_path) / "progress.csv" if isinstance(row.trial_path, str) else None
@@ -172,7 +171,7 @@ def load_histories(experiment: Experiment) -> pd.DataFrame:
         history = list(row.eval_history) if row.eval_history is not None else []
         steps = [eval_every * (i + 1) for i in range(len(history))]
         frames.append(
-            pd.DataFrame({"step": steps, METRIC: history, TRAIN_LOSS: math.nan, "trial_id": row.trial_id})
+            pd.DataFrame({"step": steps, METRIC: history, TRAIN_LOSS: math.nan, TRIAL_ID: row.trial_id})
         )
     if not frames:
         return pd.DataFrame(columns=list(HISTORY_COLUMNS))
@@ -235,15 +234,15 @@ def read_file(folder: str | Path, name: str) -> bytes:
         raise FileNotFoundError(join(folder, name)) from err
 
 
-def write_summary(folder: str | Path, summary: dict[str, Any]) -> str:
+def write_summary(folder: str | Path, summary: SweepSummary) -> str:
     """sweep.json: the config and what the driver resolved from it."""
-    return write_file(folder, SUMMARY, json.dumps(summary, indent=2, default=str).encode())
+    return write_file(folder, SUMMARY, json.dumps(summary.to_json(), indent=2, default=str).encode())
 
 
-def read_summary(folder: str | Path) -> dict[str, Any]:
-    """sweep.json as written by write_summary; FileNotFoundError when the folder has none."""
-    summary: dict[str, Any] = json.loads(read_file(folder, SUMMARY))
-    return summary
+def read_summary(folder: str | Path) -> SweepSummary:
+    """sweep.json as written by write_summary; FileNotFoundError when the folder has none, ValueError when
+    it lacks a key."""
+    return SweepSummary.from_json(json.loads(read_file(folder, SUMMARY)), source=join(folder, SUMMARY))
 
 
 def experiment_names(storage: str | Path, *, prefix: str) -> list[str]:

@@ -34,6 +34,7 @@ from analysis.experiment import (
 )
 from analysis.rank import choose_candidates
 from analysis.seeds import pool_seeds
+from trainable.schema import ADAPTER_PATH, BASE_EVAL_LOSS, BEST_EVAL_LOSS, STATUS, STEP, TRIAL_ID
 from trainable.settings import HYPERPARAMETERS
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -45,9 +46,9 @@ def choose_trial(experiment: Experiment, trial: str | None = None) -> tuple[dict
     leaderboard's #1, else the best eval loss when no report has been made."""
     results = experiment.results
     if trial is not None:
-        matches = results[results["trial_id"].astype(str).str.startswith(trial)]
+        matches = results[results[TRIAL_ID].astype(str).str.startswith(trial)]
         if len(matches) != 1:
-            known = ", ".join(results["trial_id"].astype(str))
+            known = ", ".join(results[TRIAL_ID].astype(str))
             raise ExperimentError(f"--trial {trial!r} matches {len(matches)} trials; the trials are: {known}")
         return matches.iloc[0].to_dict(), "chosen with --trial"
     board_path = experiment.path / LEADERBOARD
@@ -56,13 +57,13 @@ def choose_trial(experiment: Experiment, trial: str | None = None) -> tuple[dict
         ranked = board[board["rank"].notna()].sort_values("rank")
         if len(ranked):
             first = str(ranked.iloc[0]["candidate"])
-            return results[results["trial_id"].astype(str) == first].iloc[
+            return results[results[TRIAL_ID].astype(str) == first].iloc[
                 0
             ].to_dict(), "#1 of leaderboard.parquet"
     best_by_loss = choose_candidates(pool_seeds(results), top_k=1)  # re-checked: by the mean over seeds
     if best_by_loss.empty:
         raise ExperimentError(
-            f"{experiment.path}: no trial has a usable adapter (statuses: {', '.join(results['status'])})"
+            f"{experiment.path}: no trial has a usable adapter (statuses: {', '.join(results[STATUS])})"
         )
     best = best_by_loss.iloc[0]
     return (
@@ -90,12 +91,12 @@ def build_model_card(experiment: Experiment, row: dict[str, Any], why: str, *, m
     """README.md of the export: base model, data, hyperparameters, losses and answer scores."""
     model = experiment.model_settings
     data = experiment.data_settings
-    counts = experiment.summary.get("data", {})
+    counts = experiment.summary.data
     hparams = "\n".join(f"| {h} | {row.get(h)} |" for h in HYPERPARAMETERS if h in row)
     scores = {
-        "best eval loss": row.get("best_eval_loss"),
-        "base model eval loss": row.get("base_eval_loss"),
-        **_scores(experiment, str(row["trial_id"])),
+        "best eval loss": row.get(BEST_EVAL_LOSS),
+        "base model eval loss": row.get(BASE_EVAL_LOSS),
+        **_scores(experiment, str(row[TRIAL_ID])),
     }
     score_rows = "\n".join(
         f"| {k} | {v:.4g} |" for k, v in scores.items() if isinstance(v, float) and math.isfinite(v)
@@ -112,7 +113,7 @@ library_name: peft
 base_model: {model.name_or_path}
 tags: [lora, qlora]
 ---
-# LoRA adapter: trial {row["trial_id"]} of sweep {experiment.name}
+# LoRA adapter: trial {row[TRIAL_ID]} of sweep {experiment.name}
 
 QLoRA adapter trained on `{base_id}` loaded in 4-bit ({model.quantization}, double quantization
 {model.double_quant}, compute dtype {model.compute_dtype}). Chosen: {why}.
@@ -125,7 +126,7 @@ examples, cut at {data.max_length} tokens; chat template as recorded in the expe
 | name | value |
 | --- | --- |
 {hparams}
-| steps | {row.get("steps")} |
+| steps | {row.get(STEP)} |
 
 ## Scores
 | score | value |
@@ -160,14 +161,14 @@ def export_trial(
     cache first."""
     experiment = load_experiment(path)
     row, why = choose_trial(experiment, trial)
-    adapter = row.get("adapter_path")
+    adapter = row.get(ADAPTER_PATH)
     if not adapter or not Path(adapter).is_dir():
-        raise ExperimentError(f"trial {row['trial_id']}: its adapter folder is missing ({adapter})")
+        raise ExperimentError(f"trial {row[TRIAL_ID]}: its adapter folder is missing ({adapter})")
     home = experiment.uri if experiment.uri is not None else str(experiment.path)
-    destination = str(out) if out is not None else f"{home}/export/{row['trial_id']}"
+    destination = str(out) if out is not None else f"{home}/export/{row[TRIAL_ID]}"
     if is_remote(destination):
         # The local copy of the experiment lives in the cache; the export is built beside it.
-        target = experiment.path / "export" / str(row["trial_id"])
+        target = experiment.path / "export" / str(row[TRIAL_ID])
     else:
         target = Path(destination).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -181,8 +182,10 @@ def export_trial(
 
         model_path = resolve_base_model(experiment)
         tokenizer = load_tokenizer(model_path, experiment.model_settings)
-        if experiment.chat_template:
-            tokenizer.chat_template = experiment.chat_template  # the template the adapter was trained with
+        if experiment.summary.chat_template:
+            tokenizer.chat_template = (
+                experiment.summary.chat_template
+            )  # the template the adapter was trained with
         tokenizer.save_pretrained(staging)
         if merge:
             merge_adapter(

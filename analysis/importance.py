@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from analysis.experiment import RESULTS, STUDY, Experiment
-from analysis.rank import usable_trials
 from trainable.outcome import DIRECTION
+from trainable.schema import BEST_EVAL_LOSS, usable
 from trainable.search_space import to_optuna_distributions
 from trainable.settings import HYPERPARAMETERS
 
@@ -54,7 +54,7 @@ def rebuild_study(experiment: Experiment) -> Any:
     import optuna
     from optuna.distributions import CategoricalDistribution
 
-    space = experiment.config.get("search", {}).get("space", {})
+    space = experiment.summary.section("search").get("space", {})
     results = experiment.results
     recorded = to_optuna_distributions({k: v for k, v in space.items() if k in results})
     distributions: dict[str, Any] = {}
@@ -67,8 +67,8 @@ def rebuild_study(experiment: Experiment) -> Any:
             if len(choices) > 1:
                 distributions[name] = CategoricalDistribution([_plain(c) for c in choices])
     study = optuna.create_study(direction=DIRECTION)
-    for row in results[usable_trials(results)].to_dict("records"):
-        loss = row["best_eval_loss"]
+    for row in results[usable(results)].to_dict("records"):
+        loss = row[BEST_EVAL_LOSS]
         params = {k: _plain(row[k]) for k in distributions}
         try:
             study.add_trial(

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from analysis.importance import Importance
 from analysis.score import BASELINE
 from trainable.outcome import METRIC
+from trainable.schema import BEST_EVAL_LOSS, TRIAL_ID
 from trainable.settings import HYPERPARAMETERS
 
 LOG_SCALE = {"learning_rate"}  # searched on a log scale; drawn on one
@@ -28,7 +29,7 @@ LOG_SCALE = {"learning_rate"}  # searched on a log scale; drawn on one
 def _continuous(values: pd.Series, name: str) -> bool:
     """Drawn on a numeric axis: the learning rate and any number with many values; the rest as categories."""
     return pd.api.types.is_numeric_dtype(values) and (
-        name in LOG_SCALE or name == "best_eval_loss" or values.nunique() > 4
+        name in LOG_SCALE or name == BEST_EVAL_LOSS or values.nunique() > 4
     )
 
 
@@ -59,7 +60,7 @@ def plot_eval_curves(
     """Eval loss against training step, one line per trial; the base model's loss as a dashed line."""
     figure = Figure(figsize=(8, 4.5))
     axis = figure.subplots()
-    for trial_id, group in histories.groupby("trial_id", sort=False):
+    for trial_id, group in histories.groupby(TRIAL_ID, sort=False):
         group = group.dropna(subset=[METRIC]).sort_values("step")
         if group.empty:
             continue
@@ -74,7 +75,7 @@ def plot_eval_curves(
     axis.set_title("Eval loss of every trial")
     axis.grid(alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
-        axis.legend(fontsize=7, ncol=2 if histories["trial_id"].nunique() > 8 else 1, loc="upper right")
+        axis.legend(fontsize=7, ncol=2 if histories[TRIAL_ID].nunique() > 8 else 1, loc="upper right")
     figure.tight_layout()
     return figure
 
@@ -85,7 +86,7 @@ def searched_parameters(results: pd.DataFrame) -> list[str]:
 
 
 def _usable(results: pd.DataFrame) -> pd.DataFrame:
-    loss = pd.to_numeric(results["best_eval_loss"], errors="coerce")
+    loss = pd.to_numeric(results[BEST_EVAL_LOSS], errors="coerce")
     return results[np.isfinite(loss)]
 
 
@@ -102,14 +103,14 @@ def plot_hyperparameters(results: pd.DataFrame) -> Figure:
     for axis, name in zip(axes.flat, names, strict=False):
         values = data[name]
         if _continuous(values, name):
-            axis.scatter(values, data["best_eval_loss"], s=25, alpha=0.8)
+            axis.scatter(values, data[BEST_EVAL_LOSS], s=25, alpha=0.8)
             if name in LOG_SCALE:
                 axis.set_xscale("log")
         else:
             categories, labels = _categories(values)
             codes = labels.map({c: i for i, c in enumerate(categories)})
             jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(codes))
-            axis.scatter(codes + jitter, data["best_eval_loss"], s=25, alpha=0.8)
+            axis.scatter(codes + jitter, data[BEST_EVAL_LOSS], s=25, alpha=0.8)
             axis.set_xticks(range(len(categories)), categories, rotation=20, fontsize=8)
             axis.set_xlim(-0.5, len(categories) - 0.5)
         axis.set_xlabel(name)
@@ -135,7 +136,7 @@ def plot_parallel_coordinates(results: pd.DataFrame) -> Figure:
     names = searched_parameters(data) or [h for h in HYPERPARAMETERS if h in data]
     if data.empty:
         return _note_figure("no trial reported a finite eval loss")
-    axes_names = [*names, "best_eval_loss"]
+    axes_names = [*names, BEST_EVAL_LOSS]
     scaled = pd.DataFrame(index=data.index)
     ticks: dict[str, tuple[list[float], list[str]]] = {}
     for name in axes_names:
@@ -155,7 +156,7 @@ def plot_parallel_coordinates(results: pd.DataFrame) -> Figure:
             ticks[name] = (list(positions.values()), categories)
     figure = Figure(figsize=(max(6, 1.8 * len(axes_names)), 4.5))
     axis = figure.subplots()
-    loss = data["best_eval_loss"].astype(float)
+    loss = data[BEST_EVAL_LOSS].astype(float)
     norm = colors.Normalize(
         vmin=float(loss.min()),
         vmax=float(loss.max()) if loss.max() > loss.min() else float(loss.min()) + 1e-9,

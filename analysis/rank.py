@@ -1,7 +1,7 @@
 """The leaderboard: held-out answer quality where it separates the finalists, eval loss where it does not.
 
 The rule (report.top_k, report.loss_tolerance, report.rank_by):
-1. A trial is *usable* when its status is rankable (trainable.outcome.RANKABLE_STATUSES: completed, or
+1. A trial is *usable* (trainable.schema.usable) when its status is rankable (completed, or
    stopped by the scheduler) and its best eval loss is finite. Trials that are not (error, failed, no loss)
    are listed last, unranked, with the reason.
 2. The *finalists* (choose_candidates) are the top_k usable trials by best eval loss plus the QLoRA-recipe
@@ -30,6 +30,7 @@ from analysis.generate import BASE
 from analysis.score import BASELINE
 from analysis.seeds import pool_seeds
 from trainable.outcome import RANKABLE_STATUSES, Origin
+from trainable.schema import ADAPTER_PATH, BEST_EVAL_LOSS, FINAL_EVAL_LOSS, ORIGIN, STATUS, TRIAL_ID, usable
 from trainable.settings import HYPERPARAMETERS
 
 # rank_by name -> leaderboard column.
@@ -41,7 +42,7 @@ TEST_NAMES = {"mcnemar": "McNemar", "paired_bootstrap": "paired bootstrap"}
 
 def recipe_trial(results: pd.DataFrame) -> str | None:
     """The id of the trial that ran the QLoRA recipe, None when the sweep had none."""
-    recipe = results.loc[results["origin"] == RECIPE_ORIGIN, "trial_id"]
+    recipe = results.loc[results[ORIGIN] == RECIPE_ORIGIN, TRIAL_ID]
     return str(recipe.iloc[0]) if len(recipe) else None
 
 
@@ -54,20 +55,14 @@ def tested_metric(quality: pd.DataFrame | None, rank_by: Sequence[str]) -> str |
     return None
 
 
-def usable_trials(results: pd.DataFrame) -> pd.Series:
-    """Which rows of a results table may be ranked: a rankable status and a finite best eval loss."""
-    loss = pd.to_numeric(results["best_eval_loss"], errors="coerce")
-    return results["status"].isin(RANKABLE_STATUSES) & loss.map(lambda x: math.isfinite(x))
-
-
 def choose_candidates(results: pd.DataFrame, *, top_k: int) -> pd.DataFrame:
     """The finalists: the `top_k` usable trials that have an adapter, best eval loss first (equal losses by
     trial id), then the QLoRA-recipe trial (results' `origin`) when it is usable and not among them. The
     report's finalists; the first row is the adapter to export when there is no leaderboard yet."""
-    usable = results[usable_trials(results) & results["adapter_path"].notna()]
-    ordered = usable.sort_values(["best_eval_loss", "trial_id"], kind="stable")
-    recipe = ordered[ordered["origin"] == RECIPE_ORIGIN]
-    return pd.concat([ordered.head(top_k), recipe]).drop_duplicates("trial_id")
+    finished = results[usable(results) & results[ADAPTER_PATH].notna()]
+    ordered = finished.sort_values([BEST_EVAL_LOSS, TRIAL_ID], kind="stable")
+    recipe = ordered[ordered[ORIGIN] == RECIPE_ORIGIN]
+    return pd.concat([ordered.head(top_k), recipe]).drop_duplicates(TRIAL_ID)
 
 
 def rank_trials(
@@ -92,20 +87,20 @@ def rank_trials(
     metric = tested_metric(quality, rank_by)
     recipe = recipe_trial(results)
     table = results.drop(columns=["rank"], errors="ignore").copy()
-    table.insert(0, "candidate", table["trial_id"].astype(str))
+    table.insert(0, "candidate", table[TRIAL_ID].astype(str))
     trial_quality = quality.drop(index=[BASE, BASELINE], errors="ignore")
     table = table.join(trial_quality, on="candidate", rsuffix="_q") if len(trial_quality) else table
     for column in {*keys, "exact_match", "chrf"}:
         if column not in table:
             table[column] = math.nan
 
-    loss = pd.to_numeric(table["best_eval_loss"], errors="coerce")
-    usable = usable_trials(table)
-    best = loss[usable].min() if usable.any() else math.nan
-    limit = best + loss_tolerance * abs(best) if usable.any() else math.nan
-    finalist = usable & table[keys].notna().any(axis=1) if keys else usable & False
-    table["within_tolerance"] = usable & (loss <= limit)
-    table["loss_gap"] = (loss - best) / abs(best) if usable.any() else math.nan
+    loss = pd.to_numeric(table[BEST_EVAL_LOSS], errors="coerce")
+    finished = usable(table)
+    best = loss[finished].min() if finished.any() else math.nan
+    limit = best + loss_tolerance * abs(best) if finished.any() else math.nan
+    finalist = finished & table[keys].notna().any(axis=1) if keys else finished & False
+    table["within_tolerance"] = finished & (loss <= limit)
+    table["loss_gap"] = (loss - best) / abs(best) if finished.any() else math.nan
 
     finalists = set(table.loc[finalist, "candidate"])
     table["wins"], table["losses"] = 0, 0
@@ -123,11 +118,11 @@ def rank_trials(
     sort_keys = [f"_{k}" for k in keys]
     for key, column in zip(keys, sort_keys, strict=True):
         first[column] = first[key].where(first["within_tolerance"])
-    first = first.sort_values(["net_wins", "within_tolerance", *sort_keys, "best_eval_loss", "candidate"],
+    first = first.sort_values(["net_wins", "within_tolerance", *sort_keys, BEST_EVAL_LOSS, "candidate"],
                               ascending=[False, False, *[False] * len(keys), True, True],
                               na_position="last", kind="stable").drop(columns=sort_keys)  # fmt: skip
-    second = table[usable & ~finalist].sort_values(["best_eval_loss", "candidate"], kind="stable")
-    rest = table[~usable].sort_values(["status", "candidate"], kind="stable")
+    second = table[finished & ~finalist].sort_values([BEST_EVAL_LOSS, "candidate"], kind="stable")
+    rest = table[~finished].sort_values([STATUS, "candidate"], kind="stable")
 
     first["ranked_by"], second["ranked_by"], rest["ranked_by"] = "held-out", "eval_loss", ""
     label = metric.replace("_", " ") if metric else "answers"
@@ -149,18 +144,18 @@ def rank_trials(
     ):
         if name != BASE and name not in quality.index:
             continue
-        row = {"rank": pd.NA, "candidate": name, "trial_id": None, "status": status, "best_eval_loss": eval_loss,
-               "final_eval_loss": eval_loss, "ranked_by": "", "note": note, "within_tolerance": False,
-               "loss_gap": (eval_loss - best) / abs(best) if usable.any() else math.nan}  # fmt: skip
+        row = {"rank": pd.NA, "candidate": name, TRIAL_ID: None, STATUS: status, BEST_EVAL_LOSS: eval_loss,
+               FINAL_EVAL_LOSS: eval_loss, "ranked_by": "", "note": note, "within_tolerance": False,
+               "loss_gap": (eval_loss - best) / abs(best) if finished.any() else math.nan}  # fmt: skip
         if name in quality.index:
             row.update({k: v for k, v in quality.loc[name].items() if k in table.columns})
         contrast.append(row)
     contrast_rows = pd.DataFrame(contrast).astype({"rank": "Int64"})
     board = pd.concat([frame for frame in (ranked, contrast_rows, rest) if len(frame)], ignore_index=True)
     board = _add_comparisons(board, paired, metric=metric, against={"vs_recipe": recipe, "vs_base": BASE})
-    front = ["rank", "candidate", "status", "ranked_by", *keys, "exact_match", "exact_match_low", "exact_match_high",
+    front = ["rank", "candidate", STATUS, "ranked_by", *keys, "exact_match", "exact_match_low", "exact_match_high",
              "exact_match_n", "chrf", "chrf_low", "chrf_high", "chrf_n", "vs_recipe", "vs_recipe_p", "vs_base",
-             "vs_base_p", "best_eval_loss", "loss_gap", "within_tolerance", "net_wins",
+             "vs_base_p", BEST_EVAL_LOSS, "loss_gap", "within_tolerance", "net_wins",
              *[h for h in HYPERPARAMETERS if h in board], "note"]  # fmt: skip
     front = list(dict.fromkeys(c for c in front if c in board))
     return board[front + [c for c in board.columns if c not in front]]
@@ -200,7 +195,7 @@ def _finalist_note(row: object, label: str) -> str:
 
 def _failure_note(row: object) -> str:
     error = getattr(row, "error", None)
-    status = getattr(row, "status", "")
+    status = getattr(row, STATUS, "")
     if isinstance(error, str) and error:
         return f"{status}: {error.splitlines()[0][:200]}"
     return f"{status}: no finite eval loss" if status in ("failed", *RANKABLE_STATUSES) else f"{status}"
@@ -230,8 +225,8 @@ def recommend(board: pd.DataFrame, paired: pd.DataFrame | None, *, rank_by: Sequ
         return "No adapter to recommend: no trial finished with a finite eval loss."
     first = ranked.iloc[0]
     name = str(first["candidate"])
-    trials = board[board["trial_id"].notna()]
-    recipe = recipe_trial(trials) if "origin" in trials else None
+    trials = board[board[TRIAL_ID].notna()]
+    recipe = recipe_trial(trials) if ORIGIN in trials else None
     metric = tested_metric(board[board["rank"].notna()], rank_by)
     if first["ranked_by"] != "held-out" or metric is None or paired is None or paired.empty:
         return f"Recommended: trial {name} (#1), by eval loss alone: no held-out answers were scored."
@@ -274,7 +269,7 @@ def recommend(board: pd.DataFrame, paired: pd.DataFrame | None, *, rank_by: Sequ
 
 
 def _status(board: pd.DataFrame, candidate: str) -> str:
-    rows = board.loc[board["candidate"] == candidate, "status"]
+    rows = board.loc[board["candidate"] == candidate, STATUS]
     return str(rows.iloc[0]) if len(rows) else "unknown"
 
 
@@ -283,7 +278,7 @@ def load_leaderboard(experiment: Experiment) -> pd.DataFrame:
     path = experiment.path / LEADERBOARD
     if path.is_file():
         return pd.read_parquet(path)
-    tolerance = float(experiment.config.get("report", {}).get("loss_tolerance", 0.0))
+    tolerance = float(experiment.summary.section("report").get("loss_tolerance", 0.0))
     return rank_trials(
         pool_seeds(experiment.results),
         None,

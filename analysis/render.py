@@ -13,6 +13,7 @@ from analysis.generate import BASE
 from analysis.rank import __doc__ as RANKING_RULE
 from analysis.rank import format_p
 from analysis.score import BASELINE
+from trainable.schema import BEST_EVAL_LOSS, COST_USD, GPU_SECONDS, STATUS, STEP
 from trainable.settings import HYPERPARAMETERS
 
 STYLE = """
@@ -63,12 +64,12 @@ def render_leaderboard(board: pd.DataFrame, *, rank_by: Sequence[str]) -> str:
     """The leaderboard as an HTML table: #1 highlighted, the base and baseline rows grey, failed trials red.
     Scores with their 95% interval and count; vs_recipe / vs_base: the paired test's verdict, difference in
     points and p-value."""
-    columns = ["rank", "candidate", "status", "ranked_by", "exact_match", "chrf"]
+    columns = ["rank", "candidate", STATUS, "ranked_by", "exact_match", "chrf"]
     if "judge" in rank_by or "judge_strength" in board:
         columns.append("judge_strength")
-    columns += ["vs_recipe", "vs_base", "best_eval_loss", "seeds", "seed_spread", "loss_gap",
-                *[h for h in HYPERPARAMETERS if h in board], "steps", "estimated_memory_gib", "gpu_seconds",
-                "cost_usd", "note"]  # fmt: skip
+    columns += ["vs_recipe", "vs_base", BEST_EVAL_LOSS, "seeds", "seed_spread", "loss_gap",
+                *[h for h in HYPERPARAMETERS if h in board], STEP, "estimated_memory_gib", GPU_SECONDS,
+                COST_USD, "note"]  # fmt: skip
     columns = [c for c in columns if c in board]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []

@@ -57,6 +57,7 @@ from analysis.rank import choose_candidates
 from analysis.score import BASELINE
 from analysis.seeds import describe_seed_spread, pool_seeds
 from analysis.settings import ReportSettings, load_report_settings
+from trainable.schema import BEST_EVAL_LOSS, STATUS, describe_cost
 from trainable.settings import ModelSettings
 
 # Held-out prompts shown side by side on the page (spread over the tasks): two per bundled task; a page of
@@ -150,7 +151,7 @@ def generate_answers(
     model_path = resolve_base_model(experiment)
     model_settings = experiment.model_settings
     tokenizer = load_tokenizer(model_path, model_settings)
-    template = experiment.chat_template or choose_chat_template(
+    template = experiment.summary.chat_template or choose_chat_template(
         tokenizer, experiment.data_settings.chat_template
     )
     texts = render_prompts(prompts, tokenizer, template)
@@ -315,15 +316,15 @@ def build_report_page(
         f'<p class="note">On {device}; the whole report took {seconds:.0f} s before this page.</p>'
         + render_table(timing.set_index("candidate"), table_id="timing-table")
     )
-    if experiment.summary.get("environment"):
-        sections["Environment of the sweep"] = render_environment(experiment.summary["environment"])
+    if experiment.summary.environment:
+        sections["Environment of the sweep"] = render_environment(experiment.summary.environment)
     model = experiment.model_settings
-    data = experiment.summary.get("data", {})
+    data = experiment.summary.data
     facts = {
         "experiment": experiment.name,
         "base model": f"{model.name_or_path} ({model.quantization} 4-bit)" if model.quantization != "none" else model.name_or_path,
         "data": f"{experiment.data_settings.source}: {data.get('train_examples', '?')} train / {data.get('eval_examples', '?')} eval examples",
-        "trials": ", ".join(f"{n} {s}" for s, n in results["status"].value_counts().items()),
+        "trials": ", ".join(f"{n} {s}" for s, n in results[STATUS].value_counts().items()),
         "held-out prompts": prompt_note,
         "ranking": f"finalists by measurable held-out differences (paired tests, p < 0.05); else within {100 * settings.loss_tolerance:g}% of the best eval loss by {', '.join(settings.rank_by)}; then by eval loss",
         "finalists": f"top {settings.top_k} by eval loss + the QLoRA-recipe trial; with the base model and the {BASELINE} baseline: {', '.join(candidates)}",
@@ -334,15 +335,6 @@ def build_report_page(
     return render_report(title=f"Sweep report: {experiment.name}", facts=facts,
                          leaderboard_html=render_leaderboard(board, rank_by=settings.rank_by),
                          figures=figures, sections=sections, recommendation=recommendation)  # fmt: skip
-
-
-def describe_cost(results: pd.DataFrame) -> str:
-    """The sweep's GPU-hours (each trial's wall time x the GPUs it held) and dollars, where results hold
-    them (sweeps before cost was recorded do not)."""
-    if "gpu_seconds" not in results:
-        return "not recorded"
-    text = f"{results['gpu_seconds'].sum() / 3600:.3g} GPU-hours over {results['wall_time_s'].sum() / 3600:.3g} trial-hours"
-    return text + (f", ${results['cost_usd'].sum():.2f}" if results["cost_usd"].notna().any() else "")
 
 
 def _escape(text: str) -> str:
@@ -356,8 +348,8 @@ def format_summary(outputs: ReportOutputs) -> str:
     for column in ("exact_match", "exact_match_low", "exact_match_high"):
         if column in board:
             board[column] = 100 * board[column]  # percent, as on the page
-    shown = [c for c in ("rank", "candidate", "status", "exact_match", "exact_match_low", "exact_match_high", "chrf",
-                         "vs_recipe", "vs_recipe_p", "vs_base", "judge_strength", "best_eval_loss") if c in board]  # fmt: skip
+    shown = [c for c in ("rank", "candidate", STATUS, "exact_match", "exact_match_low", "exact_match_high", "chrf",
+                         "vs_recipe", "vs_recipe_p", "vs_base", "judge_strength", BEST_EVAL_LOSS) if c in board]  # fmt: skip
     lines = [board[shown].head(12).to_string(index=False, float_format=lambda x: f"{x:.4g}"), ""]
     for row in outputs.timing.itertuples():
         lines.append(

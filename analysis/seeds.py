@@ -15,11 +15,12 @@ import math
 
 import pandas as pd
 
-from trainable.outcome import RANKABLE_STATUSES, RECHECK
+from trainable.outcome import RECHECK
+from trainable.schema import BEST_EVAL_LOSS, CONFIG_ID, ORIGIN, TRIAL_ID, usable
 
 
 def has_rechecks(results: pd.DataFrame) -> bool:
-    return "origin" in results and "config_id" in results and bool((results["origin"] == RECHECK).any())
+    return ORIGIN in results and CONFIG_ID in results and bool((results[ORIGIN] == RECHECK).any())
 
 
 def pool_seeds(results: pd.DataFrame) -> pd.DataFrame:
@@ -33,18 +34,18 @@ def pool_seeds(results: pd.DataFrame) -> pd.DataFrame:
     """
     if not has_rechecks(results):
         return results
-    loss = pd.to_numeric(results["best_eval_loss"], errors="coerce")
-    usable = results["status"].isin(RANKABLE_STATUSES) & loss.map(math.isfinite)
+    loss = pd.to_numeric(results[BEST_EVAL_LOSS], errors="coerce")
+    finished = usable(results)
     rows = []
-    for _, group in results.groupby("config_id", sort=False):
-        own = group[group["origin"] != RECHECK]
+    for _, group in results.groupby(CONFIG_ID, sort=False):
+        own = group[group[ORIGIN] != RECHECK]
         row = (own if len(own) else group).iloc[0].to_dict()
-        losses = loss[group.index][usable[group.index]]
-        row["trial_best_eval_loss"] = row["best_eval_loss"]
+        losses = loss[group.index][finished[group.index]]
+        row["trial_best_eval_loss"] = row[BEST_EVAL_LOSS]
         row["seeds"] = len(losses)
-        row["seed_trials"] = ",".join(str(t) for t in group.loc[losses.index, "trial_id"])
+        row["seed_trials"] = ",".join(str(t) for t in group.loc[losses.index, TRIAL_ID])
         if len(losses):
-            row["best_eval_loss"] = float(losses.mean())
+            row[BEST_EVAL_LOSS] = float(losses.mean())
         row["seed_std"] = float(losses.std(ddof=1)) if len(losses) > 1 else math.nan
         row["seed_min"] = float(losses.min()) if len(losses) > 1 else math.nan
         row["seed_max"] = float(losses.max()) if len(losses) > 1 else math.nan
@@ -66,7 +67,7 @@ def describe_seed_spread(board: pd.DataFrame) -> str | None:
     if not spreads:
         return None
     spread = max(spreads)  # the wider of the two: either could have drawn its luckiest seed
-    lead = float(second["best_eval_loss"]) - float(first["best_eval_loss"])
+    lead = float(second[BEST_EVAL_LOSS]) - float(first[BEST_EVAL_LOSS])
     seeds = f"over {int(first['seeds'])} and {int(second['seeds'])} seeds"
     if lead < 0:
         return (

@@ -65,7 +65,7 @@ class ReportSettings:
 def load_report_settings(experiment: Experiment, overrides: Sequence[str] = ()) -> ReportSettings:
     """The sweep's `report` section with dotted overrides (`top_k=3`, `generation.max_new_tokens=32`; a
     leading `report.` is allowed). Every problem is named by its key, all at once."""
-    data = json.loads(json.dumps(experiment.config.get("report", {})))  # a deep copy
+    data = json.loads(json.dumps(experiment.summary.section("report")))  # a deep copy
     problems = []
     for override in overrides:
         try:

@@ -132,8 +132,7 @@ def table_from_experiment(path: str | Path) -> Table:
     from analysis.experiment import load_experiment
 
     experiment = load_experiment(path)
-    config = experiment.config
-    space = config["search"]["space"]
+    space = experiment.summary.section("search")["space"]
     results = experiment.results
     done = results[results["status"] == "completed"]
     rows = []
@@ -151,7 +150,7 @@ def table_from_experiment(path: str | Path) -> Table:
         )
     if len(done) < len(results):
         print(f"left out {len(results) - len(done)} trial(s) that did not complete", file=sys.stderr)
-    return Table(space=space, rows=rows, source=str(path), model=config["model"]["name_or_path"])
+    return Table(space=space, rows=rows, source=str(path), model=experiment.model_settings.name_or_path)
 
 
 def merge_tables(tables: Sequence[Table]) -> Table:

@@ -32,11 +32,11 @@ class StartClock:
 
 
 def describe_plan(plan: SweepPlan) -> str:
-    data = plan.summary["data"]
+    data = plan.summary.data
     dropped = data["dropped"]["train"] + data["dropped"]["eval"]
     return (
         f"experiment {plan.experiment_uri}\n"
-        f"model {plan.summary['model_path']}\n"
+        f"model {plan.summary.model_path}\n"
         f"data: {data['train_examples']} train / {data['eval_examples']} eval examples, "
         f"{data['truncated']['train']} train and {data['truncated']['eval']} eval cut at "
         f"data.max_length={plan.config.data.max_length}, {dropped} dropped (nothing left to learn after the cut)"

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from analysis.experiment import (
-    BASE_EVAL_LOSS,
     STUDY,
     experiment_names,
     is_remote,
@@ -34,6 +33,7 @@ from trainable.faults import Fault, parse_faults
 from trainable.hardware import describe_environment, environment_changes
 from trainable.model import cache_dir, load_module_names, resolve_model, resolve_target_modules
 from trainable.prepare import TrialSettings, prepare_trial
+from trainable.schema import SweepSummary
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class SweepPlan:
     experiment: str  # the experiment folder's name
     storage_uri: str  # where experiment folders live: an absolute local path or a storage URI
     trial: TrialSettings
-    summary: dict[str, Any]  # what was resolved (model path, data counts, template), saved as sweep.json
+    summary: SweepSummary  # the config and what was resolved (model path, data counts, template): sweep.json
 
     @property
     def experiment_uri(self) -> str:
@@ -64,14 +64,15 @@ def plan_sweep(config: SweepConfig, *, faults: tuple[Fault, ...] = ()) -> SweepP
         cpus=config.search.cpus_per_trial,
         faults=faults,
     )
-    summary = {
-        "fingerprint": fingerprint(config, prepared.settings),
-        "model_path": prepared.settings.model_path,
-        "chat_template": prepared.chat_template,
-        "linear_modules": sorted(available),
-        "data": prepared.data,
-        "environment": describe_environment(config.model.compute_dtype),
-    }
+    summary = SweepSummary(
+        config=dataclasses.asdict(config),
+        fingerprint=fingerprint(config, prepared.settings),
+        model_path=prepared.settings.model_path,
+        chat_template=prepared.chat_template,
+        linear_modules=sorted(available),
+        data=prepared.data,
+        environment=describe_environment(config.model.compute_dtype),
+    )
     return SweepPlan(config, config.experiment_name(), config.storage_uri(), prepared.settings, summary)
 
 
@@ -146,15 +147,17 @@ def resume_plan(plan: SweepPlan) -> SweepPlan:
         saved = read_summary(plan.experiment_uri)
     except FileNotFoundError as err:
         raise ConfigError(f"--resume: {plan.experiment_uri} holds no sweep.json; nothing to resume") from err
+    except ValueError as err:
+        raise ConfigError(f"--resume: {err}") from err
     changed = [
-        part for part, value in plan.summary["fingerprint"].items() if saved["fingerprint"].get(part) != value
+        part for part, value in plan.summary.fingerprint.items() if saved.fingerprint.get(part) != value
     ]
     if changed:
         raise ConfigError(
             f"--resume: the {', '.join(changed)} differ from those of {plan.experiment_uri}; a resumed sweep "
             "must be the same sweep. Rerun with the original config and overrides, or start a new experiment."
         )
-    changes = environment_changes(saved.get("environment") or {}, plan.summary["environment"])
+    changes = environment_changes(saved.environment, plan.summary.environment)
     if changes:
         # Not refused: a library upgrade or another machine may be why the sweep was interrupted; said, so
         # that figures of trials before and after the resume are compared knowingly.
@@ -163,8 +166,8 @@ def resume_plan(plan: SweepPlan) -> SweepPlan:
             + "\n  ".join(changes),
             flush=True,
         )
-    if saved.get(BASE_EVAL_LOSS) is not None:
-        plan = with_base_eval_loss(plan, float(saved[BASE_EVAL_LOSS]))
+    if saved.base_eval_loss is not None:
+        plan = with_base_eval_loss(plan, float(saved.base_eval_loss))
     return plan
 
 
@@ -173,7 +176,7 @@ def with_base_eval_loss(plan: SweepPlan, loss: float) -> SweepPlan:
     return dataclasses.replace(
         plan,
         trial=dataclasses.replace(plan.trial, base_eval_loss=loss),
-        summary={**plan.summary, BASE_EVAL_LOSS: loss},
+        summary=dataclasses.replace(plan.summary, base_eval_loss=loss),
     )
 
 

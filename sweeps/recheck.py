@@ -30,7 +30,8 @@ from analysis.experiment import RECHECKS, holds_run_state, join
 from sweeps.budget import SECONDS_PER_HOUR, budget_seconds
 from sweeps.config import SweepConfig
 from sweeps.search import build_run_config
-from trainable.outcome import METRIC, MODE, RANKABLE_STATUSES, SEED_KEY
+from trainable.outcome import METRIC, MODE, SEED_KEY
+from trainable.schema import BEST_EVAL_LOSS, TRIAL_ID, usable
 
 # A re-check's trial config names the trial whose configuration it trains again (results' config_id).
 RECHECK_OF = "recheck_of"
@@ -44,10 +45,8 @@ def plan_rechecks(table: pd.DataFrame, config: SweepConfig) -> list[dict[str, An
     search = config.search
     if not search.recheck_top or table.empty:
         return []
-    loss = pd.to_numeric(table["best_eval_loss"], errors="coerce")
-    rankable = table[table["status"].isin(RANKABLE_STATUSES) & loss.map(math.isfinite)]
     keys = [k for k in search.space if k in table.columns]
-    best = rankable.sort_values(["best_eval_loss", "trial_id"], kind="stable")
+    best = table[usable(table)].sort_values([BEST_EVAL_LOSS, TRIAL_ID], kind="stable")
     best = best.drop_duplicates(subset=keys).head(search.recheck_top)  # a configuration once
     left_s = math.inf
     if search.budget_gpu_hours is not None:
@@ -62,7 +61,7 @@ def plan_rechecks(table: pd.DataFrame, config: SweepConfig) -> list[dict[str, An
         left_s -= cost_s
         searched = {k: _plain(row[k]) for k in keys}
         for i in range(1, search.recheck_seeds + 1):
-            points.append({**searched, SEED_KEY: config.train.seed + i, RECHECK_OF: str(row["trial_id"])})
+            points.append({**searched, SEED_KEY: config.train.seed + i, RECHECK_OF: str(row[TRIAL_ID])})
     return points
 
 

@@ -126,7 +126,7 @@ def trial_memory(plan: SweepPlan, card_gib: float) -> TrialMemory | None:
     padding_free = config.model.fused_kernels and config.train.padding_free  # the CUDA fast path's batches
     return TrialMemory(
         model=shape,
-        linear_modules=tuple(plan.summary["linear_modules"]),
+        linear_modules=tuple(plan.summary.linear_modules),
         batch_size=config.train.batch_size,
         longest=max(lengths),
         largest_batch_tokens=largest_batch_tokens(lengths, config.train.batch_size) if padding_free else None,

@@ -3,26 +3,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
-from sweeps.budget import SECONDS_PER_HOUR, dollars, gpu_seconds
+from sweeps.budget import dollars, gpu_seconds
 from sweeps.config import SweepConfig
 from sweeps.recheck import RECHECK_OF
-from trainable.outcome import (
-    METRIC,
-    MODE,
-    RANKABLE_STATUSES,
-    RECHECK,
-    SEED_KEY,
-    START_PARTS,
-    TRAIN_LOSS,
-    Origin,
-    TrialReport,
-    trial_status,
+from trainable.outcome import METRIC, MODE, RECHECK, SEED_KEY, Origin, TrialReport, trial_status
+from trainable.schema import (
+    ADAPTER_PATH,
+    BASE_EVAL_LOSS,
+    BEST_EVAL_LOSS,
+    GPU_SECONDS,
+    RANK,
+    STATUS,
+    STEP,
+    TrialResult,
+    describe_cost,
+    results_table,
 )
 from trainable.settings import HYPERPARAMETERS
 
@@ -78,87 +80,50 @@ def collect_results(grid: Any, config: SweepConfig, *, rechecks: Any = None) -> 
         losses = losses[losses.map(math.isfinite)]  # a skipped_oom trial's infinite loss is for TPE only
         best_loss = float(losses.min()) if len(losses) else math.nan
         best = result.get_best_checkpoint(METRIC, MODE) if len(losses) else None
-        lora = {name: result.config.get(name, getattr(config.lora, name)) for name in HYPERPARAMETERS}
+        searched = {name: result.config[name] for name in HYPERPARAMETERS if name in result.config}
         wall_time = float(metrics.get(TIME_TOTAL_S, math.nan))
-        status = trial_status(
-            last, errored=result.error is not None, best_eval_loss=best_loss, max_steps=config.train.max_steps
-        )
-        trial_id = metrics.get(TRIAL_ID) or result.path.rstrip("/").rsplit("/", 1)[-1]
+        trial_id = str(metrics.get(TRIAL_ID) or result.path.rstrip("/").rsplit("/", 1)[-1])
+        spent = gpu_seconds(wall_time, last.gpu_share)
         rows.append(
-            {
-                "trial_id": trial_id,
-                "status": status,
-                "origin": origin,
-                "config_id": str(result.config.get(RECHECK_OF, trial_id)),
-                "seed": int(result.config.get(SEED_KEY, config.train.seed)),
-                **lora,
-                "best_eval_loss": best_loss,
-                "final_eval_loss": float(losses.iloc[-1]) if len(losses) else math.nan,
-                "base_eval_loss": last.base_eval_loss,
-                TRAIN_LOSS: last.train_loss,
-                "steps": last.step,
-                "tokens": last.tokens,
-                "tokens_per_s": last.tokens_per_s,
-                "peak_memory_gib": last.peak_memory_gib,
-                "wall_time_s": wall_time,
-                "estimated_memory_gib": last.estimated_memory_gib,
-                "gpu_share": last.gpu_share,
-                "gpu_seconds": gpu_seconds(wall_time, last.gpu_share),
-                "cost_usd": dollars(gpu_seconds(wall_time, last.gpu_share), config.search.price_per_gpu_hour),
-                "worker_pid": last.worker_pid,
-                "worker_trial": last.worker_trial,
-                "startup_s": last.startup_s,
-                **{name: getattr(last, name) for name in START_PARTS},
-                "base_copied": last.base_copied,
-                "retries": last.retries,
-                "restored_from_step": last.restored_from_step,
-                "eval_history": [float(x) for x in losses],
-                "adapter_path": storage_location(best.path, storage) if best is not None else None,
-                "trial_path": storage_location(result.path, storage),
-                "error": None
+            TrialResult(
+                trial_id=trial_id,
+                status=trial_status(
+                    last,
+                    errored=result.error is not None,
+                    best_eval_loss=best_loss,
+                    max_steps=config.train.max_steps,
+                ),
+                origin=origin,
+                config_id=str(result.config.get(RECHECK_OF, trial_id)),
+                seed=int(result.config.get(SEED_KEY, config.train.seed)),
+                hparams=dataclasses.replace(config.lora, **searched),
+                best_eval_loss=best_loss,
+                final_eval_loss=float(losses.iloc[-1]) if len(losses) else math.nan,
+                eval_history=[float(x) for x in losses],
+                wall_time_s=wall_time,
+                gpu_seconds=spent,
+                cost_usd=dollars(spent, config.search.price_per_gpu_hour),
+                adapter_path=storage_location(best.path, storage) if best is not None else None,
+                trial_path=storage_location(result.path, storage),
+                error=None
                 if result.error is None
                 else f"{type(result.error).__name__}: {result.error}"[:2000],
-            }
+                last=last,
+            )
         )
-    table = pd.DataFrame(rows)
-    if len(table):
-        # Trials that failed, ran out of memory or crashed never rank above one that finished, whatever
-        # eval loss they reported before failing.
-        table["_unranked"] = ~table["status"].isin(RANKABLE_STATUSES)
-        table = table.sort_values(["_unranked", "best_eval_loss"], na_position="last", kind="stable")
-        table = table.drop(columns="_unranked").reset_index(drop=True)
-        table.insert(0, "rank", range(1, len(table) + 1))
-    return table
+    return results_table(rows)
 
 
 def format_results(table: pd.DataFrame, path: str, *, top: int = 10) -> str:  # 10 rows fit one screen
     """The results table as the driver prints it at the end: the best `top` trials and where they are."""
     if table.empty:
         return f"no trials ran; {path}"
-    columns = [
-        "rank",
-        "status",
-        *HYPERPARAMETERS[:5],
-        "best_eval_loss",
-        "base_eval_loss",
-        "steps",
-        "tokens_per_s",
-        "estimated_memory_gib",
-        "gpu_seconds",
-    ]
+    columns = [RANK, STATUS, *HYPERPARAMETERS[:5], BEST_EVAL_LOSS, BASE_EVAL_LOSS, STEP, "tokens_per_s",
+               "estimated_memory_gib", GPU_SECONDS]  # fmt: skip
     shown = table[columns].head(top).to_string(index=False, float_format=lambda x: f"{x:.4g}")
     best = table.iloc[0]
     return (
-        f"\n{len(table)} trial(s); best eval_loss {best['best_eval_loss']:.4f} "
-        f"(base model {best['base_eval_loss']:.4f}); {format_cost(table)}\n{shown}\n\n"
-        f"results: {path}\nbest adapter: {best['adapter_path']}\n"
+        f"\n{len(table)} trial(s); best eval_loss {best[BEST_EVAL_LOSS]:.4f} "
+        f"(base model {best[BASE_EVAL_LOSS]:.4f}); {describe_cost(table)}\n{shown}\n\n"
+        f"results: {path}\nbest adapter: {best[ADAPTER_PATH]}\n"
     )
-
-
-def format_cost(table: pd.DataFrame) -> str:
-    """The sweep's cost: GPU-hours (wall time x GPU share, summed over trials), dollars where priced."""
-    hours = table["gpu_seconds"].sum() / SECONDS_PER_HOUR
-    if not (table["gpu_share"] > 0).any():
-        return f"CPU trials: 0 GPU-hours, {table['wall_time_s'].sum() / SECONDS_PER_HOUR:.3g} trial-hours"
-    priced = table["cost_usd"].notna().any()
-    return f"cost {hours:.4g} GPU-hours" + (f", ${table['cost_usd'].sum():.2f}" if priced else "")

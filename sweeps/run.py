@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 def start_experiment(plan: SweepPlan) -> None:
     """Write sweep.json, before Ray starts: storage that cannot be written to stops the sweep here."""
     try:
-        write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
+        write_summary(plan.experiment_uri, plan.summary)
     except OSError as err:
         raise ConfigError(
             f"storage_path={plan.config.storage_path!r}: cannot write {plan.experiment_uri}/{SUMMARY} ({err}). "
@@ -92,7 +92,7 @@ def run_sweep(
     clock.mark("resources")  # on GPUs, the card's memory asked of a GPU worker
     if plan.trial.base_eval_loss is None:  # a resumed sweep keeps the one it measured
         plan = with_base_eval_loss(plan, measure_base_eval_loss(plan, resources))
-        write_summary(plan.experiment_uri, {"config": dataclasses.asdict(plan.config), **plan.summary})
+        write_summary(plan.experiment_uri, plan.summary)
         clock.mark("base model eval")
     trainable = (build_trainable or trial_trainable)(plan, resources)
     tuner = build_tuner(plan, trainable, resources, resume=resume, verbosity=verbosity)

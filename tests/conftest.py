@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+
+from trainable.outcome import TrialReport
+from trainable.schema import SweepSummary, TrialResult
+from trainable.settings import Hyperparameters
 
 TINY = dict(
     hidden_size=64,
@@ -18,6 +23,28 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=512,
 )
+
+
+def trial_result(trial_id: str, best_eval_loss: float = 1.0, **fields: object) -> TrialResult:
+    """A results row for tests of the analysis: a completed trial of the default hyperparameters, with
+    `fields` (TrialResult's, or `r`, `learning_rate`, ... for its hyperparameters) set."""
+    hparams = {k: fields.pop(k) for k in list(fields) if k in Hyperparameters.__dataclass_fields__}
+    values: dict[str, object] = dict(
+        trial_id=trial_id, status="completed", origin="search", config_id=trial_id, seed=42,
+        hparams=Hyperparameters(**hparams), best_eval_loss=best_eval_loss, final_eval_loss=best_eval_loss,
+        eval_history=[best_eval_loss], wall_time_s=10.0, gpu_seconds=0.0, cost_usd=math.nan,
+        adapter_path=None, trial_path=f"/nowhere/{trial_id}", error=None, last=TrialReport(step=4),
+    )  # fmt: skip
+    values.update(fields)
+    return TrialResult(**values)  # type: ignore[arg-type]
+
+
+def sweep_summary(config: dict[str, object] | None = None, **fields: object) -> SweepSummary:
+    """A sweep.json for tests of the analysis: `config` as recorded, the rest made up unless given."""
+    values: dict[str, object] = dict(config=config or {}, fingerprint={}, model_path="", chat_template="",
+                                     linear_modules=[], data={}, environment={})  # fmt: skip
+    values.update(fields)
+    return SweepSummary(**values)  # type: ignore[arg-type]
 
 
 def assert_resumed_from_checkpoints(progress: pd.DataFrame, history: pd.DataFrame, *, max_steps: int) -> None:

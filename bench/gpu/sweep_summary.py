@@ -57,7 +57,7 @@ def main() -> None:
         start = end - float(last.get("time_total_s", 0))
         intervals.append((start, end))
         trials.append({
-            "trial_id": row["trial_id"], "status": row["status"], "steps": int(row["steps"]),
+            "trial_id": row["trial_id"], "status": row["status"], "steps": int(row["step"]),
             "best_eval_loss": round(float(row["best_eval_loss"]), 4),
             "base_eval_loss": round(float(row["base_eval_loss"]), 4),
             "tokens_per_s": round(float(row["tokens_per_s"]), 1),

@@ -10,6 +10,7 @@ import pytest
 from analysis.experiment import (
     REPORT_PAGE,
     RESULTS,
+    ExperimentError,
     experiment_names,
     load_experiment,
     load_histories,
@@ -19,19 +20,22 @@ from analysis.experiment import (
     write_summary,
     write_table,
 )
+from tests.conftest import sweep_summary, trial_result
 from trainable.outcome import TrialReport
+from trainable.schema import results_table
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["local", "uri"])
 def test_writes_are_whole_and_read_back(tmp_path: Path, remote: bool) -> None:
     folder = f"file://{tmp_path}/exp" if remote else str(tmp_path / "exp")
     write_file(folder, "trial_a/checkpoint/adapter.json", b'{"r": 8}')
-    write_summary(folder, {"fingerprint": {"data": "abc"}, "n": 1.5})
+    summary = sweep_summary({"train": {"max_steps": 4}}, fingerprint={"data": "abc"}, base_eval_loss=1.5)
+    write_summary(folder, summary)
     table = pd.DataFrame({"trial_id": ["a", "b"], "best_eval_loss": [1.0, 2.0]})
     write_table(table, folder, RESULTS)
     write_table(table, folder, "leaderboard.csv")
     assert read_file(folder, "trial_a/checkpoint/adapter.json") == b'{"r": 8}'
-    assert read_summary(folder) == {"fingerprint": {"data": "abc"}, "n": 1.5}
+    assert read_summary(folder) == summary
     assert pd.read_parquet(tmp_path / "exp" / RESULTS).equals(table)
     assert pd.read_csv(tmp_path / "exp" / "leaderboard.csv").equals(table)
     write_file(folder, REPORT_PAGE, b"<html>old</html>")
@@ -61,7 +65,27 @@ def test_a_restarted_trials_history_keeps_the_steps_it_trained_again(tmp_path: P
                TrialReport(eval_loss=1.2, step=6, retries=1, restored_from_step=2),
                TrialReport(eval_loss=1.0, step=8, retries=1, restored_from_step=2)]  # fmt: skip
     pd.DataFrame([r.to_tune() for r in reports]).to_csv(trial / "progress.csv", index=False)
-    pd.DataFrame({"trial_id": ["a"], "trial_path": [str(trial)]}).to_parquet(tmp_path / "exp" / RESULTS)
+    write_table(results_table([trial_result("a", trial_path=str(trial))]), tmp_path / "exp", RESULTS)
+    write_summary(tmp_path / "exp", sweep_summary())
     history = load_histories(load_experiment(tmp_path / "exp"))
     assert list(history["step"]) == [2, 4, 6, 8]
     assert list(history["eval_loss"]) == [2.0, 1.4, 1.2, 1.0]
+
+
+def test_an_experiment_whose_results_lack_a_column_is_refused_by_name(tmp_path: Path) -> None:
+    folder = tmp_path / "exp"
+    write_summary(folder, sweep_summary())
+    table = results_table([trial_result("a"), trial_result("b", 0.5)])
+    write_table(table.drop(columns=["status"]), folder, RESULTS)
+    with pytest.raises(
+        ExperimentError, match=r"results\.parquet: no column status; results\.parquet must hold"
+    ):
+        load_experiment(folder)
+    write_table(table, folder, RESULTS)
+    assert list(load_experiment(folder).results["trial_id"]) == ["b", "a"]  # ranked: the lower loss first
+    (folder / "sweep.json").write_text('{"config": {}}')
+    with pytest.raises(ExperimentError, match=r"sweep\.json: no fingerprint, model_path, chat_template"):
+        load_experiment(folder)
+    (folder / "sweep.json").unlink()
+    with pytest.raises(ExperimentError, match=r"no sweep\.json"):
+        load_experiment(folder)

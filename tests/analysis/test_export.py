@@ -63,7 +63,7 @@ def test_exported_adapter_and_merged_model_compute_like_the_trial(tiny_sweep: Pa
     assert str(row["trial_id"]) in card and "learning_rate" in card and "best eval loss" in card
     assert "exact_match (base)" in card
 
-    model_path = experiment.summary["model_path"]
+    model_path = experiment.summary.model_path
     settings = experiment.model_settings
     from_checkpoint = PeftModel.from_pretrained(
         load_base_model(model_path, settings, device="cpu"), row["adapter_path"]

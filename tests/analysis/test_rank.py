@@ -11,6 +11,7 @@ import pytest
 from analysis.rank import rank_trials, recommend
 from analysis.report import select_finalists
 from analysis.score import compare_candidates, score_generations, summarize_quality
+from tests.conftest import sweep_summary
 
 
 def results_table(rows: list[tuple[str, str, float]], *, recipe: str | None = None) -> pd.DataFrame:
@@ -249,7 +250,7 @@ def test_importance_study_rebuilt_from_the_table_uses_the_recorded_space(tmp_pat
     table["r"] = [8, 16, 8]
     table["learning_rate"] = [1e-4, 3e-4, 2e-4]
     space = {"r": {"choice": [8, 16]}, "learning_rate": {"loguniform": [1e-5, 1e-3]}}
-    experiment = Experiment(tmp_path, {"config": {"search": {"space": space}}}, table)
+    experiment = Experiment(tmp_path, sweep_summary({"search": {"space": space}}), table)
     study = rebuild_study(experiment)
     assert [t.value for t in study.trials] == [1.0, 1.2]  # the failed trial is left out
     assert all(t.state == TrialState.COMPLETE for t in study.trials)

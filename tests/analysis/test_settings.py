@@ -9,11 +9,12 @@ import pytest
 
 from analysis.experiment import Experiment, ExperimentError
 from analysis.settings import load_report_settings
+from tests.conftest import sweep_summary
 from trainable.settings import apply_override
 
 
 def experiment_with(report: dict) -> Experiment:
-    return Experiment(path=Path("."), summary={"config": {"report": report}}, results=pd.DataFrame())
+    return Experiment(path=Path("."), summary=sweep_summary({"report": report}), results=pd.DataFrame())
 
 
 def test_overrides_read_exponents_as_floats_as_the_driver_does() -> None:

@@ -125,7 +125,7 @@ def test_a_config_predicted_not_to_fit_is_skipped_and_the_budget_stops_the_sweep
     row = table[table["origin"] == "initial"].set_index("r").loc[BIG["r"]]
     assert row["status"] == "skipped_oom" and row["target_modules"] == BIG["target_modules"]
     assert row["estimated_memory_gib"] == pytest.approx(big, abs=1e-6) and row["estimated_memory_gib"] > card
-    assert row["steps"] == 0 and pd.isna(row["adapter_path"]) and pd.isna(row["best_eval_loss"])
+    assert row["step"] == 0 and pd.isna(row["adapter_path"]) and pd.isna(row["best_eval_loss"])
     assert not list(Path(row["trial_path"]).glob("checkpoint_*"))
     assert row["wall_time_s"] < 5  # no model load, no eval: loading and evaluating alone take longer
     assert row["rank"] > len(table) - len(skipped)  # never ranked above a trial that ran

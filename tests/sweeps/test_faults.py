@@ -80,7 +80,7 @@ def faulty_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> 
 
 def test_killed_trial_resumes_from_its_checkpoint(faulty_sweep: pd.DataFrame) -> None:
     killed = faulty_sweep.loc["16/16"]
-    assert killed["status"] == "completed" and killed["steps"] == 8
+    assert killed["status"] == "completed" and killed["step"] == 8
     assert killed["retries"] == 1
     assert killed["restored_from_step"] == 4  # the last checkpoint before the kill at step 5, not step 0
     assert len(killed["eval_history"]) == 4  # evaluations at steps 2, 4 (first run), 6, 8 (after the retry)

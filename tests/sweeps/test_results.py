@@ -96,7 +96,7 @@ def test_results_table_through_tune(tmp_path: Path) -> None:
     initial = table[table["origin"] == "initial"].iloc[0]
     assert {k: initial[k] for k in user} == user
     # The rest of the row comes from the trial's report, read back through TrialReport.from_tune.
-    assert set(table["status"]) == {"completed"} and set(table["steps"]) == {4}
+    assert set(table["status"]) == {"completed"} and set(table["step"]) == {4}
     assert set(table["base_eval_loss"]) == {2.5} and set(table["tokens"]) == {128}
     assert table.iloc[0]["best_eval_loss"] == table["best_eval_loss"].min()
     assert table["adapter_path"].notna().all()

@@ -119,7 +119,7 @@ def test_results_table_has_every_trial_with_config_and_metrics(tiny_sweep: tuple
     assert set(HYPERPARAMETERS) <= set(table.columns)
     for column in ("best_eval_loss", "final_eval_loss", "base_eval_loss", "tokens_per_s", "wall_time_s"):
         assert table[column].notna().all(), column
-    assert (table["steps"] == 8).all() and (table["tokens"] > 0).all()
+    assert (table["step"] == 8).all() and (table["tokens"] > 0).all()
     assert list(table["rank"]) == [1, 2, 3]
     assert table["best_eval_loss"].is_monotonic_increasing
     assert (table["best_eval_loss"] < table["base_eval_loss"]).all()

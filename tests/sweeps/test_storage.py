@@ -149,7 +149,7 @@ def test_killed_driver_resumes_from_storage(
     )
     table = pd.read_parquet(io.BytesIO(read_stored(remote_sweep.env, "results.parquet")))
     assert table["trial_id"].is_unique and set(table["r"]) == {4, 8}
-    assert (table["steps"] == 4).all()
+    assert (table["step"] == 4).all()
     for name, value in {**remote_sweep.env, "QLORA_SWEEPS_CACHE": str(tmp_path)}.items():
         monkeypatch.setenv(name, value)
     histories = load_histories(load_experiment(URI))
