@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PrinterCallback, TrainerCallback, set_seed
+from transformers import PrinterCallback, set_seed
 
 from trainable.evaluate import evaluate_base
-from trainable.faults import ENV as FAULTS_ENV
-from trainable.faults import Fault
 from trainable.hardware import resolve_compute_dtype
+from trainable.inject_faults import InjectFaults
 from trainable.memory import estimate_trial_memory, fits
 from trainable.model import build_lora_model, load_tokenizer, quiet_libraries
 from trainable.outcome import SEED_KEY, TrialReport
@@ -263,28 +261,6 @@ def run_trial(
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
         end_worker_trial()
-
-
-class InjectFaults(TrainerCallback):
-    """The faults of trainable/faults.py, done at their optimizer steps."""
-
-    def __init__(self, faults: tuple[Fault, ...], *, retries: int) -> None:
-        self.faults = faults
-        self.retries = retries
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
-        for fault in self.faults:
-            if state.global_step != fault.step:
-                continue
-            if fault.action == "kill" and self.retries == 0:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if fault.action == "oom":
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. (injected by " + FAULTS_ENV + ")")
-            if fault.action == "nan" and model is not None:
-                with torch.no_grad():
-                    for name, param in model.named_parameters():
-                        if "lora_" in name:
-                            param.fill_(float("nan"))
 
 
 def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
