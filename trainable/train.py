@@ -11,6 +11,10 @@ in a TorchTrainer without changing it.
     from trainable.train import train_by_hand
     trial = prepare_trial(train=TrainSettings(max_steps=20, eval_every=10))   # the bundled data, smollm2
     reports = train_by_hand({"r": 8, "learning_rate": 1e-3}, trial.settings, output_dir="my-trial")
+
+A trial here is set up, its trainer built, run, and its evaluations reported. Beside it: the process it runs
+in, which Tune may reuse (trainable/worker.py), the callback that reports to Tune (trainable/reporter.py),
+and the faults a test may inject (trainable/inject_faults.py).
 """
 
 from __future__ import annotations
