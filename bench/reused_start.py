@@ -1,5 +1,5 @@
 """A reused worker's trial start with the process's objects left out of Python's collections (gc.freeze at
-the worker's first trial, as trainable.train.start_worker_trial does) and without (gc.freeze made a no-op),
+the worker's first trial, as trainable.worker.start_worker_trial does) and without (gc.freeze made a no-op),
 in alternating processes on the same host, model and trials.
 
     python -m bench.reused_start --config bench/gpu/packing.yaml --trials 7 --repeats 3 --out results/

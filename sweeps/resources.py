@@ -99,7 +99,7 @@ def worker_reuse_problem(config: SweepConfig, *, gpus: int, memory: TrialMemory 
     """Why trials may not reuse each other's worker processes, or "" where they may.
 
     A trial sets everything process-wide it depends on afresh and frees what the trial before it left
-    (trainable.train.start_worker_trial), and Tune reuses a process only for a trial of the same resources.
+    (trainable.worker.start_worker_trial), and Tune reuses a process only for a trial of the same resources.
     What it cannot free: bitsandbytes' paged optimizers put each state of 100k elements or more in CUDA
     unified memory, which bitsandbytes never releases (there is no call for it), so a reused process would
     keep every earlier trial's states. Reuse is off for GPU trials whose largest configuration pages any

@@ -4,9 +4,9 @@
 
 The driver reads the specification once from its own environment (parse_faults; a bad one stops it before
 Ray starts) and hands the faults to every trial in its TrialSettings, so trials on any node get them. A
-trial adds the InjectFaults callback (trainable.train) only when faults match its hyperparameters; with
-none (always, outside tests) no fault code runs in a trial. This module only parses and matches, so the
-driver imports no training library for it.
+trial adds the InjectFaults callback (trainable.inject_faults) only when faults match its hyperparameters;
+with none (always, outside tests) no fault code runs in a trial. This module only parses and matches, so
+the driver imports no training library for it.
 
 Each entry is `action@step[:key=value,...]`: at that optimizer step, a trial whose hyperparameters match
 every key=value (all trials when none are given) gets the fault. `kill` ends the trial's process with

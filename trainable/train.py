@@ -11,288 +11,49 @@ in a TorchTrainer without changing it.
     from trainable.train import train_by_hand
     trial = prepare_trial(train=TrainSettings(max_steps=20, eval_every=10))   # the bundled data, smollm2
     reports = train_by_hand({"r": 8, "learning_rate": 1e-3}, trial.settings, output_dir="my-trial")
+
+A trial here is set up, its trainer built, run, and its evaluations reported. Beside it: the process it runs
+in, which Tune may reuse (trainable/worker.py), the callback that reports to Tune (trainable/reporter.py),
+and the faults a test may inject (trainable/inject_faults.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import gc
 import json
 import math
 import os
-import resource
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
-from transformers import PrinterCallback, TrainerCallback, set_seed
+from transformers import PrinterCallback, set_seed
 
 from trainable.evaluate import evaluate_base
-from trainable.faults import ENV as FAULTS_ENV
-from trainable.faults import Fault
 from trainable.hardware import resolve_compute_dtype
-from trainable.memory import MemoryEstimate, estimate_trial_memory, fits
-from trainable.model import build_lora_model, load_base_model, load_tokenizer, quiet_libraries
+from trainable.inject_faults import InjectFaults
+from trainable.memory import estimate_trial_memory, fits
+from trainable.model import build_lora_model, load_tokenizer, quiet_libraries
 from trainable.outcome import SEED_KEY, TrialReport
 from trainable.prepare import TrialSettings
-from trainable.settings import HYPERPARAMETERS, Hyperparameters, ModelSettings
+from trainable.reporter import TRIAL_STATE, ReportSink, TrialState, TuneReporter, describe_evaluation
+from trainable.settings import HYPERPARAMETERS, Hyperparameters
+from trainable.worker import base_for_trial, end_worker_trial, room_to_keep_base, start_worker_trial
 
 # When this module's imports ended: a new worker process spends its start on Python, Ray and these imports.
+# Taken here, after the last of the trial's code, and handed to start_worker_trial (trainable/worker.py).
 IMPORTED_AT = time.time()
-
-TRIAL_STATE = "trial_state.json"  # kept in each checkpoint: a TrialState
-# transformers' key for the eval loss in evaluate()'s metrics: metric_key_prefix "eval" + the model's "loss".
-TRAINER_EVAL_LOSS = "eval_loss"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrialState:
-    """What a restarted trial carries on with, kept in each checkpoint beside the trainer's own state."""
-
-    retries: int  # restarts so far
-
-
-# Where a trial's reports go: the metrics, and the checkpoint folder saved with them (None: no checkpoint).
-# Tune's session in a sweep (train_trial), a list in this process (train_by_hand).
-ReportSink = Callable[[dict[str, Any], "str | None"], None]
-
-
-def process_started_at() -> float:
-    """UNIX time this process started (Linux: /proc/self/stat's start time since boot); NaN elsewhere."""
-    try:
-        # The fields after the command name, which may hold spaces; the start time is the stat line's 22nd.
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return math.nan
-    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
-
-
-@dataclasses.dataclass
-class KeptBase:
-    """The quantized base model a reused worker keeps between its trials, never trained or run: each later
-    trial of the same model trains a copy of it (a copy on the device, instead of a load from the node's
-    cache or a fresh quantization). Trials freeze the base, but LoRA, kbit preparation and the fast path
-    change the model they are given, so the kept one is only ever copied."""
-
-    key: tuple[str, ModelSettings, str]  # model path, model settings, device
-    model: Any
-    nbytes: int  # device memory it holds (CUDA), what a trial beside it must leave room for
-
-
-@dataclasses.dataclass
-class WorkerProcess:
-    """This process as a trial worker. Tune may run trial after trial in it (search.reuse_workers)."""
-
-    started_at: float  # UNIX time the process started
-    trials: int = 0  # trials begun in this process (a skipped_oom trial begins none)
-    last_trial_ended_at: float = math.nan
-    base: KeptBase | None = None
-
-
-WORKER = WorkerProcess(started_at=process_started_at())
-
-
-@dataclasses.dataclass
-class TrialStart:
-    """UNIX times of a trial's start, in order, for the start_* fields of its reports."""
-
-    worker_trial: int  # 1: this trial started the process
-    since: float  # the process's start; a reused worker: the end of its previous trial
-    imported: float  # this module imported (a reused worker: `since`, nothing is imported again)
-    began: float  # run_trial began
-    model: float = math.nan  # the base model loaded (or copied from the one the worker kept)
-    trainer: float = math.nan  # LoRA attached, trainer built
-    first_step: float = math.nan  # the first optimizer step ended
-    base_copied: bool = False  # the base was a copy of the one the worker kept, not loaded
-
-    def mark(self, stage: str) -> None:
-        """setup_trial's on_stage: the base model loaded (or copied) and the trainer built."""
-        if stage in ("base_model_loaded", "base_model_copied"):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # the copy to the GPU is asynchronous
-            self.model = time.time()
-            self.base_copied = stage == "base_model_copied"
-        elif stage == "trainer_built":
-            self.trainer = time.time()
-
-    def fields(self) -> dict[str, Any]:
-        """The TrialReport fields."""
-        return {
-            "worker_pid": os.getpid(),
-            "worker_trial": self.worker_trial,
-            "start_imports_s": self.imported - self.since,
-            "start_worker_s": self.began - self.imported,
-            "start_model_s": self.model - self.began,
-            "start_trainer_s": self.trainer - self.model,
-            "start_step_s": self.first_step - self.trainer,
-            "base_copied": self.base_copied,
-        }
-
-
-def start_worker_trial(settings: TrialSettings, *, device: str) -> TrialStart:
-    """Set this process up for a trial, also when Tune reuses it after other trials (search.reuse_workers):
-    every process-wide setting a trial depends on is set each time, what an earlier trial left is freed,
-    and the peak-memory count starts afresh. The random seeds are set by run_trial, the rest lives in the
-    trial's own objects."""
-    began = time.time()
-    WORKER.trials += 1
-    if WORKER.trials == 1:
-        # What the process holds before its first trial (the half million objects of torch, transformers,
-        # peft, Ray ...) lives as long as the process: leave it out of every later collection. A full one
-        # then takes milliseconds instead of about 0.3 s on a fast CPU, and a reused trial's start makes two
-        # (below, and transformers' Trainer.train through accelerate's free_memory). Objects made from here
-        # on, the trials' models among them, are collected as before.
-        gc.freeze()
-    else:
-        # The previous trial's model, trainer and optimizer hang in reference cycles until a collection.
-        gc.collect()
-    if device == "cpu":
-        torch.set_num_threads(settings.cpus)
-        with contextlib.suppress(OSError):  # elsewhere than Linux the peak stays the process's
-            Path("/proc/self/clear_refs").write_text("5")  # restarts the peak RSS that getrusage reports
-    else:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        # Trials sharing a card: this one's allocator may take only its share, so a trial that outgrows its
-        # plan runs out of memory itself (status oom) instead of starving its neighbours.
-        share = settings.gpu_share if 0 < settings.gpu_share < 1 else 1.0
-        torch.cuda.set_per_process_memory_fraction(share)
-    if WORKER.trials == 1:
-        return TrialStart(worker_trial=1, since=WORKER.started_at, imported=IMPORTED_AT, began=began)
-    since = WORKER.last_trial_ended_at
-    return TrialStart(worker_trial=WORKER.trials, since=since, imported=since, began=began)
-
-
-def describe_evaluation(trial_id: str, report: TrialReport, max_steps: int) -> str:
-    """The one line a trial prints per evaluation."""
-    return (
-        f"trial {trial_id}: step {report.step}/{max_steps}, eval_loss {report.eval_loss:.4f} "
-        f"(base {report.base_eval_loss:.4f}), train_loss {report.train_loss:.4f}, "
-        f"{report.tokens_per_s:.0f} tokens/s"
-    )
 
 
 def trial_hparams(searched: dict[str, Any], defaults: Hyperparameters) -> Hyperparameters:
     """The trial's hyperparameters: the searched values over the configured defaults. A trial's config may
     hold other keys (a re-check's seed and the trial it re-checks); the config's space names only these."""
     return dataclasses.replace(defaults, **{k: v for k, v in searched.items() if k in HYPERPARAMETERS})
-
-
-def peak_memory_gib(device: str) -> float:
-    """The trial's peak: on CUDA the memory it allocated at most, less the base its worker keeps for later
-    trials (KeptBase), so that it compares with the trial's estimate; on CPU the process's peak RSS."""
-    if device == "cuda":
-        kept = WORKER.base.nbytes if WORKER.base is not None else 0
-        return (torch.cuda.max_memory_allocated() - kept) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-class TuneReporter(TrainerCallback):
-    """Reports each evaluation to Tune with the checkpoint saved right after it (adapter + optimizer)."""
-
-    def __init__(
-        self,
-        *,
-        send: ReportSink,
-        device: str,
-        base_eval_loss: float | None,
-        retries: int,
-        restored_from_step: int,
-        start: TrialStart,
-        estimated_memory_gib: float = math.nan,
-        gpu_share: float = 0.0,
-    ) -> None:
-        self.send = send  # where each report goes, with its checkpoint
-        self.start = start
-        self.device = device
-        self.base_eval_loss = base_eval_loss
-        self.retries = retries  # how often this trial was restarted from a checkpoint
-        self.restored_from_step = restored_from_step
-        self.estimated_memory_gib = estimated_memory_gib
-        self.gpu_share = gpu_share
-        self.diverged = False  # a NaN or infinite loss was seen
-        self.evaluations = 0  # eval passes in this process: one per report (the base is not evaluated here)
-        # Where the trial ran, to check Tune's placement: the Ray node and the GPUs it was given.
-        in_ray = ray.is_initialized()  # not when trained by hand
-        self.node_id = ray.get_runtime_context().get_node_id() if in_ray else ""
-        self.gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids()) if in_ray else ""
-        self.train_losses: list[float] = []
-        self.last_eval: dict[str, float] = {}
-        self.train_seconds = 0.0
-        self._step_start = 0.0
-        self._tokens_at_start: int | None = None
-
-    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        self._step_start = time.perf_counter()
-        if self._tokens_at_start is None:
-            self._tokens_at_start = state.num_input_tokens_seen  # non-zero when resumed
-
-    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if math.isnan(self.start.first_step):
-            if self.device == "cuda":
-                torch.cuda.synchronize()  # the step's kernels run after the Python call returns
-            self.start.first_step = time.time()
-        self.train_seconds += time.perf_counter() - self._step_start
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-        if logs and "loss" in logs:
-            self.train_losses.append(float(logs["loss"]))
-            self.last_grad_norm = float(logs.get("grad_norm", math.nan))
-            if not math.isfinite(self.train_losses[-1]):
-                self.diverged = True
-                control.should_training_stop = True  # further steps only spread NaN
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # type: ignore[no-untyped-def]
-        self.evaluations += 1
-        self.last_eval = dict(metrics or {})
-        if not math.isfinite(self.last_eval.get(TRAINER_EVAL_LOSS, 0.0)):
-            self.diverged = True
-            control.should_training_stop = True
-
-    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if self.diverged:
-            return  # no checkpoint of NaN weights; run_trial reports the failure
-        checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        state_now = TrialState(retries=self.retries)
-        (checkpoint_dir / TRIAL_STATE).write_text(json.dumps(dataclasses.asdict(state_now)))
-        self.send(self.report(state).to_tune(), str(checkpoint_dir))
-
-    def report(self, state: Any, *, eval_loss: float | None = None) -> TrialReport:
-        tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)
-        last_eval_loss = float(self.last_eval.get(TRAINER_EVAL_LOSS, math.nan))
-        report = TrialReport(
-            eval_loss=last_eval_loss if eval_loss is None else eval_loss,
-            train_loss=sum(self.train_losses) / len(self.train_losses) if self.train_losses else math.nan,
-            grad_norm=getattr(self, "last_grad_norm", math.nan),
-            step=state.global_step,
-            tokens=int(state.num_input_tokens_seen),
-            tokens_per_s=tokens / self.train_seconds if self.train_seconds else 0.0,
-            peak_memory_gib=peak_memory_gib(self.device),
-            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-            visible_gpus=torch.cuda.device_count(),
-            base_eval_loss=self.base_eval_loss if self.base_eval_loss is not None else math.nan,
-            retries=self.retries,
-            restored_from_step=self.restored_from_step,
-            evaluations=self.evaluations,
-            diverged=self.diverged,
-            node_id=self.node_id,
-            gpu_ids=self.gpu_ids,
-            started_at=self.start.began,
-            estimated_memory_gib=self.estimated_memory_gib,
-            gpu_share=self.gpu_share,
-            **self.start.fields(),
-        )
-        self.train_losses = []
-        return report
 
 
 def build_trainer(
@@ -439,45 +200,6 @@ def setup_trial(
     return trainer
 
 
-def base_for_trial(settings: TrialSettings, *, device: str, keep: bool) -> tuple[Any, bool]:
-    """The trial's quantized base model, and whether it is a copy of the one this worker kept (KeptBase).
-
-    A worker that kept the same model's base gives the trial a copy of it. If the trial may not keep one
-    (`keep` false: no further trials here, or no room beside this trial), a kept base is handed over as
-    the trial's own, or dropped if it is another model's. Otherwise the base is loaded and, with `keep`,
-    a copy of it kept for later trials."""
-    key = (settings.model_path, settings.model, device)
-    kept = WORKER.base
-    if kept is not None and kept.key == key:
-        if keep:
-            return copy.deepcopy(kept.model), True
-        WORKER.base = None  # no room beside this trial: it trains the kept one itself
-        return kept.model, True
-    WORKER.base = None
-    model = load_base_model(settings.model_path, settings.model, device=device)
-    if keep:
-        before = torch.cuda.memory_allocated() if device == "cuda" else 0
-        kept_model = copy.deepcopy(model)
-        nbytes = torch.cuda.memory_allocated() - before if device == "cuda" else 0
-        WORKER.base = KeptBase(key=key, model=kept_model, nbytes=nbytes)
-    return model, False
-
-
-def room_to_keep_base(settings: TrialSettings, estimate: MemoryEstimate | None, *, device: str) -> bool:
-    """Whether this trial's worker keeps a copy of the base beside the trial (KeptBase): only where Tune
-    may reuse the worker, and on a GPU only where the trial's estimate plus the copy (the estimate's weight
-    terms) still fits the trial's share of the card. A GPU trial without an estimate keeps none: whether it
-    has room is not known. On CPU the copy takes host memory, which no estimate covers."""
-    if not settings.reused_worker:
-        return False
-    if device == "cpu":
-        return True
-    if estimate is None or settings.memory is None:
-        return False
-    copy_gib = estimate.base_weights + estimate.dequant_scales + estimate.embeddings
-    return estimate.total_gib + copy_gib <= settings.memory.card_gib * settings.memory.share
-
-
 def run_trial(
     searched: dict[str, Any], settings: TrialSettings, *, send: ReportSink, resume_from: str | None = None
 ) -> None:
@@ -503,7 +225,7 @@ def run_trial(
                                   gpu_share=settings.gpu_share)  # fmt: skip
             send(skipped.to_tune(), None)
             return
-    start = start_worker_trial(settings, device=device)
+    start = start_worker_trial(settings, device=device, imported_at=IMPORTED_AT)
     if SEED_KEY in searched:  # a seed re-check: its own LoRA init, data order and dropout masks
         settings = dataclasses.replace(
             settings, train=dataclasses.replace(settings.train, seed=int(searched[SEED_KEY]))
@@ -542,29 +264,7 @@ def run_trial(
         send(oom.to_tune(), None)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
-        WORKER.last_trial_ended_at = time.time()
-
-
-class InjectFaults(TrainerCallback):
-    """The faults of trainable/faults.py, done at their optimizer steps."""
-
-    def __init__(self, faults: tuple[Fault, ...], *, retries: int) -> None:
-        self.faults = faults
-        self.retries = retries
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
-        for fault in self.faults:
-            if state.global_step != fault.step:
-                continue
-            if fault.action == "kill" and self.retries == 0:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if fault.action == "oom":
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. (injected by " + FAULTS_ENV + ")")
-            if fault.action == "nan" and model is not None:
-                with torch.no_grad():
-                    for name, param in model.named_parameters():
-                        if "lora_" in name:
-                            param.fill_(float("nan"))
+        end_worker_trial()
 
 
 def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:

@@ -33,8 +33,9 @@ def measured_process(model: str, cache: str) -> None:
     from transformers import TrainerCallback
 
     from trainable.prepare import prepare_trial
+    from trainable.reporter import TRAINER_EVAL_LOSS
     from trainable.settings import DataSettings, Hyperparameters, ModelSettings, TrainSettings
-    from trainable.train import TRAINER_EVAL_LOSS, setup_trial
+    from trainable.train import setup_trial
 
     marks["imports"] = time.time() - start
     settings = ModelSettings(name_or_path=model, cache_quantized=cache != "off")

@@ -183,25 +183,25 @@ def test_a_copy_of_the_kept_base_computes_and_trains_as_the_loaded_one(
     small_llama: Path, tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     # A reused worker's later trials train a copy, made on the card, of the 4-bit base it kept
-    # (trainable.train.base_for_trial): the copy must give the loaded model's logits and LoRA gradients
+    # (trainable.worker.base_for_trial): the copy must give the loaded model's logits and LoRA gradients
     # exactly, take the card memory it is counted for, and leave the kept base untouched when trained.
-    import trainable.train as train
+    import trainable.worker as worker
     from trainable.model import build_lora_model
     from trainable.prepare import TrialSettings
     from trainable.settings import Hyperparameters, ModelSettings
 
     monkeypatch.setenv("QLORA_SWEEPS_CACHE", str(tmp_path))
-    monkeypatch.setattr(train, "WORKER", train.WorkerProcess(started_at=0.0))
+    monkeypatch.setattr(worker, "WORKER", worker.WorkerProcess(started_at=0.0))
     settings = TrialSettings(model_path=str(small_llama), model=ModelSettings(name_or_path=str(small_llama)),
                              train=None, default_hparams=Hyperparameters(), train_data={},  # type: ignore[arg-type]
                              eval_data={}, reused_worker=True)  # fmt: skip
-    loaded, copied = train.base_for_trial(settings, device="cuda", keep=True)
-    assert not copied and train.WORKER.base is not None
-    weights = sum(t.numel() * t.element_size() for t in train.WORKER.base.model.state_dict().values())
+    loaded, copied = worker.base_for_trial(settings, device="cuda", keep=True)
+    assert not copied and worker.WORKER.base is not None
+    weights = sum(t.numel() * t.element_size() for t in worker.WORKER.base.model.state_dict().values())
     assert (
-        weights <= train.WORKER.base.nbytes <= 1.25 * weights
+        weights <= worker.WORKER.base.nbytes <= 1.25 * weights
     )  # the quantization state held twice, rounding
-    copy, copied = train.base_for_trial(settings, device="cuda", keep=True)
+    copy, copied = worker.base_for_trial(settings, device="cuda", keep=True)
     assert copied and copy is not loaded
 
     ids = torch.randint(0, 512, (2, 64), device="cuda")
@@ -216,8 +216,8 @@ def test_a_copy_of_the_kept_base_computes_and_trains_as_the_loaded_one(
             lora(input_ids=ids, labels=ids).loss.backward()
         return lora_grads(lora)
 
-    kept = {k: v.clone() for k, v in train.WORKER.base.model.state_dict().items()}
+    kept = {k: v.clone() for k, v in worker.WORKER.base.model.state_dict().items()}
     a, b = grads(loaded), grads(copy)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    after = train.WORKER.base.model.state_dict()
+    after = worker.WORKER.base.model.state_dict()
     assert after.keys() == kept.keys() and all(torch.equal(after[k], kept[k]) for k in kept)

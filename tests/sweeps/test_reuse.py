@@ -117,7 +117,7 @@ def test_reuse_is_off_where_paged_optimizer_states_would_pile_up() -> None:
 
 
 def test_a_reused_gpu_worker_keeps_a_base_copy_only_where_the_trial_leaves_room_for_it() -> None:
-    """The kept base (trainable.train.KeptBase) sits in the trial's share of the card beside the trial: it
+    """The kept base (trainable.worker.KeptBase) sits in the trial's share of the card beside the trial: it
     is kept where the trial's estimate plus the copy's weights fit the share, never without an estimate,
     always on CPU (host memory), and only where Tune may reuse the worker."""
     import dataclasses
@@ -125,7 +125,7 @@ def test_a_reused_gpu_worker_keeps_a_base_copy_only_where_the_trial_leaves_room_
     from trainable.memory import estimate_trial_memory
     from trainable.prepare import TrialSettings
     from trainable.settings import Hyperparameters
-    from trainable.train import room_to_keep_base
+    from trainable.worker import room_to_keep_base
 
     hparams = Hyperparameters(r=64, target_modules="all-linear")
     plan = memory_plan(LLAMA_7B)

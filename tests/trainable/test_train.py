@@ -77,6 +77,7 @@ def test_a_reused_worker_trains_later_trials_on_a_copy_of_the_base_it_kept(
     import torch
 
     import trainable.train as train
+    import trainable.worker as worker
     from trainable.model import build_lora_model, load_base_model
 
     loads: list[str] = []
@@ -92,9 +93,9 @@ def test_a_reused_worker_trains_later_trials_on_a_copy_of_the_base_it_kept(
         trained.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(train, "load_base_model", counting_load)
+    monkeypatch.setattr(worker, "load_base_model", counting_load)
     monkeypatch.setattr(train, "build_lora_model", recording_build)
-    monkeypatch.setattr(train, "WORKER", train.WorkerProcess(started_at=0.0))
+    monkeypatch.setattr(worker, "WORKER", worker.WorkerProcess(started_at=0.0))
     settings = dataclasses.replace(prepared.settings, reused_worker=True, base_eval_loss=1.0)
     a = {"r": 4, "target_modules": "qv", "learning_rate": 5e-3}
     b = {"r": 8, "target_modules": "all-linear", "learning_rate": 1e-2}
@@ -111,7 +112,7 @@ def test_a_reused_worker_trains_later_trials_on_a_copy_of_the_base_it_kept(
     assert curves[0] != curves[1]
     assert curves[2] == curves[0]  # bit for bit: same seed, same base
     # The kept base is still the loaded model, bit for bit: no LoRA layers, no upcast norms.
-    kept = train.WORKER.base.model.state_dict()
+    kept = worker.WORKER.base.model.state_dict()
     fresh = load_base_model(settings.model_path, settings.model, device="cpu").state_dict()
     assert kept.keys() == fresh.keys()
     assert all(kept[k].dtype == fresh[k].dtype and torch.equal(kept[k], fresh[k]) for k in fresh)
@@ -122,9 +123,9 @@ def test_a_worker_that_runs_one_trial_keeps_no_base(
 ) -> None:
     import dataclasses
 
-    import trainable.train as train
+    import trainable.worker as worker
 
-    monkeypatch.setattr(train, "WORKER", train.WorkerProcess(started_at=0.0))
+    monkeypatch.setattr(worker, "WORKER", worker.WorkerProcess(started_at=0.0))
     settings = dataclasses.replace(prepared.settings, base_eval_loss=1.0)  # reused_worker off
     reports = train_by_hand({"r": 4}, settings, output_dir=tmp_path)
-    assert reports[-1]["base_copied"] == 0 and train.WORKER.base is None
+    assert reports[-1]["base_copied"] == 0 and worker.WORKER.base is None
