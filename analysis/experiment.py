@@ -33,6 +33,7 @@ import pandas as pd
 
 from trainable.outcome import METRIC, TRAIN_LOSS, TrialReport
 from trainable.schema import ADAPTER_PATH, BASE_EVAL_LOSS, TRIAL_ID, TRIAL_PATH, SweepSummary, check_results
+from trainable.search_space import Dimension, parse_space
 from trainable.settings import DataSettings, ModelSettings
 
 SUMMARY = "sweep.json"
@@ -74,6 +75,11 @@ class Experiment:
     @property
     def data_settings(self) -> DataSettings:
         return DataSettings(**self.summary.section("data"))
+
+    @property
+    def space(self) -> dict[str, Dimension]:
+        """The sweep's search space, parsed (empty when the recorded config has none)."""
+        return parse_space(self.summary.section("search").get("space") or {})
 
     @property
     def base_eval_loss(self) -> float:

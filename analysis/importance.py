@@ -16,7 +16,6 @@ from typing import Any
 from analysis.experiment import RESULTS, STUDY, Experiment
 from trainable.outcome import DIRECTION
 from trainable.schema import BEST_EVAL_LOSS, usable
-from trainable.search_space import to_optuna_distributions
 from trainable.settings import HYPERPARAMETERS
 
 # fANOVA fits a random forest; fewer finished trials than this say nothing about importance.
@@ -54,9 +53,8 @@ def rebuild_study(experiment: Experiment) -> Any:
     import optuna
     from optuna.distributions import CategoricalDistribution
 
-    space = experiment.summary.section("search").get("space", {})
     results = experiment.results
-    recorded = to_optuna_distributions({k: v for k, v in space.items() if k in results})
+    recorded = {name: d.to_optuna() for name, d in experiment.space.items() if name in results}
     distributions: dict[str, Any] = {}
     for name in HYPERPARAMETERS:
         if name in recorded:

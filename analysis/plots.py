@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from collections.abc import Collection, Mapping
 
 import matplotlib
 import numpy as np
@@ -21,15 +22,19 @@ from analysis.importance import Importance
 from analysis.score import BASELINE
 from trainable.outcome import METRIC
 from trainable.schema import BEST_EVAL_LOSS, TRIAL_ID
+from trainable.search_space import Dimension
 from trainable.settings import HYPERPARAMETERS
 
-LOG_SCALE = {"learning_rate"}  # searched on a log scale; drawn on one
+
+def _log_scaled(space: Mapping[str, Dimension] | None) -> set[str]:
+    return {name for name, dimension in (space or {}).items() if dimension.log}
 
 
-def _continuous(values: pd.Series, name: str) -> bool:
-    """Drawn on a numeric axis: the learning rate and any number with many values; the rest as categories."""
+def _continuous(values: pd.Series, name: str, log: Collection[str]) -> bool:
+    """Drawn on a numeric axis: a log-scaled dimension and any number with many values; the rest as
+    categories."""
     return pd.api.types.is_numeric_dtype(values) and (
-        name in LOG_SCALE or name == BEST_EVAL_LOSS or values.nunique() > 4
+        name in log or name == BEST_EVAL_LOSS or values.nunique() > 4
     )
 
 
@@ -90,8 +95,10 @@ def _usable(results: pd.DataFrame) -> pd.DataFrame:
     return results[np.isfinite(loss)]
 
 
-def plot_hyperparameters(results: pd.DataFrame) -> Figure:
-    """Best eval loss against each hyperparameter, one panel each (categories evenly spaced)."""
+def plot_hyperparameters(results: pd.DataFrame, *, space: Mapping[str, Dimension] | None = None) -> Figure:
+    """Best eval loss against each hyperparameter, one panel each (categories evenly spaced; `space`, the
+    sweep's, puts its log-scaled dimensions on a log axis)."""
+    log = _log_scaled(space)
     data = _usable(results)
     names = searched_parameters(data) or [h for h in HYPERPARAMETERS if h in data]
     if data.empty or not names:
@@ -102,9 +109,9 @@ def plot_hyperparameters(results: pd.DataFrame) -> Figure:
     axes = figure.subplots(rows, columns, squeeze=False)
     for axis, name in zip(axes.flat, names, strict=False):
         values = data[name]
-        if _continuous(values, name):
+        if _continuous(values, name, log):
             axis.scatter(values, data[BEST_EVAL_LOSS], s=25, alpha=0.8)
-            if name in LOG_SCALE:
+            if name in log:
                 axis.set_xscale("log")
         else:
             categories, labels = _categories(values)
@@ -130,8 +137,12 @@ def _as_number(text: str) -> float:
         return math.inf
 
 
-def plot_parallel_coordinates(results: pd.DataFrame) -> Figure:
-    """One line per trial across an axis per hyperparameter and a last axis for eval loss, colored by loss."""
+def plot_parallel_coordinates(
+    results: pd.DataFrame, *, space: Mapping[str, Dimension] | None = None
+) -> Figure:
+    """One line per trial across an axis per hyperparameter and a last axis for eval loss, colored by loss
+    (`space`, the sweep's, puts its log-scaled dimensions on a log axis)."""
+    log = _log_scaled(space)
     data = _usable(results)
     names = searched_parameters(data) or [h for h in HYPERPARAMETERS if h in data]
     if data.empty:
@@ -141,12 +152,12 @@ def plot_parallel_coordinates(results: pd.DataFrame) -> Figure:
     ticks: dict[str, tuple[list[float], list[str]]] = {}
     for name in axes_names:
         values = data[name]
-        if _continuous(values, name):
-            numbers = np.log10(values.astype(float)) if name in LOG_SCALE else values.astype(float)
+        if _continuous(values, name, log):
+            numbers = np.log10(values.astype(float)) if name in log else values.astype(float)
             low, high = float(numbers.min()), float(numbers.max())
             scaled[name] = (numbers - low) / (high - low) if high > low else 0.5
             shown = [low, (low + high) / 2, high] if high > low else [low]
-            labels = [f"{10**v:.2g}" if name in LOG_SCALE else f"{v:.4g}" for v in shown]
+            labels = [f"{10**v:.2g}" if name in log else f"{v:.4g}" for v in shown]
             ticks[name] = ([0.0, 0.5, 1.0] if high > low else [0.5], labels)
         else:
             categories, labels = _categories(values)

@@ -279,8 +279,8 @@ def build_report_page(
         "fig-quality": ("Answer quality", figure_to_base64(plot_quality(summarize_quality(scored)))),
         "fig-curves": ("Eval-loss curves", figure_to_base64(plot_eval_curves(
             load_histories(experiment), base_eval_loss=experiment.base_eval_loss, highlight=first))),
-        "fig-hyperparameters": ("Hyperparameters against eval loss", figure_to_base64(plot_hyperparameters(results))),
-        "fig-parallel": ("Parallel coordinates", figure_to_base64(plot_parallel_coordinates(results))),
+        "fig-hyperparameters": ("Hyperparameters against eval loss", figure_to_base64(plot_hyperparameters(results, space=experiment.space))),
+        "fig-parallel": ("Parallel coordinates", figure_to_base64(plot_parallel_coordinates(results, space=experiment.space))),
         "fig-importance": ("Hyperparameter importance", figure_to_base64(plot_importance(importance))),
     }  # fmt: skip
     # Without values the figure itself carries the note; with values, the note says how to read them.

@@ -138,9 +138,8 @@ def table_from_experiment(path: str | Path) -> Table:
     rows = []
     for _, trial in done.iterrows():
         history = [float(x) for x in trial["eval_history"]]
-        # GPU-seconds of the trial: the cost column where the driver records it, else its wall time on
-        # the one GPU it held. Spread evenly over its evaluations: the table has no finer timing.
-        seconds = float(trial["gpu_seconds"]) if "gpu_seconds" in trial else float(trial["wall_time_s"])
+        # GPU-seconds of the trial, spread evenly over its evaluations: the table has no finer timing.
+        seconds = float(trial["gpu_seconds"])
         rows.append(
             TableRow(
                 hyperparameters={name: _plain(trial[name]) for name in space},

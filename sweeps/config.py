@@ -19,8 +19,9 @@ from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from analysis.settings import ReportSettings
-from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, check_value, contains
+from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, check_value
 from trainable.outcome import Origin
+from trainable.search_space import Dimension, parse_dimension
 from trainable.settings import (
     HYPERPARAMETERS,
     STRICT,
@@ -185,7 +186,13 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
     except ValidationError as err:
         raise ConfigError(format_problems(origin, validation_problems(err))) from None
     problems = check_space(config.search.space)
-    bad_params = {p.split(":")[0].split(".")[2] for p in problems}
+    bad = {p.split(":")[0].split(".")[2] for p in problems}
+    # The well-formed ones, to check the starting points against.
+    dimensions = {
+        name: dimension
+        for name, spec in config.search.space.items()
+        if name not in bad and isinstance(dimension := parse_dimension(name, spec), Dimension)
+    }
     train = config.train
     if train.eval_every > train.max_steps:
         problems.append(
@@ -201,9 +208,9 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
             key = label.format(name)
             if name not in config.search.space:
                 problems.append(f"{key}: not in search.space ({', '.join(config.search.space)})")
-            elif name in bad_params:
-                continue
-            elif not contains(config.search.space, name, value):
+            elif name not in dimensions:
+                continue  # its spec has a problem, said above
+            elif not dimensions[name].contains(value):
                 problems.append(
                     f"{key}: {value!r} lies outside search.space.{name}" if name in point else
                     f"{key}: left out, so lora.{name} ({value!r}), which lies outside search.space.{name}; "

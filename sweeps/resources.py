@@ -14,6 +14,7 @@ The same worker says whether CUDA MPS serves its node, which decides how fast tr
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ from trainable.memory import (
     largest_batch_tokens,
     load_model_shape,
 )
+from trainable.search_space import parse_space
+from trainable.settings import MEMORY_COSTS
 
 # auto packs trials into 90% of the card: the estimate is calibrated to within 10% of measured peaks.
 SAFETY_MARGIN = 0.9
@@ -143,26 +146,28 @@ def trial_memory(plan: SweepPlan, card_gib: float) -> TrialMemory | None:
 
 
 def largest_estimate(config: SweepConfig, memory: TrialMemory) -> MemoryEstimate:
-    """The estimate of the space's largest configuration: the largest r and lora_dropout it allows with each
-    of its target_modules values."""
+    """The estimate of the space's largest configuration (configuration_estimates)."""
     return max(configuration_estimates(config, memory), key=lambda e: e.total_gib)
 
 
 def configuration_estimates(config: SweepConfig, memory: TrialMemory) -> list[MemoryEstimate]:
-    """The estimates of the largest r and lora_dropout the space allows, one per target_modules value."""
-    space, lora = config.search.space, config.lora
-
-    def largest(name: str, default: Any) -> Any:
-        if name not in space:
-            return default
-        kind, values = next(iter(space[name].items()))
-        return values[1] - 1 if kind == "randint" else max(values)  # randint's high is exclusive
-
-    targets = space.get("target_modules", {}).get("choice", [lora.target_modules])
-    hparams = dataclasses.replace(
-        lora, r=largest("r", lora.r), lora_dropout=largest("lora_dropout", lora.lora_dropout)
-    )
-    return [estimate_trial_memory(memory, dataclasses.replace(hparams, target_modules=t)) for t in targets]
+    """The estimates of the space's costliest configurations: every hyperparameter that costs memory
+    (trainable.settings.MEMORY_COSTS) at the largest value the space allows, or at each of its choices; one
+    estimate per combination of the latter (target_modules: one per value). Those not searched take the
+    `lora` section's value."""
+    dimensions = parse_space(config.search.space)
+    largest: dict[str, Any] = {}
+    each: dict[str, list[Any]] = {}
+    for name, cost in MEMORY_COSTS.items():
+        if name not in dimensions:
+            continue
+        if cost == "largest":
+            largest[name] = dimensions[name].largest()
+        else:
+            each[name] = list(dimensions[name].values)
+    costliest = dataclasses.replace(config.lora, **largest)
+    combinations = [dict(zip(each, values, strict=True)) for values in itertools.product(*each.values())]
+    return [estimate_trial_memory(memory, dataclasses.replace(costliest, **c)) for c in combinations]
 
 
 def auto_trials_per_gpu(config: SweepConfig, memory: TrialMemory) -> int:

@@ -7,12 +7,11 @@ or {"randint": [low, high]} (high exclusive). YAML files may replace the whole s
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
 
-from trainable.search_space import KINDS
+from trainable.search_space import parse_dimension, parse_space
 from trainable.settings import HYPERPARAMETERS, Hyperparameters
 
 # Sources (docs/search.md has the longer why): Hu et al. 2021, "LoRA" (arXiv:2106.09685); Dettmers et al.
@@ -56,32 +55,19 @@ def check_space(space: dict[str, Any]) -> list[str]:
     """Problems with a search space, each naming its key; empty when the space is usable."""
     problems = []
     for name, spec in space.items():
-        key = f"search.space.{name}"
         if name not in HYPERPARAMETERS:
-            problems.append(f"{key}: not a hyperparameter; searchable are {', '.join(HYPERPARAMETERS)}")
-            continue
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
             problems.append(
-                f"{key}: must be one of {{choice: [...]}}, {{uniform|loguniform|randint: [low, high]}}; got {spec!r}"
+                f"search.space.{name}: not a hyperparameter; searchable are {', '.join(HYPERPARAMETERS)}"
             )
             continue
-        kind, values = next(iter(spec.items()))
-        if not isinstance(values, list) or not values:
-            problems.append(f"{key}.{kind}: must be a non-empty list, got {values!r}")
+        dimension = parse_dimension(name, spec)
+        if isinstance(dimension, str):
+            problems.append(dimension)
             continue
-        if kind != "choice":
-            if (
-                len(values) != 2
-                or not all(isinstance(v, int | float) for v in values)
-                or values[0] >= values[1]
-            ):
-                problems.append(f"{key}.{kind}: must be [low, high] numbers with low < high, got {values!r}")
-                continue
-            if kind == "loguniform" and values[0] <= 0:
-                problems.append(f"{key}.loguniform: low must be > 0, got {values[0]}")
-                continue
-            values = [values[0], values[1] - 1 if kind == "randint" else values[1]]
-        problems += [f"{key}: {problem}" for value in values for problem in check_value(name, value)]
+        values = dimension.values if dimension.kind == "choice" else dimension.bounds
+        problems += [
+            f"search.space.{name}: {problem}" for value in values for problem in check_value(name, value)
+        ]
     return problems
 
 
@@ -96,27 +82,7 @@ def check_value(name: str, value: Any) -> list[str]:
     return []
 
 
-def contains(space: dict[str, Any], name: str, value: Any) -> bool:
-    kind, values = next(iter(space[name].items()))
-    if kind == "choice":
-        return value in values
-    high_ok = value < values[1] if kind == "randint" else value <= values[1]
-    return isinstance(value, int | float) and values[0] <= value and high_ok
-
-
 def to_tune_space(space: dict[str, Any]) -> dict[str, Any]:
     """The space as Ray Tune domains, which OptunaSearch turns into Optuna distributions (the same ones
-    trainable.search_space.to_optuna_distributions gives the study that the driver records)."""
-    from ray import tune
-
-    makers: dict[str, Callable[..., Any]] = {
-        "choice": tune.choice,
-        "uniform": tune.uniform,
-        "loguniform": tune.loguniform,
-        "randint": tune.randint,
-    }
-    domains = {}
-    for name, spec in space.items():
-        kind, values = next(iter(spec.items()))
-        domains[name] = makers[kind](values) if kind == "choice" else makers[kind](*values)
-    return domains
+    Dimension.to_optuna gives the study that the driver records)."""
+    return {name: dimension.to_tune() for name, dimension in parse_space(space).items()}

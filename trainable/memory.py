@@ -140,6 +140,7 @@ class MemoryInputs:
     gradient_checkpointing: bool = True
     activation_memory_gib: float = 0.0
     optimizer: Optimizer = "paged_adamw_32bit"
+    use_dora: bool = False
 
     @property
     def tokens(self) -> int:
@@ -222,6 +223,8 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     # recipe); on a plain base peft keeps them fp32. Gradients are the parameters' dtype, kept until the step.
     lora_bytes = 2 if inputs.quantization != "none" else 4
     tensors = [n for name in targets for n in _lora_tensor_sizes(m, name, inputs.r)] * layers
+    if inputs.use_dora:  # a trained magnitude per output of each adapted layer
+        tensors += [m.projection_shape(name)[1] for name in targets] * layers
     lora_parameters = sum(tensors)
     lora = lora_parameters * 2 * lora_bytes
     # Adam's two moments per trainable parameter: fp32 (8 bytes) for 32-bit states, 8-bit blockwise (2
@@ -262,7 +265,13 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     # alive during the head's backward and their own, and freed before the checkpointed layers are
     # recomputed one at a time: the peak is the larger of the two phases (2 unchecked 7B layers at 4 x 1024
     # measured 7.24 GiB, where keeping them through the whole backward would be 7.9).
-    backward = max(unchecked_layers + max(lm_head, layer_gradients), recomputed_layer + layer_gradients)
+    # DoRA (peft) computes each adapted layer's weight norm from the dequantized weight plus the LoRA product
+    # at every forward, recomputation included: three fp32 matrices of the largest adapted layer at once.
+    # Modelled from peft's code, not yet measured against a peak.
+    dora = 3 * max(i * o for i, o in map(m.projection_shape, targets)) * 4 if inputs.use_dora else 0
+    backward = max(
+        unchecked_layers + max(lm_head, layer_gradients), recomputed_layer + layer_gradients + dora
+    )
 
     allocated = (base + scales + embeddings + lora + in_allocator + checkpointed_inputs + backward) / GIB
     allocated += _WORKSPACE_GIB
@@ -350,7 +359,8 @@ class TrialMemory:
 
 
 def estimate_trial_memory(memory: TrialMemory, hparams: Hyperparameters) -> MemoryEstimate:
-    """The peak of one trial with `hparams` (its r, target_modules and lora_dropout) under `memory`."""
+    """The peak of one trial with `hparams` under `memory`: the hyperparameters that cost memory (declared
+    with each in trainable.settings.Hyperparameters) are r, target_modules, lora_dropout and use_dora."""
     from trainable.model import resolve_target_modules
 
     targets = resolve_target_modules(hparams.target_modules, set(memory.linear_modules))
@@ -369,5 +379,6 @@ def estimate_trial_memory(memory: TrialMemory, hparams: Hyperparameters) -> Memo
             gradient_checkpointing=memory.gradient_checkpointing,
             activation_memory_gib=memory.activation_memory_gib,
             optimizer=memory.optimizer,
+            use_dora=hparams.use_dora,
         )
     )

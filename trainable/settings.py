@@ -7,6 +7,7 @@ wrong types, out-of-range values), all problems at once, before any Ray or GPU w
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import field
 from typing import Annotated, Any, Literal
@@ -147,21 +148,29 @@ class Hyperparameters:
     """The searchable hyperparameters of a trial (LoRA's and the learning rate); a sweep searches some of
     them, and the values here (the config's `lora` section) are used for the others."""
 
-    r: Annotated[int, Field(ge=1, le=1024)] = 16
+    # `metadata={"memory": ...}`: the hyperparameter changes a trial's peak memory (trainable.memory), so the
+    # memory check before a sweep estimates the space's "largest" value (booleans: True) or "each" choice.
+    r: Annotated[int, Field(ge=1, le=1024)] = field(default=16, metadata={"memory": "largest"})
     lora_alpha: Annotated[int, Field(ge=1, le=4096)] = 32
     # A preset (see trainable.model.TARGET_PRESETS) or comma-separated module names such as "q_proj,v_proj".
-    target_modules: str = "all-linear"
-    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: str = field(default="all-linear", metadata={"memory": "each"})
+    # Dropout on: each LoRA layer keeps its dropped input for the backward.
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = field(default=0.05, metadata={"memory": "largest"})
     bias: Bias = "none"
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
     # rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): scale the update by alpha/sqrt(r) instead of alpha/r.
     use_rslora: bool = False
     # DoRA (Liu et al. 2024, arXiv:2402.09353): a learned magnitude per output times the normalized W + BA.
     # Its layers run peft's own forward; the CUDA fast path does not fuse them (trainable/fast.py).
-    use_dora: bool = False
+    use_dora: bool = field(default=False, metadata={"memory": "largest"})
     # LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B learns this many times faster than A (learning_rate).
     # 1 is plain LoRA; the paper's choice is 16. Below 1 would slow B, the opposite of the method.
     loraplus_lr_ratio: Annotated[float, Field(ge=1, le=1024)] = 1.0
 
 
 HYPERPARAMETERS: tuple[str, ...] = tuple(Hyperparameters.__dataclass_fields__)
+MemoryCost = Literal["largest", "each"]
+# The hyperparameters that change a trial's peak memory, and which of a searched one's values to estimate.
+MEMORY_COSTS: dict[str, MemoryCost] = {
+    f.name: f.metadata["memory"] for f in dataclasses.fields(Hyperparameters) if "memory" in f.metadata
+}

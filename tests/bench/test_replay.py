@@ -32,6 +32,8 @@ from bench.replay import (
 from bench.replay import write_table as write_replay_table
 from sweeps.config import load_config
 from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE
+from tests.conftest import sweep_summary, trial_result
+from trainable.schema import results_table as schema_table
 
 REPO = Path(__file__).resolve().parents[2]
 # Two parameters, four rows at the corners: each row owns a quarter of the space. QLoRA's recipe
@@ -158,18 +160,13 @@ def test_replay_command_writes_the_table_summaries_and_plot(table: Table, replay
 
 
 def test_table_from_an_experiment_keeps_completed_trials(tmp_path: Path) -> None:
-    write_summary(tmp_path, {"config": {"model": {"name_or_path": "smollm2"}, "search": {"space": SPACE}}})
-    results = pd.DataFrame(
-        {
-            "status": ["completed", "oom", "completed"],
-            "r": [8, 64, 64],
-            "lora_alpha": [16, 16, 16],
-            "learning_rate": [1e-4, 2e-4, 7e-4],
-            "eval_history": [[2.0, 1.5], [], [1.0, 0.5]],
-            "wall_time_s": [40.0, 3.0, 60.0],
-        }
-    )
-    write_table(results, tmp_path, RESULTS)
+    write_summary(tmp_path, sweep_summary({"model": {"name_or_path": "smollm2"}, "search": {"space": SPACE}}))
+    rows = [trial_result("a", 1.5, r=8, lora_alpha=16, learning_rate=1e-4, eval_history=[2.0, 1.5], gpu_seconds=40.0),
+            trial_result("b", math.nan, status="oom", r=64, lora_alpha=16, learning_rate=2e-4, eval_history=[],
+                         gpu_seconds=3.0),
+            trial_result("c", 0.5, r=64, lora_alpha=16, learning_rate=7e-4, eval_history=[1.0, 0.5],
+                         gpu_seconds=60.0)]  # fmt: skip
+    write_table(schema_table(rows).sort_values("trial_id"), tmp_path, RESULTS)
     table = table_from_experiment(tmp_path)
     assert [row.hyperparameters for row in table.rows] == [
         {"r": 8, "learning_rate": 1e-4},

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from sweeps.config import CONFIG_DIR, ConfigError, load_config
-from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, contains, to_tune_space
+from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, to_tune_space
+from trainable.search_space import parse_space
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -129,7 +130,7 @@ def test_default_space_is_valid_and_holds_the_recipe() -> None:
     domains = to_tune_space(DEFAULT_SPACE)
     assert set(domains) == set(DEFAULT_SPACE)
     assert set(QLORA_RECIPE) <= set(DEFAULT_SPACE)  # the recipe trial is the whole recipe
-    assert all(contains(DEFAULT_SPACE, name, value) for name, value in QLORA_RECIPE.items())
+    assert all(parse_space(DEFAULT_SPACE)[name].contains(value) for name, value in QLORA_RECIPE.items())
 
 
 def test_lora_options_are_searchable_and_checked() -> None:

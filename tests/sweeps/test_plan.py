@@ -9,6 +9,7 @@ import pytest
 
 from sweeps.config import ConfigError, load_config
 from sweeps.plan import SweepPlan, find_experiment, study_file
+from tests.conftest import sweep_summary
 from trainable.prepare import TrialSettings
 from trainable.settings import Hyperparameters, ModelSettings, TrainSettings
 
@@ -68,14 +69,14 @@ def test_resume_warns_when_the_environment_differs(
     from trainable.hardware import describe_environment
 
     now = describe_environment("auto")
-    plan = dataclasses.replace(plan_for(str(tmp_path)), summary={"fingerprint": {}, "environment": now})
-    write_summary(plan.experiment_uri, {"fingerprint": {}, "environment": now})
+    plan = dataclasses.replace(plan_for(str(tmp_path)), summary=sweep_summary(environment=now))
+    write_summary(plan.experiment_uri, plan.summary)
     resume_plan(plan)
     assert "warning" not in capsys.readouterr().out  # the same environment: nothing to say
 
     other_dtype = "float32" if now["compute_dtype"] == "bfloat16" else "bfloat16"  # whatever this CPU has
     before = {**now, "packages": {**now["packages"], "peft": "0.20.0"}, "compute_dtype": other_dtype}
-    write_summary(plan.experiment_uri, {"fingerprint": {}, "environment": before})
+    write_summary(plan.experiment_uri, sweep_summary(environment=before))
     resume_plan(plan)  # resumed all the same
     said = capsys.readouterr().out
     assert "the environment differs" in said

@@ -147,3 +147,42 @@ def test_a_reused_gpu_worker_keeps_a_base_copy_only_where_the_trial_leaves_room_
     assert not room_to_keep_base(settings(roomy), None, device="cuda")
     assert room_to_keep_base(settings(roomy), None, device="cpu")
     assert not room_to_keep_base(settings(roomy, reused=False), None, device="cpu")
+
+
+def test_the_memory_check_estimates_each_costly_value_the_space_allows() -> None:
+    """The hyperparameters that cost memory are declared with them (trainable.settings.MEMORY_COSTS); the
+    check estimates the largest r, dropout and use_dora the space allows, with each target_modules value."""
+    from sweeps.resources import configuration_estimates, largest_estimate
+    from trainable.memory import estimate_trial_memory
+    from trainable.settings import MEMORY_COSTS, Hyperparameters
+
+    assert MEMORY_COSTS == {
+        "r": "largest",
+        "target_modules": "each",
+        "lora_dropout": "largest",
+        "use_dora": "largest",
+    }
+    plan = memory_plan(LLAMA_7B)
+    space = {
+        "r": {"choice": [8, 64]},
+        "target_modules": {"choice": ["qv", "mlp"]},
+        "lora_dropout": {"choice": [0.0, 0.1]},
+    }
+    plain = configuration_estimates(
+        validate_config({"name": "x", "search": {"space": space, "start_with_qlora_recipe": False}}), plan
+    )
+    expected = [
+        estimate_trial_memory(plan, Hyperparameters(r=64, lora_dropout=0.1, target_modules=t))
+        for t in ("qv", "mlp")
+    ]
+    assert plain == expected
+    dora = validate_config(
+        {
+            "name": "x",
+            "search": {
+                "space": {**space, "use_dora": {"choice": [False, True]}},
+                "start_with_qlora_recipe": False,
+            },
+        }
+    )
+    assert largest_estimate(dora, plan).total_gib > max(e.total_gib for e in plain)  # DoRA costs memory

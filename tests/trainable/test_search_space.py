@@ -1,11 +1,11 @@
-"""The search space's one conversion into Optuna distributions."""
+"""The search space parsed once into typed dimensions: their ranges, Optuna's and Tune's forms."""
 
 from __future__ import annotations
 
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from trainable.search_space import to_optuna_distributions
+from trainable.search_space import Dimension, parse_space, to_optuna_distributions
 
 SPACE = {
     "r": {"choice": [8, 16, 64]},
@@ -37,5 +37,26 @@ def test_same_distributions_as_the_searcher_uses() -> None:
 
 
 def test_unknown_kind_names_the_parameter() -> None:
-    with pytest.raises(ValueError, match=r"search\.space\.r: kind 'normal'"):
+    with pytest.raises(ValueError, match=r"search\.space\.r: must be one of \{choice"):
         to_optuna_distributions({"r": {"normal": [0, 1]}})
+    with pytest.raises(
+        ValueError, match=r"search\.space\.lora_alpha\.randint: must be \[low, high\] integers"
+    ):
+        parse_space({"lora_alpha": {"randint": [1, 2.5]}})
+
+
+def test_dimensions_know_their_range_scale_and_largest_value() -> None:
+    space = parse_space({**SPACE, "use_dora": {"choice": [False, True]}})
+    assert space["learning_rate"] == Dimension("learning_rate", "loguniform", (2e-5, 1e-3))
+    assert [name for name, d in space.items() if d.log] == ["learning_rate"]
+    assert space["lora_alpha"].bounds == (8, 32) and space["lora_alpha"].contains(32)
+    assert not space["lora_alpha"].contains(33) and not space["lora_alpha"].contains(True)
+    assert (
+        space["r"].largest() == 64 and space["lora_dropout"].largest() == 0.2 and space["use_dora"].largest()
+    )
+    assert space["learning_rate"].contains(1e-3) and not space["learning_rate"].contains(1.1e-3)
+    assert space["target_modules"].contains("qv") and not space["target_modules"].contains("mlp")
+    assert {name: d.to_spec() for name, d in space.items()} == {
+        **SPACE,
+        "use_dora": {"choice": [False, True]},
+    }
