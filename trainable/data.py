@@ -1,4 +1,5 @@
-"""Instruction data: load records in common formats, split them, render chat prompts, tokenize.
+"""Instruction data: load records in common formats (local files through trainable.records), split them,
+render chat prompts, tokenize.
 
 Every record becomes a conversation in OpenAI's shape: {"role", "content"} messages with roles system, user,
 assistant and tool, an assistant turn may carry "tool_calls", and the example may carry the tools it can call.
@@ -9,7 +10,6 @@ FALLBACK_LAYOUT instead (see `to_fallback_messages`).
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import re
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from trainable.records import SUFFIXES, DataError, Numbered, read_records
 from trainable.settings import DataSettings
 from trainable.tasks import BUNDLED_PATH
 
@@ -69,7 +70,6 @@ _COLUMN_NAMES = (
     "instruction", "input", "output", "messages", "conversations", "prompt", "completion", "text", "tools",
     "system",
 )  # fmt: skip
-_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 # How a conversation with tools is rendered for a chat template that does not take tools (SmolLM2's, the
 # Alpaca default): the tools' JSON schemas appended to the system message under this header, each tool call
@@ -80,10 +80,6 @@ FALLBACK_TOOLS_HEADER = (
     'You can call these tools; to call one, answer with a JSON line {"name": ..., "arguments": {...}}:'
 )
 FALLBACK_RESULT_HEADER = "Tool result:"
-
-
-class DataError(ValueError):
-    """Bad data, named by file and line (or row) where there is one."""
 
 
 Message = dict[str, Any]  # {"role", "content"} and, on an assistant turn, maybe "tool_calls"
@@ -117,46 +113,6 @@ class Splits:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a local .jsonl/.json/.parquet/.csv file; a malformed row is reported by file and line."""
-    if not path.exists():
-        raise DataError(f"data.source: file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        return data
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    raise DataError(f"data.source: {path} has suffix {suffix!r}; expected one of {', '.join(_SUFFIXES)}")
-
-
-Numbered = list[tuple[str, dict[str, Any]]]  # rows with where they came from ("file:line"), for errors
 
 
 def _dataset_rows(settings: DataSettings, split: str) -> Numbered | None:
@@ -345,12 +301,18 @@ def to_examples(rows: Numbered, settings: DataSettings) -> list[Example]:
 def load_splits(settings: DataSettings) -> Splits:
     """Train/eval/test examples from the configured source: the bundled set, a local file, a local folder in
     the hub's layout or a hub dataset."""
-    if settings.source == "bundled" or Path(settings.source).suffix.lower() in _SUFFIXES:
-        path = BUNDLED_PATH if settings.source == "bundled" else Path(settings.source).expanduser().resolve()
-        rows = read_records(path)
+    local = Path(settings.source).expanduser()
+    # A file that exists is read as one, whatever its suffix: read_records names the suffixes it reads.
+    if settings.source == "bundled" or local.suffix.lower() in SUFFIXES or local.is_file():
+        path = BUNDLED_PATH if settings.source == "bundled" else local.resolve()
         # Rows carry their line numbers (for error messages) through the split.
-        numbered = [(f"{path}:{n}", row) for n, row in enumerate(rows, start=1)]
-        if any("split" in r for r in rows):
+        numbered = read_records(path, encoding="utf-8" if settings.source == "bundled" else settings.encoding)
+        if path.suffix.lower() == ".txt" and settings.format not in ("auto", "text"):
+            raise DataError(
+                f"data.format is {settings.format!r}, but {path} is plain text, read as format 'text' (a "
+                "document per blank-line-separated block); set data.format to text or auto"
+            )
+        if any("split" in r for _, r in numbered):
             parts = {
                 name: [(n, r) for n, r in numbered if r.get("split") == name]
                 for name in (settings.train_split, settings.eval_split, settings.test_split)

@@ -142,3 +142,19 @@ def test_truncation_is_counted_and_empty_examples_dropped(tokenizer) -> None:
     out = tokenize_examples([long_answer, long_prompt], tokenizer, template=template, max_length=64)
     assert out.truncated == 2 and out.dropped == 1
     assert len(out.input_ids) == 1 and len(out.input_ids[0]) == 64
+
+
+def test_a_txt_file_is_format_text_and_another_format_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(f"Document {i},\nin two lines." for i in range(10)))
+    splits = load_splits(DataSettings(source=str(path), eval_fraction=0.1))
+    assert sorted(e.origin for e in splits.train + splits.eval) == sorted(
+        f"{path}:{1 + 3 * i}" for i in range(10)
+    )
+    assert splits.train[0].messages == [{"role": "text", "content": "Document 0,\nin two lines."}]
+    with pytest.raises(DataError) as err:
+        load_splits(DataSettings(source=str(path), format="alpaca"))
+    assert str(err.value) == (
+        f"data.format is 'alpaca', but {path} is plain text, read as format 'text' (a document per "
+        "blank-line-separated block); set data.format to text or auto"
+    )

@@ -1,0 +1,230 @@
+"""Data as new users bring it, through `python -m sweeps.run`: files from the real world (spreadsheet
+encodings, cut-short or binary files) and positions stop the driver before Ray starts with one line naming the
+file, the place and the fix; a plain text corpus trains.
+
+The fixture files are written here, shaped like public demo sets (LLaMA-Factory's wiki_demo.txt), not copied
+from them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from sweeps.run import main
+
+
+def chat(i: int) -> list[dict[str, str]]:
+    return [
+        {"content": f"Which number follows {i}?", "role": "user"},
+        {"content": f"{i + 1} follows {i}.", "role": "assistant"},
+    ]
+
+
+def write_json(path: Path, records: list[dict]) -> Path:
+    path.write_text(json.dumps(records, indent=2, ensure_ascii=False))  # as the demo sets are written
+    return path
+
+
+def latin1_csv(tmp: Path) -> tuple[Path, str]:
+    """A spreadsheet's CSV export in Latin-1: 'é' is the single byte 0xe9 on line 4."""
+    path = tmp / "export.csv"
+    words = ["one", "two", "café", *(f"word {i}" for i in range(17))]
+    text = "instruction,output\n" + "".join(f"Say {w}.,{w}\n" for w in words)
+    path.write_bytes(text.encode("latin-1"))
+    offset = text.encode("latin-1").index(b"\xe9")
+    assert offset == 52  # 19 bytes of header, 12 + 12 of rows, then "Say caf"
+    return path, (
+        ":4: not utf-8 text: byte 0xe9 at byte offset 52 (after 'Say caf') cannot be decoded; set "
+        "data.encoding to the file's encoding (a spreadsheet's CSV export is often cp1252, Windows' Western "
+        "encoding: data.encoding=cp1252), or save the file as UTF-8"
+    )
+
+
+def binary_jsonl(tmp: Path) -> tuple[Path, str]:
+    """A .jsonl that is something else: a NUL byte on its third line."""
+    path = tmp / "records.jsonl"
+    good = json.dumps({"instruction": "Say one.", "output": "one"}) + "\n"  # 45 bytes
+    path.write_bytes((good * 2).encode() + b"\x00\x10\xff\xfe binary\n")
+    return path, (
+        ":3: binary data, not text: a NUL byte at byte offset 90; a .jsonl file must be text (is it another "
+        "format renamed, or compressed?)"
+    )
+
+
+def truncated_parquet(tmp: Path) -> tuple[Path, str]:
+    buffer = io.BytesIO()
+    pd.DataFrame(
+        {"instruction": [f"Say {i}." for i in range(20)], "output": [str(i) for i in range(20)]}
+    ).to_parquet(buffer)
+    kept = len(buffer.getvalue()) - 100  # a copy that stopped 100 bytes short
+    path = tmp / "train.parquet"
+    path.write_bytes(buffer.getvalue()[:kept])
+    return path, (
+        f": a Parquet file cut short ({kept} bytes): it does not end with Parquet's 'PAR1' marker, so its schema "
+        "is lost; copy or export it again"
+    )
+
+
+def csv_position(tmp: Path) -> tuple[Path, str]:
+    """A CSV whose 5th row has no output: line 7, after the header and a row spanning two lines."""
+    path = tmp / "rows.csv"
+    rows = [
+        ("Say one.", "one"),
+        ("Say\ntwo.", "two"),
+        ("Say three.", "three"),
+        ("Say four.", "four"),
+        ("Say five.", ""),
+    ]
+    rows += [(f"Say {i}.", str(i)) for i in range(6, 20)]
+    pd.DataFrame(rows, columns=["instruction", "output"]).to_csv(path, index=False)
+    assert path.read_text().splitlines()[6] == "Say five.,"  # line 7 in an editor
+    return path, ":7: missing or empty column(s) output for format 'alpaca'"
+
+
+def json_position(tmp: Path) -> tuple[Path, str]:
+    """A JSON list whose 4th record has a role no one renders: its `{` is on line 38 (12 lines a record)."""
+    records = [{"messages": chat(i)} for i in range(20)]
+    records[3] = {"messages": [{"role": "critic", "content": "meh"}, chat(3)[1]]}
+    path = write_json(tmp / "chat.json", records)
+    assert path.read_text().splitlines()[37:41] == [
+        "  {",
+        '    "messages": [',
+        "      {",
+        '        "role": "critic",',
+    ]
+    return path, (
+        ":38: turn 1: role 'critic' cannot be rendered (neither by a chat template nor by the fallback layout); "
+        "'role' must be one of system, developer, user, assistant, tool, function"
+    )
+
+
+CASES: dict[str, Callable[[Path], tuple[Path, str]]] = {
+    "a Latin-1 CSV": latin1_csv,
+    "binary bytes in a .jsonl": binary_jsonl,
+    "a truncated parquet": truncated_parquet,
+    "a CSV row's line counts the header": csv_position,
+    "a JSON record's line is where it starts": json_position,
+}
+
+
+def bad_config(tmp_path: Path, tiny_llama: Path) -> Path:
+    config = {
+        "name": "bad",
+        "storage_path": str(tmp_path / "experiments"),
+        "model": {"name_or_path": str(tiny_llama)},
+        "search": {"initial_points": [], "start_with_qlora_recipe": False},
+    }
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_data_the_sweep_would_misread_is_one_line_before_ray_starts(
+    case: str, tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    data, message = CASES[case](tmp_path)
+    assert main(["--config", str(bad_config(tmp_path, tiny_llama)), f"data.source={data}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {data}{message}"]
+    assert not ray.is_initialized()
+    assert not (tmp_path / "experiments").exists()
+
+
+def test_data_encoding_reads_the_spreadsheets_export_and_an_unknown_one_is_refused(
+    tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sweeps.config import load_config
+    from trainable.data import load_splits
+
+    config = bad_config(tmp_path, tiny_llama)
+    assert main(["--config", str(config), "data.encoding=latin-9000"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "  - data.encoding: Value error, unknown encoding; use a Python codec name such as utf-8, cp1252, "
+        "latin-1 or utf-16 (got 'latin-9000')"
+    )
+    data, _ = latin1_csv(tmp_path)
+    loaded = load_config(
+        str(config), [f"data.source={data}", "data.encoding=cp1252", "data.eval_fraction=0.2"]
+    )
+    splits = load_splits(loaded.data)
+    assert "Say café." in [e.messages[0]["content"] for e in splits.train + splits.eval]
+
+
+# The sweeps below run: one trial of two steps on the tiny model, after the plan is printed.
+def run_config(tmp_path: Path, tiny_llama: Path, data: dict) -> Path:
+    config = {
+        "name": "edges",
+        "storage_path": str(tmp_path / "experiments"),
+        "experiment": "edges-test",
+        "model": {
+            "name_or_path": str(tiny_llama),
+            "gradient_checkpointing": False,
+            "compute_dtype": "float32",
+        },
+        "data": data,
+        "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2, "warmup_ratio": 0.0},
+        "search": {
+            "num_samples": 1,
+            "cpus_per_trial": 1,
+            "scheduler": "none",
+            "start_with_qlora_recipe": False,
+            "initial_points": [{"r": 4, "lora_alpha": 8, "learning_rate": 1e-3}],
+            "space": {
+                "r": {"choice": [4]},
+                "lora_alpha": {"choice": [8]},
+                "learning_rate": {"choice": [1e-3]},
+            },
+        },
+        "report": {"enabled": False},
+    }
+    path = tmp_path / "edges.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_driver(config: Path, cwd: Path) -> list[str]:
+    """The driver's output, lines up to `resources:` (the first one after Ray starts) only."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeps.run", "--config", str(config), "--quiet"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    return lines[: next(i for i, line in enumerate(lines) if line.startswith("resources:"))]
+
+
+def test_a_plain_text_corpus_trains_a_document_per_block(tmp_path: Path, tiny_llama: Path) -> None:
+    """wiki_demo.txt was refused as "couldn't find any data file": now each blank-line-separated block is a
+    document of format text."""
+    corpus = tmp_path / "wiki_demo.txt"
+    corpus.write_text(
+        "\n\n".join(
+            f"Article {i} is about the number {i}.\nIts second line follows {i - 1}." for i in range(20)
+        )
+    )
+    settings = {"source": str(corpus), "max_length": 64, "eval_fraction": 0.1}
+    lines = run_driver(run_config(tmp_path, tiny_llama, settings), tmp_path)
+    assert [line for line in lines if line.startswith("data: ")] == [
+        "data: 18 train / 2 eval examples, 0 train and 0 eval cut at data.max_length=64, 0 dropped (nothing left "
+        "to learn after the cut)"
+    ]
+    assert not [line for line in lines if line.startswith("warning:")]
+    table = pd.read_parquet(tmp_path / "experiments" / "edges-test" / "results.parquet")
+    assert list(table["status"]) == ["completed"]
