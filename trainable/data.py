@@ -1,5 +1,5 @@
-"""Instruction data: load records in common formats (local files through trainable.records), split them,
-render chat prompts, tokenize.
+"""Instruction data: load records in common formats (local files through trainable.records), refuse data
+made for other training, split them, render chat prompts, tokenize.
 
 Every record becomes a conversation in OpenAI's shape: {"role", "content"} messages with roles system, user,
 assistant and tool, an assistant turn may carry "tool_calls", and the example may carry the tools it can call.
@@ -133,6 +133,69 @@ def _dataset_rows(settings: DataSettings, split: str) -> Numbered | None:
     return [(f"{settings.source}[{split}]:{i}", row) for i, row in enumerate(rows, start=1)]
 
 
+# What the product trains: supervised fine-tuning on text. Data made for other training is refused by name,
+# since each kind would train "fine" as chat data while teaching the wrong thing.
+SUPPORTED = (
+    "qlora-sweeps trains text-only supervised fine-tuning formats: alpaca, chat, sharegpt, "
+    "prompt_completion, text (docs/data.md)"
+)
+# Columns of multimodal data, singular and plural (LLaMA-Factory's images/videos/audios, the hub's image).
+_MEDIA_COLUMNS = {name: kind for kind in ("image", "video", "audio") for name in (kind, f"{kind}s")}
+# The placeholders multimodal data puts in its text where the image, video or audio goes. A bare tag: HTML in
+# code data writes <video ...> with attributes, or closes it with </video>, and is left alone.
+_MEDIA_PLACEHOLDER = re.compile(r"<(image|video|audio)>")
+
+
+def refuse_untrainable(rows: Numbered) -> None:
+    """Refuse, by name, data made for something other than supervised fine-tuning on text: preference pairs
+    (chosen/rejected), KTO's desirable/undesirable labels, images, video or audio. Trained as chat data, a
+    rejected or undesirable answer would become a target and `<image>` a literal token."""
+    for where, row in rows:
+        if "chosen" in row and "rejected" in row:
+            raise DataError(
+                f"{where}: preference pairs (chosen/rejected), data for preference training (DPO, ORPO, "
+                f"reward models); {SUPPORTED}. To fine-tune on the chosen answers alone, make them the "
+                "answers of one of these formats"
+            )
+        tag = next((c for c in ("kto_tag", "label") if c in row and _is_boolean(row[c])), None)
+        if tag is not None:
+            raise DataError(
+                f"{where}: KTO data (a true/false {tag!r} on each example; false marks an undesirable "
+                f"answer, which fine-tuning would learn as a target); {SUPPORTED}. To fine-tune on the "
+                "desirable answers alone, keep the examples labelled true and drop the column"
+            )
+        media = next((c for c in row if c in _MEDIA_COLUMNS and row[c] not in (None, "", [], {})), None)
+        if media is not None:
+            raise DataError(
+                f"{where}: {_MEDIA_COLUMNS[media]} data (column {media!r}), for multimodal models; "
+                + SUPPORTED
+            )
+        for text in _strings(row):
+            found = _MEDIA_PLACEHOLDER.search(text)
+            if found and f"</{found[1]}>" not in text:
+                raise DataError(
+                    f"{where}: {found[1]} data (the {found[0]!r} placeholder stands for {found[1]} input "
+                    f"that a text-only model never sees; it would be learned as literal text); {SUPPORTED}"
+                )
+
+
+def _is_boolean(value: Any) -> bool:
+    """True or False, also as CSV writes them ("True", "false")."""
+    return isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false"))
+
+
+def _strings(value: Any) -> Iterable[str]:
+    """Every string in a cell, however deep in lists and objects (chat turns, tool calls)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+
+
 def detect_format(row: dict[str, Any], columns: dict[str, str], where: str) -> str:
     for fmt, needed in _FORMAT_COLUMNS.items():
         if all(columns.get(c, c) in row for c in needed):
@@ -156,6 +219,13 @@ def to_example(row: dict[str, Any], fmt: str, settings: DataSettings, where: str
     tools = _tools(row.get(col["tools"]), where)
     base = Example(messages=[], task=row.get("task"), check=row.get("check"), origin=where, tools=tools)
     if fmt == "alpaca":
+        answers = row[col["output"]]
+        if isinstance(answers, list):  # LLaMA-Factory's older ranking layout: [better, worse]
+            raise DataError(
+                f"{where}: {col['output']!r} holds a list of {len(answers)} answers, not one: ranked answers "
+                "are preference pairs, data for preference training (DPO, ORPO, reward models); "
+                f"{SUPPORTED}. To fine-tune on the best answer, make it the output"
+            )
         prompt = str(row[col["instruction"]])
         if row.get(col["input"]):
             prompt += "\n\n" + str(row[col["input"]])
@@ -312,6 +382,7 @@ def load_splits(settings: DataSettings) -> Splits:
                 f"data.format is {settings.format!r}, but {path} is plain text, read as format 'text' (a "
                 "document per blank-line-separated block); set data.format to text or auto"
             )
+        refuse_untrainable(numbered)
         if any("split" in r for _, r in numbered):
             parts = {
                 name: [(n, r) for n, r in numbered if r.get("split") == name]
@@ -338,6 +409,7 @@ def load_splits(settings: DataSettings) -> Splits:
             train, held = _hold_out(train, settings)
         else:
             held = maybe_held
+        refuse_untrainable(train + held + test)
     splits = Splits(to_examples(train, settings), to_examples(held, settings), to_examples(test, settings))
     rng = random.Random(settings.seed)
     train_examples = splits.train

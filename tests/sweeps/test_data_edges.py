@@ -1,9 +1,10 @@
-"""Data as new users bring it, through `python -m sweeps.run`: files from the real world (spreadsheet
-encodings, cut-short or binary files) and positions stop the driver before Ray starts with one line naming the
-file, the place and the fix; a plain text corpus trains.
+"""Data as new users bring it, through `python -m sweeps.run`: data made for other training (preference
+pairs, KTO labels, images), files from the real world (spreadsheet encodings, cut-short or binary files) and
+positions stop the driver before Ray starts with one line naming the file, the place and the fix; a plain
+text corpus trains.
 
-The fixture files are written here, shaped like public demo sets (LLaMA-Factory's wiki_demo.txt), not copied
-from them.
+The fixture files are written here, shaped like LLaMA-Factory's public demo sets (dpo_en_demo.json,
+kto_en_demo.json, mllm_demo.json, wiki_demo.txt), not copied from them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ import yaml
 
 from sweeps.run import main
 
+SUPPORTED = (
+    "qlora-sweeps trains text-only supervised fine-tuning formats: alpaca, chat, sharegpt, prompt_completion, "
+    "text (docs/data.md)"
+)
+
 
 def chat(i: int) -> list[dict[str, str]]:
     return [
@@ -33,6 +39,61 @@ def chat(i: int) -> list[dict[str, str]]:
 def write_json(path: Path, records: list[dict]) -> Path:
     path.write_text(json.dumps(records, indent=2, ensure_ascii=False))  # as the demo sets are written
     return path
+
+
+def preference_pairs(tmp: Path) -> tuple[Path, str]:
+    """dpo_en_demo.json's shape: ShareGPT conversations, the answers in `chosen` and `rejected`."""
+    records = [
+        {
+            "conversations": [{"from": "human", "value": f"Which number follows {i}?"}],
+            "chosen": {"from": "gpt", "value": f"{i + 1}."},
+            "rejected": {"from": "gpt", "value": "I don't know."},
+        }
+        for i in range(20)
+    ]
+    return write_json(tmp / "dpo_demo.json", records), (
+        ":2: preference pairs (chosen/rejected), data for preference training (DPO, ORPO, reward models); "
+        f"{SUPPORTED}. To fine-tune on the chosen answers alone, make them the answers of one of these formats"
+    )
+
+
+def kto_labels(tmp: Path) -> tuple[Path, str]:
+    """kto_en_demo.json's shape: OpenAI messages and a true/false `label` (false: an undesirable answer)."""
+    records = [{"messages": chat(i), "label": i % 3 != 0} for i in range(20)]
+    return write_json(tmp / "kto_demo.json", records), (
+        ":2: KTO data (a true/false 'label' on each example; false marks an undesirable answer, which "
+        f"fine-tuning would learn as a target); {SUPPORTED}. To fine-tune on the desirable answers alone, keep "
+        "the examples labelled true and drop the column"
+    )
+
+
+def images(tmp: Path) -> tuple[Path, str]:
+    """mllm_demo.json's shape: `<image>` in the user's turn and the image files in an `images` column."""
+    records = [
+        {
+            "messages": [
+                {"content": "<image>Who are they?", "role": "user"},
+                {"content": "They're Kane and Gretzka from Bayern Munich.", "role": "assistant"},
+            ],
+            "images": [f"mllm_demo_data/{i}.jpg"],
+        }
+        for i in range(20)
+    ]
+    return write_json(tmp / "mllm_demo.json", records), (
+        f":2: image data (column 'images'), for multimodal models; {SUPPORTED}"
+    )
+
+
+def image_placeholders(tmp: Path) -> tuple[Path, str]:
+    """Multimodal text whose images column was dropped: the placeholder alone, in the 7th line's record."""
+    lines = [{"messages": chat(i)} for i in range(20)]
+    lines[6] = {"messages": [{"role": "user", "content": "<image>Describe it."}, chat(6)[1]]}
+    path = tmp / "placeholders.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path, (
+        ":7: image data (the '<image>' placeholder stands for image input that a text-only model never sees; "
+        f"it would be learned as literal text); {SUPPORTED}"
+    )
 
 
 def latin1_csv(tmp: Path) -> tuple[Path, str]:
@@ -109,6 +170,10 @@ def json_position(tmp: Path) -> tuple[Path, str]:
 
 
 CASES: dict[str, Callable[[Path], tuple[Path, str]]] = {
+    "preference pairs": preference_pairs,
+    "KTO labels": kto_labels,
+    "an images column": images,
+    "image placeholders": image_placeholders,
     "a Latin-1 CSV": latin1_csv,
     "binary bytes in a .jsonl": binary_jsonl,
     "a truncated parquet": truncated_parquet,

@@ -158,3 +158,67 @@ def test_a_txt_file_is_format_text_and_another_format_is_refused(tmp_path: Path)
         f"data.format is 'alpaca', but {path} is plain text, read as format 'text' (a document per "
         "blank-line-separated block); set data.format to text or auto"
     )
+
+
+SUPPORTED = (
+    "qlora-sweeps trains text-only supervised fine-tuning formats: alpaca, chat, sharegpt, prompt_completion, "
+    "text (docs/data.md)"
+)
+PREFERENCE = (
+    f"preference pairs (chosen/rejected), data for preference training (DPO, ORPO, reward models); {SUPPORTED}. "
+    "To fine-tune on the chosen answers alone, make them the answers of one of these formats"
+)
+KTO = (
+    "KTO data (a true/false {!r} on each example; false marks an undesirable answer, which fine-tuning would "
+    f"learn as a target); {SUPPORTED}. To fine-tune on the desirable answers alone, keep the examples labelled "
+    "true and drop the column"
+)
+CHAT = [{"role": "user", "content": "Who is he?"}, {"role": "assistant", "content": "Thomas Muller."}]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"instruction": "Hi", "input": "", "chosen": "Hello!", "rejected": "Go away."}, PREFERENCE),
+        ({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, PREFERENCE),  # TRL's layout
+        (
+            {
+                "instruction": "Hi",
+                "input": "",
+                "output": ["Hello!", "Go away."],
+            },  # LLaMA-Factory's older ranking
+            "'output' holds a list of 2 answers, not one: ranked answers are preference pairs, data for "
+            f"preference training (DPO, ORPO, reward models); {SUPPORTED}. To fine-tune on the best answer, make "
+            "it the output",
+        ),
+        ({"instruction": "Hi", "output": "Hello!", "kto_tag": False}, KTO.format("kto_tag")),
+        ({"instruction": "Hi", "output": "Hello!", "label": "False"}, KTO.format("label")),  # as CSV has it
+        (
+            {"messages": CHAT, "videos": ["clip.mp4"]},
+            f"video data (column 'videos'), for multimodal models; {SUPPORTED}",
+        ),
+        (
+            {"instruction": "Transcribe <audio>", "output": "Hello."},
+            "audio data (the '<audio>' placeholder stands for audio input that a text-only model never sees; it "
+            f"would be learned as literal text); {SUPPORTED}",
+        ),
+    ],
+)
+def test_data_for_other_training_is_refused_by_name(tmp_path: Path, row: dict, message: str) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [*ALPACA[:3], row, *ALPACA[3:]])
+    with pytest.raises(DataError) as err:
+        load_splits(DataSettings(source=str(path)))
+    assert str(err.value) == f"{path}:4: {message}"
+
+
+def test_look_alikes_of_other_training_data_still_train(tmp_path: Path) -> None:
+    rows = [
+        {**ALPACA[0], "label": 3},  # a class id, not KTO's true/false
+        {**ALPACA[1], "images": []},  # an empty media column
+        {"instruction": "Embed a clip.", "output": "<video>\n  <source src='a.mp4'>\n</video>"},  # HTML
+        *ALPACA[2:],
+    ]
+    splits = load_splits(
+        DataSettings(source=str(write_jsonl(tmp_path / "data.jsonl", rows)), eval_fraction=0.1)
+    )
+    assert len(splits.train) + len(splits.eval) == 21
