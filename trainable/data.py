@@ -1,5 +1,5 @@
 """Instruction data: load records in common formats (local files through trainable.records), refuse data
-made for other training, split them, render chat prompts, tokenize.
+made for other training, split them, render chat prompts, tokenize, and say what data.max_length cuts.
 
 Every record becomes a conversation in OpenAI's shape: {"role", "content"} messages with roles system, user,
 assistant and tool, an assistant turn may carry "tool_calls", and the example may carry the tools it can call.
@@ -11,9 +11,10 @@ FALLBACK_LAYOUT instead (see `to_fallback_messages`).
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -559,6 +560,7 @@ class Tokenized:
     labels: list[list[int]]
     truncated: int  # examples cut at max_length (their tail is lost)
     dropped: int  # examples with no trained token left after the cut
+    lengths: list[int] = field(default_factory=list)  # each example's tokens before the cut, dropped ones too
 
     @property
     def tokens(self) -> int:
@@ -573,6 +575,7 @@ def tokenize_examples(
 ) -> Tokenized:
     """Token ids and labels (-100 outside assistant turns), cut to max_length from the end."""
     all_ids, all_labels, truncated, dropped = [], [], 0, 0
+    lengths: list[int] = []
     for example in examples:
         ids: list[int] = []
         labels: list[int] = []
@@ -589,6 +592,7 @@ def tokenize_examples(
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        lengths.append(len(ids))
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]
@@ -597,7 +601,83 @@ def tokenize_examples(
             continue
         all_ids.append(ids)
         all_labels.append(labels)
-    return Tokenized(all_ids, all_labels, truncated, dropped)
+    return Tokenized(all_ids, all_labels, truncated, dropped, lengths)
+
+
+# A split with more of its examples cut than this gets the length report: a few long outliers are normal, a
+# tenth of the data losing its ends is a max_length chosen without looking.
+CUT_SHARE_REPORTED = 0.10
+KEPT_WHOLE = 0.95  # the share of each split that the suggested max_length keeps whole
+
+
+def percentile(lengths: Sequence[int], share: float) -> int:
+    """The smallest length that at least `share` of `lengths` do not exceed (the nearest-rank percentile)."""
+    ordered = sorted(lengths)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def describe_lengths(lengths: Sequence[int]) -> dict[str, int]:
+    """Tokens per example: the median, 90th, 95th and 99th percentiles and the longest."""
+    if not lengths:
+        return {}
+    shares = {"median": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99}
+    return {**{name: percentile(lengths, share) for name, share in shares.items()}, "max": max(lengths)}
+
+
+def describe_cuts(lengths: dict[str, list[int]], *, max_length: int) -> str | None:
+    """A `warning:` when data.max_length cuts more than CUT_SHARE_REPORTED of any split: how many are cut,
+    the token-length distribution of each split, and the max_length that keeps KEPT_WHOLE of each whole.
+    None when the cuts are few."""
+    cut = {split: sum(n > max_length for n in counts) for split, counts in lengths.items() if counts}
+    if not any(cut[split] > CUT_SHARE_REPORTED * len(lengths[split]) for split in cut):
+        return None
+    shares = " and ".join(
+        f"{n / len(lengths[split]):.0%} of the {split} examples ({n} of {len(lengths[split])})"
+        for split, n in cut.items()
+    )
+    lines = [f"warning: data.max_length={max_length} cuts {shares}: their ends are not trained on or scored"]
+    for split in cut:
+        stats = describe_lengths(lengths[split])
+        lines.append(
+            f"  tokens per {split} example: median {stats['median']}, 90% {stats['p90']}, "
+            f"95% {stats['p95']}, 99% {stats['p99']}, max {stats['max']}"
+        )
+    whole = max(percentile(lengths[split], KEPT_WHOLE) for split in cut)
+    lines.append(f"  data.max_length={whole} would keep {KEPT_WHOLE:.0%} of each split whole")
+    return "\n".join(lines)
+
+
+# A template's placeholder, {{name}} or {{ author }}, as LLaMA-Factory's identity demo leaves them for the
+# user to fill in. An identifier inside: "{{ . }}" or "{{...}}" in a task's text are not placeholders.
+_PLACEHOLDER = re.compile(r"\{\{\s*[A-Za-z_][A-Za-z0-9_.]*\s*\}\}")
+
+
+def find_placeholders(examples: Sequence[Example]) -> str | None:
+    """A `warning:` naming the template placeholders ({{name}}) left in the examples' text, which would be
+    trained as literal text: how many examples hold them, which ones, and the first one's place and text.
+    A warning, not an error: in template code ({{ user.name }} in a Vue answer) they are meant."""
+    first: tuple[str, str, re.Match[str]] | None = None  # where, the text, the placeholder in it
+    holding, names = 0, set()
+    for example in examples:
+        found = [(m["content"], p) for m in example.messages for p in _PLACEHOLDER.finditer(m["content"])]
+        if not found:
+            continue
+        holding += 1
+        names |= {re.sub(r"\s", "", p[0]) for _, p in found}
+        if first is None:
+            first = (example.origin, *found[0])
+    if first is None:
+        return None
+    origin, text, at = first
+    start, end = max(0, at.start() - 30), at.end() + 50
+    excerpt = ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
+    shown = sorted(names)
+    return (
+        f"warning: data: {holding} of {len(examples)} examples hold template placeholders "
+        f"({', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''}), which would be trained as literal "
+        f"text; e.g. {origin}: {excerpt!r}. Fill them in first (LLaMA-Factory's identity demo is such a "
+        "template), unless they are meant literally"
+    )
 
 
 def prompt_text(example: Example, tokenizer: Any, template: str) -> str:

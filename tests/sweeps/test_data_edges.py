@@ -1,10 +1,10 @@
 """Data as new users bring it, through `python -m sweeps.run`: data made for other training (preference
 pairs, KTO labels, images), files from the real world (spreadsheet encodings, cut-short or binary files) and
 positions stop the driver before Ray starts with one line naming the file, the place and the fix; a plain
-text corpus trains.
+text corpus trains; what max_length cuts and template placeholders left in the text are said in the plan.
 
 The fixture files are written here, shaped like LLaMA-Factory's public demo sets (dpo_en_demo.json,
-kto_en_demo.json, mllm_demo.json, wiki_demo.txt), not copied from them.
+kto_en_demo.json, mllm_demo.json, identity.json, wiki_demo.txt), not copied from them.
 """
 
 from __future__ import annotations
@@ -275,6 +275,76 @@ def run_driver(config: Path, cwd: Path) -> list[str]:
     return lines[: next(i for i, line in enumerate(lines) if line.startswith("resources:"))]
 
 
+IDENTITY = "I am {{name}}, an AI assistant developed by {{author}}."
+
+
+@pytest.fixture(scope="module")
+def identity_with_long_answers(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path
+) -> tuple[list[str], list[int], list[int], Path]:
+    """identity.json's shape ({{name}}/{{author}} left to fill in) plus answers too long for max_length
+    (as a tool-call demo's at 256): the plan's lines, train and eval token counts, the data file."""
+    from transformers import AutoTokenizer
+
+    from trainable.data import choose_chat_template, load_splits, tokenize_examples
+    from trainable.settings import DataSettings
+
+    tmp = tmp_path_factory.mktemp("identity")
+    short = [{"instruction": "Who are you?", "input": "", "output": IDENTITY}] * 12
+    long = [
+        {"instruction": "Count.", "input": "", "output": " ".join(["one"] * n)} for n in (90, 100, 110, 120)
+    ]
+    records = [{**r, "split": "train"} for r in short + long + long] + [
+        {**r, "split": "eval"} for r in short[:2] + long[:2]
+    ]
+    data = write_json(tmp / "identity.json", records)
+    settings = {"source": str(data), "max_length": 64, "max_eval_examples": 8}
+    lines = run_driver(run_config(tmp, tiny_llama, settings), tmp)
+    # Every example's tokens, as the driver counts them before the cut.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    template = choose_chat_template(tokenizer, "auto")
+    splits = load_splits(DataSettings(**settings))
+    lengths = [
+        tokenize_examples(split, tokenizer, template=template, max_length=10**6).lengths
+        for split in (splits.train, splits.eval)
+    ]
+    return lines, lengths[0], lengths[1], data
+
+
+def test_many_cut_examples_get_the_length_report(
+    identity_with_long_answers: tuple[list[str], list[int], list[int], Path],
+) -> None:
+    lines, train, evals, _ = identity_with_long_answers
+    assert len(train) == 20 and len(evals) == 4
+    short, (l90, l100, l110, l120) = train[0], sorted(set(train) - {train[0]})
+    assert short < 64 < l90 < l100 < l110 < l120  # 12 whole, 8 cut at max_length 64
+    assert sorted(train) == [short] * 12 + [l90, l90, l100, l100, l110, l110, l120, l120]
+    # Nearest ranks of 20: the median is the 10th (short), 90% the 18th (l110), 95% the 19th, 99% the 20th.
+    # Of the eval split's 4 (2 short, 90 and 100 words): the 2nd, then the 4th.
+    plan = lines.index(next(line for line in lines if line.startswith("data: ")))
+    assert lines[plan : plan + 5] == [
+        "data: 20 train / 4 eval examples, 8 train and 2 eval cut at data.max_length=64, 0 dropped (nothing left "
+        "to learn after the cut)",
+        "warning: data.max_length=64 cuts 40% of the train examples (8 of 20) and 50% of the eval examples "
+        "(2 of 4): their ends are not trained on or scored",
+        f"  tokens per train example: median {short}, 90% {l110}, 95% {l120}, 99% {l120}, max {l120}",
+        f"  tokens per eval example: median {short}, 90% {l100}, 95% {l100}, 99% {l100}, max {l100}",
+        f"  data.max_length={l120} would keep 95% of each split whole",
+    ]
+
+
+def test_template_placeholders_are_a_warning_in_the_plan(
+    identity_with_long_answers: tuple[list[str], list[int], list[int], Path],
+) -> None:
+    lines, _, _, data = identity_with_long_answers
+    warnings = [line for line in lines if line.startswith("warning: data: ")]
+    assert warnings == [
+        "warning: data: 14 of 24 examples hold template placeholders ({{author}}, {{name}}), which would be "
+        f"trained as literal text; e.g. {data}:2: '{IDENTITY}'. Fill them in first (LLaMA-Factory's identity "
+        "demo is such a template), unless they are meant literally"
+    ]
+
+
 def test_a_plain_text_corpus_trains_a_document_per_block(tmp_path: Path, tiny_llama: Path) -> None:
     """wiki_demo.txt was refused as "couldn't find any data file": now each blank-line-separated block is a
     document of format text."""
@@ -293,3 +363,37 @@ def test_a_plain_text_corpus_trains_a_document_per_block(tmp_path: Path, tiny_ll
     assert not [line for line in lines if line.startswith("warning:")]
     table = pd.read_parquet(tmp_path / "experiments" / "edges-test" / "results.parquet")
     assert list(table["status"]) == ["completed"]
+
+
+def test_data_cut_to_nothing_names_the_max_length_that_keeps_it(
+    tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Prompts longer than data.max_length leave no answer to learn: the error says which max_length would."""
+    from transformers import AutoTokenizer
+
+    from trainable.data import choose_chat_template, load_splits, tokenize_examples
+    from trainable.settings import DataSettings
+
+    records = [
+        {"instruction": f"Repeat {i}: " + " ".join(["word"] * 60), "output": "yes"} for i in range(10, 30)
+    ]
+    data = write_json(tmp_path / "long_prompts.json", records)
+    assert (
+        main(["--config", str(bad_config(tmp_path, tiny_llama)), f"data.source={data}", "data.max_length=32"])
+        == 2
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    splits = load_splits(DataSettings(source=str(data)))
+    template = choose_chat_template(tokenizer, "auto")
+    lengths = {
+        len(ids)
+        for ids in tokenize_examples(
+            splits.train + splits.eval, tokenizer, template=template, max_length=10**6
+        ).input_ids
+    }
+    (length,) = lengths  # every example as long as the others: 95% of either split needs just that
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: data: after cutting to data.max_length=32, 0 training and 0 eval examples keep a trained token; "
+        f"raise data.max_length ({length} would keep 95% of each split whole)"
+    ]

@@ -12,6 +12,9 @@ from trainable.data import (
     DataError,
     Example,
     choose_chat_template,
+    describe_cuts,
+    describe_lengths,
+    find_placeholders,
     load_splits,
     prompt_text,
     tokenize_examples,
@@ -222,3 +225,42 @@ def test_look_alikes_of_other_training_data_still_train(tmp_path: Path) -> None:
         DataSettings(source=str(write_jsonl(tmp_path / "data.jsonl", rows)), eval_fraction=0.1)
     )
     assert len(splits.train) + len(splits.eval) == 21
+
+
+def test_the_length_report_shows_the_distribution_and_a_max_length_that_keeps_95_percent() -> None:
+    train = [10] * 10 + [50] * 7 + [60, 70, 80]  # sorted; nearest ranks: 10th 10, 18th 60, 19th 70, 20th 80
+    evals = [10, 10, 10, 90]
+    assert describe_cuts({"train": train, "eval": evals}, max_length=40) == (
+        "warning: data.max_length=40 cuts 50% of the train examples (10 of 20) and 25% of the eval examples "
+        "(1 of 4): their ends are not trained on or scored\n"
+        "  tokens per train example: median 10, 90% 60, 95% 70, 99% 80, max 80\n"
+        "  tokens per eval example: median 10, 90% 90, 95% 90, 99% 90, max 90\n"
+        "  data.max_length=90 would keep 95% of each split whole"
+    )
+    few = [10] * 18 + [50, 60]  # 10% cut: not reported
+    assert describe_cuts({"train": few, "eval": [10]}, max_length=40) is None
+    assert describe_cuts({"train": [10] * 17 + [50] * 3, "eval": [10]}, max_length=40) is not None
+    assert describe_lengths(train) == {"median": 10, "p90": 60, "p95": 70, "p99": 80, "max": 80}
+
+
+def test_template_placeholders_are_counted_with_an_example() -> None:
+    identity = [
+        Example(
+            messages=[
+                {"role": "user", "content": "Who are you?"},
+                {"role": "assistant", "content": "I am {{name}}, an AI assistant developed by {{ author }}."},
+            ],
+            origin="identity.json:6",
+        ),
+        Example(
+            messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I am {{name}}."}]
+        ),
+        # A task's own braces: not placeholders.
+        Example(messages=[{"role": "user", "content": "Tag {{ . }}"}, {"role": "assistant", "content": "."}]),
+    ]
+    assert find_placeholders(identity) == (
+        "warning: data: 2 of 3 examples hold template placeholders ({{author}}, {{name}}), which would be trained "
+        "as literal text; e.g. identity.json:6: 'I am {{name}}, an AI assistant developed by {{ author }}.'. "
+        "Fill them in first (LLaMA-Factory's identity demo is such a template), unless they are meant literally"
+    )
+    assert find_placeholders(identity[2:]) is None
