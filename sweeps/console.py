@@ -40,6 +40,7 @@ def describe_plan(plan: SweepPlan) -> str:
         f"data: {data['train_examples']} train / {data['eval_examples']} eval examples, "
         f"{data['truncated']['train']} train and {data['truncated']['eval']} eval cut at "
         f"data.max_length={plan.config.data.max_length}, {dropped} dropped (nothing left to learn after the cut)"
+        + "".join(f"\n{warning}" for warning in data["warnings"])
     )
 
 

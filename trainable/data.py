@@ -1,4 +1,5 @@
-"""Instruction data: load records in common formats, split them, render chat prompts, tokenize.
+"""Instruction data: load records in common formats (local files through trainable.records), refuse data
+made for other training, split them, render chat prompts, tokenize, and say what data.max_length cuts.
 
 Every record becomes a conversation in OpenAI's shape: {"role", "content"} messages with roles system, user,
 assistant and tool, an assistant turn may carry "tool_calls", and the example may carry the tools it can call.
@@ -9,15 +10,16 @@ FALLBACK_LAYOUT instead (see `to_fallback_messages`).
 
 from __future__ import annotations
 
-import csv
 import json
+import math
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from trainable.records import SUFFIXES, DataError, Numbered, read_records
 from trainable.settings import DataSettings
 from trainable.tasks import BUNDLED_PATH
 
@@ -69,7 +71,6 @@ _COLUMN_NAMES = (
     "instruction", "input", "output", "messages", "conversations", "prompt", "completion", "text", "tools",
     "system",
 )  # fmt: skip
-_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 # How a conversation with tools is rendered for a chat template that does not take tools (SmolLM2's, the
 # Alpaca default): the tools' JSON schemas appended to the system message under this header, each tool call
@@ -80,10 +81,6 @@ FALLBACK_TOOLS_HEADER = (
     'You can call these tools; to call one, answer with a JSON line {"name": ..., "arguments": {...}}:'
 )
 FALLBACK_RESULT_HEADER = "Tool result:"
-
-
-class DataError(ValueError):
-    """Bad data, named by file and line (or row) where there is one."""
 
 
 Message = dict[str, Any]  # {"role", "content"} and, on an assistant turn, maybe "tool_calls"
@@ -119,46 +116,6 @@ class Splits:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a local .jsonl/.json/.parquet/.csv file; a malformed row is reported by file and line."""
-    if not path.exists():
-        raise DataError(f"data.source: file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        return data
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    raise DataError(f"data.source: {path} has suffix {suffix!r}; expected one of {', '.join(_SUFFIXES)}")
-
-
-Numbered = list[tuple[str, dict[str, Any]]]  # rows with where they came from ("file:line"), for errors
-
-
 def _dataset_rows(settings: DataSettings, split: str) -> Numbered | None:
     """A split of a hub dataset, or of a local folder in the hub's layout (data/train-00000-of-00001.parquet,
     data/test-...): `datasets` resolves both the same way. None when the dataset has no such split."""
@@ -175,6 +132,69 @@ def _dataset_rows(settings: DataSettings, split: str) -> Numbered | None:
         return None
     rows = datasets.load_dataset(settings.source, settings.hub_config, split=split)
     return [(f"{settings.source}[{split}]:{i}", row) for i, row in enumerate(rows, start=1)]
+
+
+# What the product trains: supervised fine-tuning on text. Data made for other training is refused by name,
+# since each kind would train "fine" as chat data while teaching the wrong thing.
+SUPPORTED = (
+    "qlora-sweeps trains text-only supervised fine-tuning formats: alpaca, chat, sharegpt, "
+    "prompt_completion, text (docs/data.md)"
+)
+# Columns of multimodal data, singular and plural (LLaMA-Factory's images/videos/audios, the hub's image).
+_MEDIA_COLUMNS = {name: kind for kind in ("image", "video", "audio") for name in (kind, f"{kind}s")}
+# The placeholders multimodal data puts in its text where the image, video or audio goes. A bare tag: HTML in
+# code data writes <video ...> with attributes, or closes it with </video>, and is left alone.
+_MEDIA_PLACEHOLDER = re.compile(r"<(image|video|audio)>")
+
+
+def refuse_untrainable(rows: Numbered) -> None:
+    """Refuse, by name, data made for something other than supervised fine-tuning on text: preference pairs
+    (chosen/rejected), KTO's desirable/undesirable labels, images, video or audio. Trained as chat data, a
+    rejected or undesirable answer would become a target and `<image>` a literal token."""
+    for where, row in rows:
+        if "chosen" in row and "rejected" in row:
+            raise DataError(
+                f"{where}: preference pairs (chosen/rejected), data for preference training (DPO, ORPO, "
+                f"reward models); {SUPPORTED}. To fine-tune on the chosen answers alone, make them the "
+                "answers of one of these formats"
+            )
+        tag = next((c for c in ("kto_tag", "label") if c in row and _is_boolean(row[c])), None)
+        if tag is not None:
+            raise DataError(
+                f"{where}: KTO data (a true/false {tag!r} on each example; false marks an undesirable "
+                f"answer, which fine-tuning would learn as a target); {SUPPORTED}. To fine-tune on the "
+                "desirable answers alone, keep the examples labelled true and drop the column"
+            )
+        media = next((c for c in row if c in _MEDIA_COLUMNS and row[c] not in (None, "", [], {})), None)
+        if media is not None:
+            raise DataError(
+                f"{where}: {_MEDIA_COLUMNS[media]} data (column {media!r}), for multimodal models; "
+                + SUPPORTED
+            )
+        for text in _strings(row):
+            found = _MEDIA_PLACEHOLDER.search(text)
+            if found and f"</{found[1]}>" not in text:
+                raise DataError(
+                    f"{where}: {found[1]} data (the {found[0]!r} placeholder stands for {found[1]} input "
+                    f"that a text-only model never sees; it would be learned as literal text); {SUPPORTED}"
+                )
+
+
+def _is_boolean(value: Any) -> bool:
+    """True or False, also as CSV writes them ("True", "false")."""
+    return isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false"))
+
+
+def _strings(value: Any) -> Iterable[str]:
+    """Every string in a cell, however deep in lists and objects (chat turns, tool calls)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
 
 
 def detect_format(row: dict[str, Any], columns: dict[str, str], where: str) -> str:
@@ -200,6 +220,13 @@ def to_example(row: dict[str, Any], fmt: str, settings: DataSettings, where: str
     tools = _tools(row.get(col["tools"]), where)
     base = Example(messages=[], task=row.get("task"), check=row.get("check"), origin=where, tools=tools)
     if fmt == "alpaca":
+        answers = row[col["output"]]
+        if isinstance(answers, list):  # LLaMA-Factory's older ranking layout: [better, worse]
+            raise DataError(
+                f"{where}: {col['output']!r} holds a list of {len(answers)} answers, not one: ranked answers "
+                "are preference pairs, data for preference training (DPO, ORPO, reward models); "
+                f"{SUPPORTED}. To fine-tune on the best answer, make it the output"
+            )
         prompt = str(row[col["instruction"]])
         if row.get(col["input"]):
             prompt += "\n\n" + str(row[col["input"]])
@@ -345,12 +372,19 @@ def to_examples(rows: Numbered, settings: DataSettings) -> list[Example]:
 def load_splits(settings: DataSettings) -> Splits:
     """Train/eval/test examples from the configured source: the bundled set, a local file, a local folder in
     the hub's layout or a hub dataset."""
-    if settings.source == "bundled" or Path(settings.source).suffix.lower() in _SUFFIXES:
-        path = BUNDLED_PATH if settings.source == "bundled" else Path(settings.source).expanduser().resolve()
-        rows = read_records(path)
+    local = Path(settings.source).expanduser()
+    # A file that exists is read as one, whatever its suffix: read_records names the suffixes it reads.
+    if settings.source == "bundled" or local.suffix.lower() in SUFFIXES or local.is_file():
+        path = BUNDLED_PATH if settings.source == "bundled" else local.resolve()
         # Rows carry their line numbers (for error messages) through the split.
-        numbered = [(f"{path}:{n}", row) for n, row in enumerate(rows, start=1)]
-        if any("split" in r for r in rows):
+        numbered = read_records(path, encoding="utf-8" if settings.source == "bundled" else settings.encoding)
+        if path.suffix.lower() == ".txt" and settings.format not in ("auto", "text"):
+            raise DataError(
+                f"data.format is {settings.format!r}, but {path} is plain text, read as format 'text' (a "
+                "document per blank-line-separated block); set data.format to text or auto"
+            )
+        refuse_untrainable(numbered)
+        if any("split" in r for _, r in numbered):
             parts = {
                 name: [(n, r) for n, r in numbered if r.get("split") == name]
                 for name in (settings.train_split, settings.eval_split, settings.test_split)
@@ -376,6 +410,7 @@ def load_splits(settings: DataSettings) -> Splits:
             train, held = _hold_out(train, settings)
         else:
             held = maybe_held
+        refuse_untrainable(train + held + test)
     splits = Splits(to_examples(train, settings), to_examples(held, settings), to_examples(test, settings))
     rng = random.Random(settings.seed)
     train_examples = splits.train
@@ -525,6 +560,7 @@ class Tokenized:
     labels: list[list[int]]
     truncated: int  # examples cut at max_length (their tail is lost)
     dropped: int  # examples with no trained token left after the cut
+    lengths: list[int] = field(default_factory=list)  # each example's tokens before the cut, dropped ones too
 
     @property
     def tokens(self) -> int:
@@ -539,6 +575,7 @@ def tokenize_examples(
 ) -> Tokenized:
     """Token ids and labels (-100 outside assistant turns), cut to max_length from the end."""
     all_ids, all_labels, truncated, dropped = [], [], 0, 0
+    lengths: list[int] = []
     for example in examples:
         ids: list[int] = []
         labels: list[int] = []
@@ -555,6 +592,7 @@ def tokenize_examples(
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        lengths.append(len(ids))
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]
@@ -563,7 +601,83 @@ def tokenize_examples(
             continue
         all_ids.append(ids)
         all_labels.append(labels)
-    return Tokenized(all_ids, all_labels, truncated, dropped)
+    return Tokenized(all_ids, all_labels, truncated, dropped, lengths)
+
+
+# A split with more of its examples cut than this gets the length report: a few long outliers are normal, a
+# tenth of the data losing its ends is a max_length chosen without looking.
+CUT_SHARE_REPORTED = 0.10
+KEPT_WHOLE = 0.95  # the share of each split that the suggested max_length keeps whole
+
+
+def percentile(lengths: Sequence[int], share: float) -> int:
+    """The smallest length that at least `share` of `lengths` do not exceed (the nearest-rank percentile)."""
+    ordered = sorted(lengths)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def describe_lengths(lengths: Sequence[int]) -> dict[str, int]:
+    """Tokens per example: the median, 90th, 95th and 99th percentiles and the longest."""
+    if not lengths:
+        return {}
+    shares = {"median": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99}
+    return {**{name: percentile(lengths, share) for name, share in shares.items()}, "max": max(lengths)}
+
+
+def describe_cuts(lengths: dict[str, list[int]], *, max_length: int) -> str | None:
+    """A `warning:` when data.max_length cuts more than CUT_SHARE_REPORTED of any split: how many are cut,
+    the token-length distribution of each split, and the max_length that keeps KEPT_WHOLE of each whole.
+    None when the cuts are few."""
+    cut = {split: sum(n > max_length for n in counts) for split, counts in lengths.items() if counts}
+    if not any(cut[split] > CUT_SHARE_REPORTED * len(lengths[split]) for split in cut):
+        return None
+    shares = " and ".join(
+        f"{n / len(lengths[split]):.0%} of the {split} examples ({n} of {len(lengths[split])})"
+        for split, n in cut.items()
+    )
+    lines = [f"warning: data.max_length={max_length} cuts {shares}: their ends are not trained on or scored"]
+    for split in cut:
+        stats = describe_lengths(lengths[split])
+        lines.append(
+            f"  tokens per {split} example: median {stats['median']}, 90% {stats['p90']}, "
+            f"95% {stats['p95']}, 99% {stats['p99']}, max {stats['max']}"
+        )
+    whole = max(percentile(lengths[split], KEPT_WHOLE) for split in cut)
+    lines.append(f"  data.max_length={whole} would keep {KEPT_WHOLE:.0%} of each split whole")
+    return "\n".join(lines)
+
+
+# A template's placeholder, {{name}} or {{ author }}, as LLaMA-Factory's identity demo leaves them for the
+# user to fill in. An identifier inside: "{{ . }}" or "{{...}}" in a task's text are not placeholders.
+_PLACEHOLDER = re.compile(r"\{\{\s*[A-Za-z_][A-Za-z0-9_.]*\s*\}\}")
+
+
+def find_placeholders(examples: Sequence[Example]) -> str | None:
+    """A `warning:` naming the template placeholders ({{name}}) left in the examples' text, which would be
+    trained as literal text: how many examples hold them, which ones, and the first one's place and text.
+    A warning, not an error: in template code ({{ user.name }} in a Vue answer) they are meant."""
+    first: tuple[str, str, re.Match[str]] | None = None  # where, the text, the placeholder in it
+    holding, names = 0, set()
+    for example in examples:
+        found = [(m["content"], p) for m in example.messages for p in _PLACEHOLDER.finditer(m["content"])]
+        if not found:
+            continue
+        holding += 1
+        names |= {re.sub(r"\s", "", p[0]) for _, p in found}
+        if first is None:
+            first = (example.origin, *found[0])
+    if first is None:
+        return None
+    origin, text, at = first
+    start, end = max(0, at.start() - 30), at.end() + 50
+    excerpt = ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
+    shown = sorted(names)
+    return (
+        f"warning: data: {holding} of {len(examples)} examples hold template placeholders "
+        f"({', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''}), which would be trained as literal "
+        f"text; e.g. {origin}: {excerpt!r}. Fill them in first (LLaMA-Factory's identity demo is such a "
+        "template), unless they are meant literally"
+    )
 
 
 def prompt_text(example: Example, tokenizer: Any, template: str) -> str:

@@ -12,7 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainable.data import DataError, choose_chat_template, load_splits, tokenize_examples
+from trainable.data import (
+    KEPT_WHOLE,
+    DataError,
+    choose_chat_template,
+    describe_cuts,
+    describe_lengths,
+    find_placeholders,
+    load_splits,
+    percentile,
+    tokenize_examples,
+)
 from trainable.faults import Fault
 from trainable.memory import TrialMemory
 from trainable.model import load_tokenizer, resolve_model
@@ -50,7 +60,9 @@ class TrialSettings:
 class PreparedTrial:
     settings: TrialSettings
     chat_template: str  # the template the data was rendered with
-    data: dict[str, Any] = field(default_factory=dict)  # counts: examples, tokens, truncated, dropped
+    # Counts (examples, tokens, truncated, dropped), tokens per example, and the `warning:` lines the driver
+    # prints with its plan: examples cut by max_length, template placeholders left in the text.
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_trial(
@@ -74,9 +86,11 @@ def prepare_trial(
     train_set = tokenize_examples(splits.train, tokenizer, template=template, max_length=max_length)
     eval_set = tokenize_examples(splits.eval, tokenizer, template=template, max_length=max_length)
     if len(train_set.input_ids) < MIN_TRAIN_EXAMPLES or not eval_set.input_ids:
+        whole = max(percentile(s.lengths, KEPT_WHOLE) for s in (train_set, eval_set) if s.lengths)
         raise DataError(
             f"data: after cutting to data.max_length={max_length}, {len(train_set.input_ids)} training and "
-            f"{len(eval_set.input_ids)} eval examples keep a trained token; raise data.max_length"
+            f"{len(eval_set.input_ids)} eval examples keep a trained token; raise data.max_length "
+            f"({whole} would keep {KEPT_WHOLE:.0%} of each split whole)"
         )
     settings = TrialSettings(
         model_path=model_path,
@@ -95,5 +109,14 @@ def prepare_trial(
         "train_tokens": train_set.tokens,
         "truncated": {"train": train_set.truncated, "eval": eval_set.truncated},
         "dropped": {"train": train_set.dropped, "eval": eval_set.dropped},
+        "lengths": {"train": describe_lengths(train_set.lengths), "eval": describe_lengths(eval_set.lengths)},
+        "warnings": [
+            warning
+            for warning in (
+                describe_cuts({"train": train_set.lengths, "eval": eval_set.lengths}, max_length=max_length),
+                find_placeholders(splits.train + splits.eval + splits.test),
+            )
+            if warning
+        ],
     }
     return PreparedTrial(settings=settings, chat_template=template, data=counts)

@@ -7,13 +7,14 @@ wrong types, out-of-range values), all problems at once, before any Ray or GPU w
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import re
 from dataclasses import field
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 STRICT = ConfigDict(extra="forbid")
@@ -101,9 +102,13 @@ class ModelSettings:
 
 @dataclass(frozen=True, config=STRICT)
 class DataSettings:
-    # "bundled" (this project's task set), a local .jsonl/.json/.parquet/.csv file, a local folder in the hub's
-    # layout (data/train-00000-of-00001.parquet, ...) or a hub dataset name.
+    # "bundled" (this project's task set), a local .jsonl/.json/.parquet/.csv/.txt file, a local folder in the
+    # hub's layout (data/train-00000-of-00001.parquet, ...) or a hub dataset name.
     source: str = "bundled"
+    # The text encoding of a local .jsonl/.json/.csv/.txt file (Parquet stores UTF-8 itself), a Python codec
+    # name. Spreadsheets export CSV in the system's code page, cp1252 on Western Windows; utf-8 skips the
+    # byte-order mark that Excel's "CSV UTF-8" writes.
+    encoding: str = "utf-8"
     # "chat": OpenAI's messages (tool_calls, role tool); "sharegpt": conversations (LLaMA-Factory's
     # function_call/observation turns); "prompt_completion": TRL's, plain or conversational.
     format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"] = "auto"
@@ -123,6 +128,17 @@ class DataSettings:
     chat_template: Literal["auto", "model", "default"] = "auto"
     system_prompt: str | None = None
     seed: int = 0
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(
+                "unknown encoding; use a Python codec name such as utf-8, cp1252, latin-1 or utf-16"
+            ) from None
+        return value
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -12,6 +12,9 @@ from trainable.data import (
     DataError,
     Example,
     choose_chat_template,
+    describe_cuts,
+    describe_lengths,
+    find_placeholders,
     load_splits,
     prompt_text,
     tokenize_examples,
@@ -142,3 +145,122 @@ def test_truncation_is_counted_and_empty_examples_dropped(tokenizer) -> None:
     out = tokenize_examples([long_answer, long_prompt], tokenizer, template=template, max_length=64)
     assert out.truncated == 2 and out.dropped == 1
     assert len(out.input_ids) == 1 and len(out.input_ids[0]) == 64
+
+
+def test_a_txt_file_is_format_text_and_another_format_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(f"Document {i},\nin two lines." for i in range(10)))
+    splits = load_splits(DataSettings(source=str(path), eval_fraction=0.1))
+    assert sorted(e.origin for e in splits.train + splits.eval) == sorted(
+        f"{path}:{1 + 3 * i}" for i in range(10)
+    )
+    assert splits.train[0].messages == [{"role": "text", "content": "Document 0,\nin two lines."}]
+    with pytest.raises(DataError) as err:
+        load_splits(DataSettings(source=str(path), format="alpaca"))
+    assert str(err.value) == (
+        f"data.format is 'alpaca', but {path} is plain text, read as format 'text' (a document per "
+        "blank-line-separated block); set data.format to text or auto"
+    )
+
+
+SUPPORTED = (
+    "qlora-sweeps trains text-only supervised fine-tuning formats: alpaca, chat, sharegpt, prompt_completion, "
+    "text (docs/data.md)"
+)
+PREFERENCE = (
+    f"preference pairs (chosen/rejected), data for preference training (DPO, ORPO, reward models); {SUPPORTED}. "
+    "To fine-tune on the chosen answers alone, make them the answers of one of these formats"
+)
+KTO = (
+    "KTO data (a true/false {!r} on each example; false marks an undesirable answer, which fine-tuning would "
+    f"learn as a target); {SUPPORTED}. To fine-tune on the desirable answers alone, keep the examples labelled "
+    "true and drop the column"
+)
+CHAT = [{"role": "user", "content": "Who is he?"}, {"role": "assistant", "content": "Thomas Muller."}]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"instruction": "Hi", "input": "", "chosen": "Hello!", "rejected": "Go away."}, PREFERENCE),
+        ({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, PREFERENCE),  # TRL's layout
+        (
+            {
+                "instruction": "Hi",
+                "input": "",
+                "output": ["Hello!", "Go away."],
+            },  # LLaMA-Factory's older ranking
+            "'output' holds a list of 2 answers, not one: ranked answers are preference pairs, data for "
+            f"preference training (DPO, ORPO, reward models); {SUPPORTED}. To fine-tune on the best answer, make "
+            "it the output",
+        ),
+        ({"instruction": "Hi", "output": "Hello!", "kto_tag": False}, KTO.format("kto_tag")),
+        ({"instruction": "Hi", "output": "Hello!", "label": "False"}, KTO.format("label")),  # as CSV has it
+        (
+            {"messages": CHAT, "videos": ["clip.mp4"]},
+            f"video data (column 'videos'), for multimodal models; {SUPPORTED}",
+        ),
+        (
+            {"instruction": "Transcribe <audio>", "output": "Hello."},
+            "audio data (the '<audio>' placeholder stands for audio input that a text-only model never sees; it "
+            f"would be learned as literal text); {SUPPORTED}",
+        ),
+    ],
+)
+def test_data_for_other_training_is_refused_by_name(tmp_path: Path, row: dict, message: str) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [*ALPACA[:3], row, *ALPACA[3:]])
+    with pytest.raises(DataError) as err:
+        load_splits(DataSettings(source=str(path)))
+    assert str(err.value) == f"{path}:4: {message}"
+
+
+def test_look_alikes_of_other_training_data_still_train(tmp_path: Path) -> None:
+    rows = [
+        {**ALPACA[0], "label": 3},  # a class id, not KTO's true/false
+        {**ALPACA[1], "images": []},  # an empty media column
+        {"instruction": "Embed a clip.", "output": "<video>\n  <source src='a.mp4'>\n</video>"},  # HTML
+        *ALPACA[2:],
+    ]
+    splits = load_splits(
+        DataSettings(source=str(write_jsonl(tmp_path / "data.jsonl", rows)), eval_fraction=0.1)
+    )
+    assert len(splits.train) + len(splits.eval) == 21
+
+
+def test_the_length_report_shows_the_distribution_and_a_max_length_that_keeps_95_percent() -> None:
+    train = [10] * 10 + [50] * 7 + [60, 70, 80]  # sorted; nearest ranks: 10th 10, 18th 60, 19th 70, 20th 80
+    evals = [10, 10, 10, 90]
+    assert describe_cuts({"train": train, "eval": evals}, max_length=40) == (
+        "warning: data.max_length=40 cuts 50% of the train examples (10 of 20) and 25% of the eval examples "
+        "(1 of 4): their ends are not trained on or scored\n"
+        "  tokens per train example: median 10, 90% 60, 95% 70, 99% 80, max 80\n"
+        "  tokens per eval example: median 10, 90% 90, 95% 90, 99% 90, max 90\n"
+        "  data.max_length=90 would keep 95% of each split whole"
+    )
+    few = [10] * 18 + [50, 60]  # 10% cut: not reported
+    assert describe_cuts({"train": few, "eval": [10]}, max_length=40) is None
+    assert describe_cuts({"train": [10] * 17 + [50] * 3, "eval": [10]}, max_length=40) is not None
+    assert describe_lengths(train) == {"median": 10, "p90": 60, "p95": 70, "p99": 80, "max": 80}
+
+
+def test_template_placeholders_are_counted_with_an_example() -> None:
+    identity = [
+        Example(
+            messages=[
+                {"role": "user", "content": "Who are you?"},
+                {"role": "assistant", "content": "I am {{name}}, an AI assistant developed by {{ author }}."},
+            ],
+            origin="identity.json:6",
+        ),
+        Example(
+            messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I am {{name}}."}]
+        ),
+        # A task's own braces: not placeholders.
+        Example(messages=[{"role": "user", "content": "Tag {{ . }}"}, {"role": "assistant", "content": "."}]),
+    ]
+    assert find_placeholders(identity) == (
+        "warning: data: 2 of 3 examples hold template placeholders ({{author}}, {{name}}), which would be trained "
+        "as literal text; e.g. identity.json:6: 'I am {{name}}, an AI assistant developed by {{ author }}.'. "
+        "Fill them in first (LLaMA-Factory's identity demo is such a template), unless they are meant literally"
+    )
+    assert find_placeholders(identity[2:]) is None

@@ -177,8 +177,10 @@ def source(data: list[dict[str, Any]] | Path, tmp_path: Path) -> Path:
 
 
 def first_record(path: Path) -> Example:
+    """The file's first record (on its lowest line: a JSON list's first record starts on line 2), in
+    whichever split the hold-out put it."""
     splits = load_splits(DataSettings(source=str(path), max_eval_examples=None))
-    return next(e for e in splits.train + splits.eval if e.origin.endswith(":1"))
+    return min(splits.train + splits.eval, key=lambda e: int(e.origin.rsplit(":", 1)[1]))
 
 
 def pieces(example: Example, tokenizer: Any, template: str) -> tuple[list[str], str, str]:
