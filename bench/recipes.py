@@ -5,7 +5,7 @@ Llama shapes they run on, and the batches they are fed.
 
 Why this module lives in `bench/` (a package at the repository root) and not in the installed packages:
 the textbook recipe is a reference that no trial ever runs, so it does not belong in what users install,
-yet the benchmark that times the project against it (`python -m bench.gpu.train_step`) and the test that
+yet the benchmark that times the project against it (`python -m bench.step.train_step`) and the test that
 checks the project computes what it computes (`python -m pytest tests/gpu`) must build the very same two
 models. Both are run from the repository root, which puts the root on `sys.path`, and both reach the
 project through its installed packages (`trainable`): the project's side is built only by the functions a

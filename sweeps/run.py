@@ -78,8 +78,8 @@ def run_sweep(
     returns where results.parquet is. `verbosity`: Tune's console output, 0 none, 1 the progress table, 2
     each trial's start and results too; every trial prints one line per evaluation at any verbosity.
     `build_trainable`: Tune's trainable for the plan and its resources, trial_trainable (the real trial)
-    unless given; bench/scale.py gives trials that only report, to time the driver alone. `clock`: the
-    driver's start so far, continued here and printed when Tune starts."""
+    unless given; bench/scale/simulate.py gives trials that only report, to time the driver alone. `clock`:
+    the driver's start so far, continued here and printed when Tune starts."""
     import optuna
     import ray
 

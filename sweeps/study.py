@@ -47,7 +47,7 @@ class StudyMirror(Callback):
     def study(self) -> Any:
         """The RDB study, opened once per driver, with the Tune trial ids it holds read once. Opened and read
         back at every record, each record cost more as the study grew (0.52 s at a sweep's start, 1.40 s
-        after 300 trials: python -m bench.scale on a loaded 2-core machine, docs/cost.md)."""
+        after 300 trials: python -m bench.scale.simulate on a loaded 2-core machine, docs/cost.md)."""
         import optuna
 
         if self._study is None:

@@ -119,7 +119,7 @@ def processes_of(marker: str) -> list[int]:
 def cluster_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     """The environment of a one-machine cluster: its own home (auth token), Ray temp dir, Python and project."""
     if "cluster" not in (request.config.option.markexpr or ""):
-        # About 5 minutes on 2 cores (bench/results/cluster-local-2026-11-30.md): over the suite's budget.
+        # About 5 minutes on 2 cores (bench/sweep/results/cluster-local-2026-11-30.md): over the suite's budget.
         pytest.skip("starts a Ray cluster and runs a sweep (~5 min): run with pytest -m cluster")
     if importlib.util.find_spec("aiohttp") is None:
         pytest.skip("needs Ray's dashboard and job API, ray[default]: pip install -e '.[cluster]'")
@@ -230,7 +230,7 @@ def test_docs_submit_runs_trials_on_autoscaled_fake_gpu_workers(
         head.wait(timeout=30)
         head_log.close()
         transcript.append(f"--- down ({time.monotonic() - began:.0f} s)")
-        # The record in docs/cluster.md and bench/results/ comes from here: pytest -m cluster -s.
+        # The record in docs/cluster.md and bench/sweep/results/ comes from here: pytest -m cluster -s.
         print("\n".join(transcript) + "\n--- head log\n" + (home / "head.log").read_text())
 
     # Results in storage, from trials that ran at the same time on their own fake GPU worker, none on the head.

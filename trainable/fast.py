@@ -3,7 +3,7 @@
     model = build_lora_model(load_base_model(...), lora, gradient_checkpointing=True)
     report = apply_fast_path(model)  # CUDA only; CPU trials keep the plain transformers/peft path
 
-What changes (measured in bench/gpu/train_step.py, written up in docs/speed.md):
+What changes (measured in bench/step/train_step.py, written up in docs/speed.md):
 - LoRA on a 4-bit (or plain) linear layer is one autograd function: the base weight is dequantized and
   multiplied once, the low-rank product is added into the same output buffer (no `result.clone()`, no
   casts of the input per adapter), and the backward computes the input gradient the same way.
@@ -135,7 +135,7 @@ def activation_bytes_per_token(config: Any, *, dropout: bool) -> int:
     """What one decoder layer keeps for its backward, per token, on the fast path when it is not
     checkpointed (bf16): the norm outputs and attention inputs/outputs (8 x hidden), gate, up and their
     product (3 x intermediate), plus LoRA dropout's outputs (6 x hidden + intermediate) when dropout is on.
-    Counted from the saved tensors; bench/gpu/train_step.py measures it."""
+    Counted from the saved tensors; bench/step/train_step.py measures it."""
     hidden, intermediate = config.hidden_size, config.intermediate_size
     elements = 8 * hidden + 3 * intermediate + ((6 * hidden + intermediate) if dropout else 0)
     return 2 * elements

@@ -12,8 +12,8 @@ What is modelled: the CUDA trial path as `trainable.train.build_trainer` runs it
 quantized base, the residual stream in the compute dtype, gradient checkpointing per decoder layer (the
 last layers left unchecked as `model.activation_memory_gib` allows), trl's fused LM head (logits in tiles,
 never whole), and the configured optimizer. The coefficients that are not counted from tensor shapes are
-fitted to the peaks measured on an H200 (`bench/results/train_step*-2026-11-30.jsonl`, the 7B shape) and
-re-measured by `python -m bench.gpu.memory`, which records this estimate beside each measurement.
+fitted to the peaks measured on an H200 (`bench/step/results/train_step*-2026-11-30.jsonl`, the 7B shape) and
+re-measured by `python -m bench.step.memory`, which records this estimate beside each measurement.
 """
 
 from __future__ import annotations

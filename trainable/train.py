@@ -185,7 +185,7 @@ def setup_trial(
     Returns the trainer. `keep_base`: keep an untouched copy of the base in this process for later trials
     (base_for_trial). `on_stage` is called after each part (tokenizer, base_model_loaded or
     base_model_copied, lora_attached, trainer_built) for the trial's start times and the setup benchmark
-    (bench/gpu/trial_setup.py)."""
+    (bench/start/trial_setup.py)."""
     stage = on_stage or (lambda name: None)
     tokenizer = load_tokenizer(settings.model_path, settings.model)
     stage("tokenizer")

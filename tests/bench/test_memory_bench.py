@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu import memory
+from bench.step import memory
 
 
 def test_grid_is_both_shapes_by_rank_targets_and_batches() -> None:

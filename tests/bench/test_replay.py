@@ -1,4 +1,4 @@
-"""The time-to-best replay (bench/replay.py) against a small synthetic table with a known best: lookups
+"""The time-to-best replay (bench/search/replay.py) against a small synthetic table with a known best: lookups
 return the recorded values, ASHA's stopped trials cost only what they ran, every method finds the best,
 seeds change the order. Through Tune on 2 CPUs; a replay of a few trials takes seconds."""
 
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from analysis.experiment import RESULTS, write_summary, write_table
-from bench.replay import (
+from bench.search.replay import (
     METHODS,
     Curve,
     Table,
@@ -29,7 +29,7 @@ from bench.replay import (
     sample_points,
     table_from_experiment,
 )
-from bench.replay import write_table as write_replay_table
+from bench.search.replay import write_table as write_replay_table
 from sweeps.config import load_config
 from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE
 from tests.conftest import sweep_summary, trial_result
@@ -179,18 +179,20 @@ def test_table_from_an_experiment_keeps_completed_trials(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(("config_file", "seed"), [("table.yaml", 0), ("table-b.yaml", 1)])
 def test_the_recording_configs_hold_seeded_samples_of_the_default_space(config_file: str, seed: int) -> None:
-    config = load_config(str(REPO / "bench/gpu" / config_file))
+    config = load_config(str(REPO / "bench/search" / config_file))
     assert config.search.space == DEFAULT_SPACE
     assert config.search.scheduler == "none"
     assert config.search.num_samples == len(config.search.initial_points)
-    # Regenerate with `python -m bench.replay points --trials 32 --seed N` when the default space changes.
+    # Regenerate with `python -m bench.search.replay points --trials 32 --seed N` when the default space changes.
     assert config.search.initial_points == sample_points(DEFAULT_SPACE, config.search.num_samples, seed=seed)
 
 
 def test_the_two_recording_configs_differ_only_in_their_points_and_name() -> None:
     """The halves of one table must be recorded alike, or their rows' losses and GPU-seconds differ for
     reasons other than the configuration."""
-    first, second = (load_config(str(REPO / "bench/gpu" / name)) for name in ("table.yaml", "table-b.yaml"))
+    first, second = (
+        load_config(str(REPO / "bench/search" / name)) for name in ("table.yaml", "table-b.yaml")
+    )
     assert first.model == second.model and first.data == second.data and first.train == second.train
     assert not set(map(str, first.search.initial_points)) & set(map(str, second.search.initial_points))
     assert dataclasses.replace(

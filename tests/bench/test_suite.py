@@ -1,4 +1,4 @@
-"""bench/gpu/suite.sh refuses bad paths and unknown stages before it installs or runs anything."""
+"""bench/suite.sh refuses bad paths and unknown stages before it installs or runs anything."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def suite(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(REPO / "bench/gpu/suite.sh"), *args], cwd=cwd, capture_output=True,
+    return subprocess.run(["bash", str(REPO / "bench/suite.sh"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
 
 
@@ -42,7 +42,7 @@ def test_runs_only_from_the_repository_root(tmp_path: Path) -> None:
 
 
 def test_every_stage_it_accepts_is_documented() -> None:
-    text = (REPO / "bench/gpu/suite.sh").read_text()
+    text = (REPO / "bench/suite.sh").read_text()
     known = text.split('KNOWN=" ', 1)[1].split(' "', 1)[0].split()
     usage = suite("--help").stdout
     stages = usage.split("Stages:", 1)[1].split("Results:", 1)[0]

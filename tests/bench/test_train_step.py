@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from bench.gpu import train_step
-from bench.gpu.train_step import build_cases, memory_left_under_textbook, peaks_of, spread, summarize
+from bench.step import train_step
+from bench.step.train_step import build_cases, memory_left_under_textbook, peaks_of, spread, summarize
 
 
 def record(

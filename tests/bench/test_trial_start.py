@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.trial_start import summarize
+from bench.start.trial_start import summarize
 from sweeps.config import load_config
 from trainable.outcome import START_PARTS
 
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_config_loads_with_four_fixed_trials() -> None:
-    config = load_config(str(REPO / "bench/cpu/trial_start.yaml"))
+    config = load_config(str(REPO / "bench/start/trial_start.yaml"))
     assert config.search.num_samples == len(config.points_to_evaluate) == 4
     # Optuna's warm start takes only points that name every searched hyperparameter.
     assert all(set(point) == set(config.search.space) for point in config.points_to_evaluate)

@@ -21,7 +21,7 @@ from trainable.memory import (
     load_model_shape,
 )
 
-RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 LLAMA_7B = ModelShape(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, head_dim=128, vocab_size=LLAMA2_VOCAB, tie_word_embeddings=False)  # fmt: skip
 
@@ -31,7 +31,7 @@ def recorded_project_steps() -> list[dict[str, Any]]:
     the ladder's partial fast paths, which no trial runs."""
     rows = []
     for name in ("train_step-2026-11-30.jsonl", "train_step-memory-2026-11-30.jsonl"):
-        for line in (RESULTS / name).read_text().splitlines():
+        for line in (BENCH / "step" / "results" / name).read_text().splitlines():
             row = json.loads(line)
             options = row["options"]
             if row["recipe"] == "project" and "kernels" not in options and "fuse_lora" not in options:
@@ -83,10 +83,10 @@ def test_estimate_is_within_10_percent_of_the_recorded_peak(row: dict[str, Any])
 
 
 def test_estimate_bounds_the_recorded_7b_trial() -> None:
-    # bench/gpu/llama7b-shape.yaml under Tune: the 7B shape with SmolLM2's tokenizer (49,152 tokens), QLoRA's
+    # bench/sweep/llama7b-shape.yaml under Tune: the 7B shape with SmolLM2's tokenizer (49,152 tokens), QLoRA's
     # r=64 all-linear dropout 0.1, batches of 4 bundled examples cut to 512 tokens. Its batches were not
     # recorded, so the estimate is taken at their bound (4 x 512 tokens): not below the peak, within 10%.
-    trial = next(json.loads(line) for line in (RESULTS / "sweeps-2026-11-30.jsonl").read_text().splitlines()
+    trial = next(json.loads(line) for line in (BENCH / "sweep" / "results" / "sweeps-2026-11-30.jsonl").read_text().splitlines()
                  if json.loads(line)["label"] == "llama7b")["per_trial"][0]  # fmt: skip
     hparams = trial["hparams"]
     model = dataclasses.replace(LLAMA_7B, vocab_size=49152)

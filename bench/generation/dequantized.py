@@ -1,0 +1,79 @@
+"""The report's generation on a CPU: the 4-bit base against the base dequantized once, in one process.
+
+    python -m bench.generation.dequantized EXPERIMENT --repeats 3 \
+        --out bench/generation/results/cpu-report-generation-DATE.jsonl
+
+Runs analysis.report.generate_answers (every finalist and the base answering the report's prompts, as
+`python -m analysis.report` does) on EXPERIMENT, alternately with the 4-bit layers as loaded and with
+analysis.report.dequantized_for_generation, --repeats times each. One JSON line per run (seconds, new
+tokens, per candidate), then a summary: the median and range of each mode's seconds, of the ratio of the
+pairs, and whether every answer was the same in both modes.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # as python -m analysis.report sets it (its main says why)
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from analysis import report
+from analysis.experiment import load_experiment
+from analysis.seeds import pool_seeds
+from analysis.settings import load_report_settings
+from bench.records import append_jsonl, spread
+from trainable.hardware import describe_cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    experiment = load_experiment(args.experiment)
+    settings = load_report_settings(experiment, ())
+    candidates = report.select_finalists(pool_seeds(experiment.results), settings.top_k)
+    prompts = report.build_prompt_set(experiment, settings).prompts
+    runs: list[dict[str, Any]] = []
+    answers: dict[bool, list[list[str]]] = {False: [], True: []}
+    for repeat in range(args.repeats):
+        for dequantize in (False, True):
+            # The 4-bit run: the report's code with its dequantizing step left out.
+            keep_4bit = mock.patch.object(
+                report, "dequantized_for_generation", side_effect=lambda model, _: model
+            )
+            start = time.perf_counter()
+            with contextlib.nullcontext() if dequantize else keep_4bit:
+                generations, timing = report.generate_answers(
+                    experiment, candidates, prompts, settings, device="cpu"
+                )
+            run = {"repeat": repeat, "dequantized": dequantize, "seconds": round(time.perf_counter() - start, 2),
+                   "generation_s": round(float(timing["seconds"].sum()), 2), "prompts": len(prompts),
+                   "per_candidate": timing.round(2).to_dict("records"), "cpu": describe_cpu()}  # fmt: skip
+            answers[dequantize].append(list(generations["answer"]))
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    four_bit = [r["seconds"] for r in runs if not r["dequantized"]]
+    dequantized = [r["seconds"] for r in runs if r["dequantized"]]
+    summary = {"summary": True, "prompts": len(prompts), "candidates": len(candidates),
+               "four_bit_s": spread(four_bit), "dequantized_s": spread(dequantized),
+               "speedup": spread([a / b for a, b in zip(four_bit, dequantized, strict=True)]),
+               "same_answers": all(a == answers[False][0] for a in answers[False] + answers[True]),
+               "cpu": describe_cpu()}  # fmt: skip
+    print(json.dumps(summary), flush=True)
+    append_jsonl(args.out, [*runs, summary])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

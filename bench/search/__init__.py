@@ -1,0 +1,1 @@
+"""Time to best: replaying search methods against a recorded table (`python -m bench.search.replay`)."""

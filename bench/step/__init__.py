@@ -1,0 +1,1 @@
+"""The training step: the project's against the textbook QLoRA recipe, its memory, and a CPU trial's step."""
