@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -111,6 +112,7 @@ def build_plan(trials: int, storage: Path, *, evaluations: int) -> SweepPlan:
     from sweeps.config import validate_config
     from sweeps.plan import SweepPlan, with_base_eval_loss
     from trainable.prepare import TrialSettings
+    from trainable.schema import SweepSummary
 
     eval_every = 2  # any value: the trials make their losses up; steps = evaluations x eval_every
     config = validate_config(
@@ -139,7 +141,10 @@ def build_plan(trials: int, storage: Path, *, evaluations: int) -> SweepPlan:
         train_data={},
         eval_data={},
     )
-    plan = SweepPlan(config, config.experiment_name(), config.storage_uri(), settings, summary={})
+    # sweep.json's summary of what plan_sweep resolves: nothing here but the config (no model, no data).
+    summary = SweepSummary(config=dataclasses.asdict(config), fingerprint={}, model_path="", chat_template="",
+                           linear_modules=[], data={}, environment={})  # fmt: skip
+    plan = SweepPlan(config, config.experiment_name(), config.storage_uri(), settings, summary)
     return with_base_eval_loss(plan, BASE_EVAL_LOSS)
 
 

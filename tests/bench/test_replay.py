@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 
 from analysis.experiment import RESULTS, write_summary, write_table
 from bench.search.replay import (
@@ -185,6 +186,16 @@ def test_the_recording_configs_hold_seeded_samples_of_the_default_space(config_f
     assert config.search.num_samples == len(config.search.initial_points)
     # Regenerate with `python -m bench.search.replay points --trials 32 --seed N` when the default space changes.
     assert config.search.initial_points == sample_points(DEFAULT_SPACE, config.search.num_samples, seed=seed)
+
+
+def test_points_command_prints_the_seeded_sample_as_a_configs_initial_points(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What a recording config's initial_points are pasted from."""
+    assert main(["points", "--trials", "4", "--seed", "3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == {"initial_points": sample_points(DEFAULT_SPACE, 4, seed=3)}
+    assert len({json.dumps(point, sort_keys=True) for point in printed["initial_points"]}) == 4
 
 
 def test_the_two_recording_configs_differ_only_in_their_points_and_name() -> None:
