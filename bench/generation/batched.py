@@ -18,6 +18,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,8 +43,7 @@ def main() -> None:
     path = resolve_model(args.model)
     settings = ModelSettings(name_or_path=args.model)
     tokenizer = load_tokenizer(path, settings)
-    model = load_base_model(path, settings, device=args.device)
-    model = attach_adapter(model, args.adapter)
+    model = attach_adapter(load_base_model(path, settings, device=args.device), args.adapter)
     model.eval()
     splits = load_splits(DataSettings(max_eval_examples=None))
     template = choose_chat_template(tokenizer, "auto")
@@ -81,7 +81,7 @@ def main() -> None:
 
 def measure(
     model: torch.nn.Module, tokenizer: object, texts: list[str], max_new_tokens: int, batch_size: int
-) -> dict:
+) -> dict[str, Any]:
     from analysis.generate import generate_batched
     from analysis.settings import GenerationSettings
 

@@ -54,9 +54,13 @@ def run_process(
     rows = []
     for i in range(trials):
         reports: list[dict[str, Any]] = []
-        run_trial(
-            points[i % len(points)], settings, send=lambda metrics, _, sink=reports: sink.append(metrics)
-        )
+
+        def send(
+            metrics: dict[str, Any], _checkpoint: str | None, sink: list[dict[str, Any]] = reports
+        ) -> None:
+            sink.append(metrics)
+
+        run_trial(points[i % len(points)], settings, send=send)
         first = reports[0]
         rows.append({"mode": mode, "worker_trial": first["worker_trial"], "base_copied": first["base_copied"],
                      "startup_s": sum(first[p] for p in START_PARTS), **{p: first[p] for p in START_PARTS}})  # fmt: skip
@@ -90,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if args.one:
-        rows = run_process(args.config, args.overrides, trials=args.trials, steps=args.steps, mode=args.one)
-        print("ROWS " + json.dumps(rows), flush=True)
+        one = run_process(args.config, args.overrides, trials=args.trials, steps=args.steps, mode=args.one)
+        print("ROWS " + json.dumps(one), flush=True)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

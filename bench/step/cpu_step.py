@@ -33,7 +33,7 @@ from trainable.settings import Hyperparameters
 from trainable.train import setup_trial
 
 
-class StepClock(TrainerCallback):  # type: ignore[misc]
+class StepClock(TrainerCallback):
     """The wall time of each optimizer step."""
 
     def __init__(self) -> None:

@@ -1,7 +1,10 @@
-"""bench/suite.sh refuses bad paths and unknown stages before it installs or runs anything."""
+"""bench/suite.sh refuses bad paths and unknown stages before it installs or runs anything, and every stage
+runs a benchmark, config or file that exists."""
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import subprocess
 from pathlib import Path
 
@@ -47,3 +50,23 @@ def test_every_stage_it_accepts_is_documented() -> None:
     usage = suite("--help").stdout
     stages = usage.split("Stages:", 1)[1].split("Results:", 1)[0]
     assert sorted(known) == sorted(line.split()[0] for line in stages.splitlines() if line[:3].strip())
+
+
+def test_every_stage_has_a_branch_and_everything_it_runs_exists() -> None:
+    """The suite runs on a GPU host, where a moved benchmark or config would fail only mid-run."""
+    text = (REPO / "bench/suite.sh").read_text()
+    known = text.split('KNOWN=" ', 1)[1].split(' "', 1)[0].split()
+    body = text.split('for stage in "${STAGES[@]}"; do', 1)[1]
+    assert [stage for stage in known if not re.search(rf"^    {re.escape(stage)}\)$", body, re.M)] == []
+    modules = set(re.findall(r"python3? -m (bench(?:\.\w+)+)", text))
+    assert {"bench.step.train_step", "bench.sweep.summary", "bench.make_model"} <= modules
+    assert [module for module in modules if importlib.util.find_spec(module) is None] == []
+    paths = set(re.findall(r"\bbench/[\w./-]+\.(?:yaml|txt|sh)\b", text))
+    assert {"bench/packing/packing.yaml", "bench/sweep/tiny.yaml", "bench/wheels.txt"} <= paths
+    assert [path for path in paths if not (REPO / path).is_file()] == []
+
+
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(REPO)) for p in (REPO / "bench").rglob("*.sh")))
+def test_shell_scripts_parse(script: str) -> None:
+    result = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
