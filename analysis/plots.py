@@ -19,7 +19,7 @@ from matplotlib import cm, colors, ticker
 from matplotlib.figure import Figure
 
 from analysis.importance import Importance
-from analysis.score import BASELINE
+from analysis.score import MOST_COMMON
 from trainable.outcome import METRIC
 from trainable.schema import BEST_EVAL_LOSS, TRIAL_ID
 from trainable.search_space import Dimension
@@ -230,7 +230,7 @@ def plot_quality(quality: pd.DataFrame) -> Figure:
             high = quality[f"{column}_high"].astype(float).to_numpy()[::-1] * scale
             error = np.nan_to_num(np.vstack([values - low, high - values]))
         axis.barh(names, np.nan_to_num(values), xerr=error, capsize=3,
-                  color=["tab:gray" if n in ("base", BASELINE) else "tab:green" for n in names])  # fmt: skip
+                  color=["tab:gray" if n in ("base", MOST_COMMON) else "tab:green" for n in names])  # fmt: skip
         axis.set_xlabel(f"{label} (%)" if scale == 100 else label)
         axis.set_xlim(0, 100)
         axis.grid(alpha=0.3, axis="x")

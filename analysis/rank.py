@@ -4,18 +4,22 @@ The rule (report.top_k, report.loss_tolerance, report.rank_by):
 1. A trial is *usable* (trainable.schema.usable) when its status is rankable (completed, or
    stopped by the scheduler) and its best eval loss is finite. Trials that are not (error, failed, no loss)
    are listed last, unranked, with the reason.
-2. The *finalists* (choose_candidates) are the top_k usable trials by best eval loss plus the QLoRA-recipe
-   trial (always, when it is usable): they answered the held-out prompts. They rank first, ordered by
+2. The *finalists* (choose_candidates) are the top_k usable trials by best eval loss plus every baseline
+   trial (search.baselines: QLoRA's recipe, the calibrated default; always, when usable): they answered the
+   held-out prompts. They rank first, ordered by
    a. net wins: how many other finalists a finalist is measurably better than (paired test on the held-out
       prompts, p < 0.05: McNemar's exact test for exact match, a paired bootstrap for chrF; the first of
       those in rank_by that was scored), minus how many are measurably better than it;
    b. equal net wins: those within `loss_tolerance` (relative) of the best eval loss first, ordered by their
       held-out scores in rank_by order (higher first; ties fall to the next score); then the others;
    c. then best eval loss, then trial id.
+   The best baseline (the first baseline in that order) is what a user gets without the search, so a
+   searched finalist ranks above it only if it is measurably better than it: those that are not move to
+   just below it. A sweep that could not beat its best baseline ranks that baseline #1.
 3. All other usable trials follow, ordered by best eval loss.
-The base model's row and the trivial baseline's (the most common training answer of each task) stand
-after the ranked trials, with no rank, for contrast. vs_recipe and vs_base say whether a finalist is
-measurably better than, tied with or worse than the recipe trial and the base model, with the p-value.
+The base model's row and the trivial most-common-answer row (the most common training answer of each task)
+stand after the ranked trials, with no rank, for contrast. vs_baseline and vs_base say whether a finalist
+is measurably better than, tied with or worse than the best baseline and the base model, with the p-value.
 """
 
 from __future__ import annotations
@@ -27,23 +31,34 @@ import pandas as pd
 
 from analysis.experiment import LEADERBOARD, Experiment
 from analysis.generate import BASE
-from analysis.score import BASELINE
+from analysis.score import MOST_COMMON
 from analysis.seeds import pool_seeds
-from trainable.outcome import RANKABLE_STATUSES, Origin
-from trainable.schema import ADAPTER_PATH, BEST_EVAL_LOSS, FINAL_EVAL_LOSS, ORIGIN, STATUS, TRIAL_ID, usable
+from trainable.outcome import BASELINE, DESCRIPTIONS, RANKABLE_STATUSES
+from trainable.schema import (
+    ADAPTER_PATH,
+    BASELINE_NAME,
+    BEST_EVAL_LOSS,
+    FINAL_EVAL_LOSS,
+    GPU_SECONDS,
+    GPU_SHARE,
+    ORIGIN,
+    STATUS,
+    TRIAL_ID,
+    WALL_TIME_S,
+    usable,
+)
 from trainable.settings import HYPERPARAMETERS
 
 # rank_by name -> leaderboard column.
 QUALITY_COLUMNS = {"exact_match": "exact_match", "chrf": "chrf", "judge": "judge_strength"}
 TESTED = ("exact_match", "chrf")  # the scores with a paired test per prompt
-RECIPE_ORIGIN: Origin = "recipe"  # results.parquet's `origin` of the trial that ran the QLoRA paper's recipe
 TEST_NAMES = {"mcnemar": "McNemar", "paired_bootstrap": "paired bootstrap"}
 
 
-def recipe_trial(results: pd.DataFrame) -> str | None:
-    """The id of the trial that ran the QLoRA recipe, None when the sweep had none."""
-    recipe = results.loc[results[ORIGIN] == RECIPE_ORIGIN, TRIAL_ID]
-    return str(recipe.iloc[0]) if len(recipe) else None
+def baseline_trials(results: pd.DataFrame) -> dict[str, str]:
+    """{trial id: the baseline's name (sweeps.baselines)} of the sweep's baseline trials."""
+    rows = results[results[ORIGIN] == BASELINE]
+    return {str(t): str(name) for t, name in zip(rows[TRIAL_ID], rows[BASELINE_NAME], strict=True)}
 
 
 def tested_metric(quality: pd.DataFrame | None, rank_by: Sequence[str]) -> str | None:
@@ -57,12 +72,12 @@ def tested_metric(quality: pd.DataFrame | None, rank_by: Sequence[str]) -> str |
 
 def choose_candidates(results: pd.DataFrame, *, top_k: int) -> pd.DataFrame:
     """The finalists: the `top_k` usable trials that have an adapter, best eval loss first (equal losses by
-    trial id), then the QLoRA-recipe trial (results' `origin`) when it is usable and not among them. The
+    trial id), then the baseline trials (results' `origin`) that are usable and not among them. The
     report's finalists; the first row is the adapter to export when there is no leaderboard yet."""
     finished = results[usable(results) & results[ADAPTER_PATH].notna()]
     ordered = finished.sort_values([BEST_EVAL_LOSS, TRIAL_ID], kind="stable")
-    recipe = ordered[ordered[ORIGIN] == RECIPE_ORIGIN]
-    return pd.concat([ordered.head(top_k), recipe]).drop_duplicates(TRIAL_ID)
+    baselines = ordered[ordered[ORIGIN] == BASELINE]
+    return pd.concat([ordered.head(top_k), baselines]).drop_duplicates(TRIAL_ID)
 
 
 def rank_trials(
@@ -85,10 +100,10 @@ def rank_trials(
     quality = quality if quality is not None else pd.DataFrame()
     keys = [QUALITY_COLUMNS[name] for name in rank_by]
     metric = tested_metric(quality, rank_by)
-    recipe = recipe_trial(results)
+    baselines = baseline_trials(results)
     table = results.drop(columns=["rank"], errors="ignore").copy()
     table.insert(0, "candidate", table[TRIAL_ID].astype(str))
-    trial_quality = quality.drop(index=[BASE, BASELINE], errors="ignore")
+    trial_quality = quality.drop(index=[BASE, MOST_COMMON], errors="ignore")
     table = table.join(trial_quality, on="candidate", rsuffix="_q") if len(trial_quality) else table
     for column in {*keys, "exact_match", "chrf"}:
         if column not in table:
@@ -121,6 +136,8 @@ def rank_trials(
     first = first.sort_values(["net_wins", "within_tolerance", *sort_keys, BEST_EVAL_LOSS, "candidate"],
                               ascending=[False, False, *[False] * len(keys), True, True],
                               na_position="last", kind="stable").drop(columns=sort_keys)  # fmt: skip
+    best_baseline = next((c for c in first["candidate"] if c in baselines), None)
+    first = _beat_the_baseline(first, best_baseline, paired, metric)
     second = table[finished & ~finalist].sort_values([BEST_EVAL_LOSS, "candidate"], kind="stable")
     rest = table[~finished].sort_values([STATUS, "candidate"], kind="stable")
 
@@ -133,14 +150,18 @@ def rank_trials(
     ranked.insert(0, "rank", pd.array(range(1, len(ranked) + 1), dtype="Int64"))
     rest.insert(0, "rank", pd.array([None] * len(rest), dtype="Int64"))
     for frame in (ranked, rest):
-        is_recipe = frame["candidate"] == recipe
-        if is_recipe.any():
-            frame.loc[is_recipe, "note"] = "QLoRA recipe; " + frame.loc[is_recipe, "note"].astype(str)
+        for trial, name in baselines.items():
+            here = frame["candidate"] == trial
+            tag = " (the best)" if trial == best_baseline else ""
+            if here.any():
+                frame.loc[here, "note"] = (
+                    f"baseline{tag}: {DESCRIPTIONS.get(name, name)}; " + frame.loc[here, "note"]
+                )
 
     contrast = []
     for name, status, note, eval_loss in (
         (BASE, "base", "base model without adapter, for contrast", base_eval_loss),
-        (BASELINE, "baseline", "trivial baseline: the most common training answer of each task", math.nan),
+        (MOST_COMMON, "trivial", "the most common training answer of each task, for contrast", math.nan),
     ):
         if name != BASE and name not in quality.index:
             continue
@@ -152,13 +173,35 @@ def rank_trials(
         contrast.append(row)
     contrast_rows = pd.DataFrame(contrast).astype({"rank": "Int64"})
     board = pd.concat([frame for frame in (ranked, contrast_rows, rest) if len(frame)], ignore_index=True)
-    board = _add_comparisons(board, paired, metric=metric, against={"vs_recipe": recipe, "vs_base": BASE})
+    board = _add_comparisons(
+        board, paired, metric=metric, against={"vs_baseline": best_baseline, "vs_base": BASE}
+    )
+    board["best_baseline"] = board["candidate"] == best_baseline
     front = ["rank", "candidate", STATUS, "ranked_by", *keys, "exact_match", "exact_match_low", "exact_match_high",
-             "exact_match_n", "chrf", "chrf_low", "chrf_high", "chrf_n", "vs_recipe", "vs_recipe_p", "vs_base",
+             "exact_match_n", "chrf", "chrf_low", "chrf_high", "chrf_n", "vs_baseline", "vs_baseline_p", "vs_base",
              "vs_base_p", BEST_EVAL_LOSS, "loss_gap", "within_tolerance", "net_wins",
              *[h for h in HYPERPARAMETERS if h in board], "note"]  # fmt: skip
     front = list(dict.fromkeys(c for c in front if c in board))
     return board[front + [c for c in board.columns if c not in front]]
+
+
+def _beat_the_baseline(
+    first: pd.DataFrame, best_baseline: str | None, paired: pd.DataFrame | None, metric: str | None
+) -> pd.DataFrame:
+    """The finalists in rank order with those ahead of the best baseline that are not measurably better than
+    it (on the tested metric) moved to just below it (rule 2 of the module docstring)."""
+    if best_baseline is None:
+        return first
+    order = list(first["candidate"])
+    at = order.index(best_baseline)
+    beats = set()
+    if metric is not None and paired is not None and len(paired):
+        tests = paired[(paired["metric"] == metric) & (paired["other"] == best_baseline)]
+        beats = set(tests.loc[tests["verdict"] == "better", "candidate"])
+    ahead = [c for c in order[:at] if c in beats]
+    behind = [c for c in order[:at] if c not in beats]
+    new_order = [*ahead, best_baseline, *behind, *order[at + 1 :]]
+    return first.set_index("candidate", drop=False).loc[new_order].reset_index(drop=True)
 
 
 def _add_comparisons(
@@ -218,16 +261,21 @@ def describe_difference(
 
 
 def recommend(board: pd.DataFrame, paired: pd.DataFrame | None, *, rank_by: Sequence[str]) -> str:
-    """In words: which adapter the leaderboard recommends, and how sure it is (its paired tests against the
-    QLoRA-recipe trial and the base model on the held-out prompts)."""
+    """In words: which adapter the leaderboard recommends (its #1) and how sure it is. Against the best
+    baseline on the held-out prompts (difference, 95% interval, p-value), what the search cost beyond the
+    baselines, and against the base model. A sweep whose search could not beat its best baseline says so
+    and recommends that baseline (the ranking puts it first: module docstring, rule 2)."""
     ranked = board[board["rank"].notna()]
     if ranked.empty:
         return "No adapter to recommend: no trial finished with a finite eval loss."
     first = ranked.iloc[0]
     name = str(first["candidate"])
     trials = board[board[TRIAL_ID].notna()]
-    recipe = recipe_trial(trials) if ORIGIN in trials else None
-    metric = tested_metric(board[board["rank"].notna()], rank_by)
+    baselines = baseline_trials(trials)
+    best = next(
+        (str(c) for c, b in zip(board["candidate"], board.get("best_baseline", []), strict=False) if b), None
+    )
+    metric = tested_metric(ranked, rank_by)
     if first["ranked_by"] != "held-out" or metric is None or paired is None or paired.empty:
         return f"Recommended: trial {name} (#1), by eval loss alone: no held-out answers were scored."
 
@@ -239,33 +287,47 @@ def recommend(board: pd.DataFrame, paired: pd.DataFrame | None, *, rank_by: Sequ
         return describe_difference(row["delta"], row["low"], row["high"], row["p_value"], row["test"], metric,
                                    int(row["n"]))  # fmt: skip
 
-    text = [f"Recommended: trial {name} (#1{', the QLoRA-recipe trial' if name == recipe else ''})."]
-    if recipe is None:
-        text.append(
-            "The sweep has no QLoRA-recipe trial to compare with (search.start_with_qlora_recipe off)."
-        )
-    elif name == recipe:
-        better = [
-            c for c in ranked["candidate"] if (t := test(c, recipe)) is not None and t["verdict"] == "better"
+    def baseline(trial: str) -> str:
+        return f"{DESCRIPTIONS.get(baselines[trial], baselines[trial])} (trial {trial})"
+
+    cost = describe_search_cost(trials)
+    if not baselines:
+        text = [f"Recommended: trial {name} (#1). The sweep ran no baseline (search.baselines: []), so nothing "
+                f"says what it gained over a default; it cost {cost}."]  # fmt: skip
+    elif best is None:
+        statuses = ", ".join(f"{baseline(t)} {_status(board, t)}" for t in baselines)
+        text = [f"Recommended: trial {name} (#1). No baseline finished to compare with ({statuses}); the search "
+                f"cost {cost}."]  # fmt: skip
+    elif name == best:
+        text = [f"Recommended: the best baseline, {baseline(best)}: no finalist of the search is measurably "
+                "better than it on the held-out prompts."]  # fmt: skip
+        searched = [
+            str(c) for c in ranked["candidate"] if c not in baselines and test(str(c), best) is not None
         ]
-        text.append(f"Finalists measurably better than the recipe: {', '.join(better)}." if better
-                    else "No finalist is measurably better than the recipe.")  # fmt: skip
-    elif (against := test(name, recipe)) is None:
-        text.append(
-            f"The QLoRA-recipe trial {recipe} did not answer the held-out prompts (status {_status(board, recipe)})."
-        )
-    elif against["verdict"] == "better":
-        text.append(f"It beats the QLoRA-recipe trial {recipe}: {words(against)}.")
-    else:
-        better = [
-            c for c in ranked["candidate"] if (t := test(c, recipe)) is not None and t["verdict"] == "better"
+        if searched and (against := test(searched[0], best)) is not None:
+            text.append(f"The search's best finalist, trial {searched[0]}, against it: {words(against)}.")
+        text.append(f"The search cost {cost} without a measurable gain.")
+    elif (against := test(name, best)) is not None:
+        text = [f"Recommended: trial {name} (#1). It beats the best baseline, {baseline(best)}: {words(against)}. "
+                f"The search cost {cost}."]  # fmt: skip
+    else:  # ranked above the best baseline without a test against it: not a finalist of the same prompts
+        text = [
+            f"Recommended: trial {name} (#1); it has no paired test against the best baseline, {baseline(best)}."
         ]
-        lead = (f"Finalists measurably better than the recipe: {', '.join(better)}." if better
-                else "No finalist is measurably better than the QLoRA-recipe trial " + recipe + ".")  # fmt: skip
-        text.append(f"{lead} #1 against it: {words(against)}.")
     if (base := test(name, BASE)) is not None:
         text.append(f"Against the base model: {words(base)}.")
     return " ".join(text)
+
+
+def describe_search_cost(trials: pd.DataFrame) -> str:
+    """What the trials other than the baselines cost, beside the baselines' own: GPU-hours, or for CPU
+    trials their trial-hours."""
+    baseline = trials[ORIGIN] == BASELINE
+    gpu = bool((trials[GPU_SHARE] > 0).any())
+    column = GPU_SECONDS if gpu else WALL_TIME_S
+    unit = "GPU-hours" if gpu else "trial-hours on CPUs"
+    search, baselines = trials.loc[~baseline, column].sum() / 3600, trials.loc[baseline, column].sum() / 3600
+    return f"{search:.3g} {unit} beyond the baselines' {baselines:.3g}"
 
 
 def _status(board: pd.DataFrame, candidate: str) -> str:

@@ -12,7 +12,7 @@ import pandas as pd
 from analysis.generate import BASE
 from analysis.rank import __doc__ as RANKING_RULE
 from analysis.rank import format_p
-from analysis.score import BASELINE
+from analysis.score import MOST_COMMON
 from trainable.schema import BEST_EVAL_LOSS, COST_USD, GPU_SECONDS, STATUS, STEP
 from trainable.settings import HYPERPARAMETERS
 
@@ -62,19 +62,19 @@ def _verdict(verdict: Any, delta: float, p: float, *, percent: bool) -> str:
 
 def render_leaderboard(board: pd.DataFrame, *, rank_by: Sequence[str]) -> str:
     """The leaderboard as an HTML table: #1 highlighted, the base and baseline rows grey, failed trials red.
-    Scores with their 95% interval and count; vs_recipe / vs_base: the paired test's verdict, difference in
+    Scores with their 95% interval and count; vs_baseline / vs_base: the paired test's verdict, difference in
     points and p-value."""
     columns = ["rank", "candidate", STATUS, "ranked_by", "exact_match", "chrf"]
     if "judge" in rank_by or "judge_strength" in board:
         columns.append("judge_strength")
-    columns += ["vs_recipe", "vs_base", BEST_EVAL_LOSS, "seeds", "seed_spread", "loss_gap",
+    columns += ["vs_baseline", "vs_base", BEST_EVAL_LOSS, "seeds", "seed_spread", "loss_gap",
                 *[h for h in HYPERPARAMETERS if h in board], STEP, "estimated_memory_gib", GPU_SECONDS,
                 COST_USD, "note"]  # fmt: skip
     columns = [c for c in columns if c in board]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []
     for _, row in board.iterrows():
-        contrast = row["candidate"] in (BASE, BASELINE)
+        contrast = row["candidate"] in (BASE, MOST_COMMON)
         klass = "base" if contrast else ("first" if row["rank"] == 1 else "")
         if not contrast and pd.isna(row["rank"]):
             klass = "failed"
@@ -85,7 +85,7 @@ def render_leaderboard(board: pd.DataFrame, *, rank_by: Sequence[str]) -> str:
                 n = row.get(f"{column}_n")
                 text = _with_interval(value, row.get(f"{column}_low", math.nan), row.get(f"{column}_high", math.nan),
                                       percent=column == "exact_match") + (f" ({int(n)})" if pd.notna(n) else "")  # fmt: skip
-            elif column in ("vs_recipe", "vs_base"):
+            elif column in ("vs_baseline", "vs_base"):
                 text = _verdict(value, row.get(f"{column}_delta", math.nan), row.get(f"{column}_p", math.nan),
                                 percent=row.get("vs_metric") == "exact_match")  # fmt: skip
             elif column == "loss_gap" and pd.notna(value):

@@ -54,7 +54,7 @@ from analysis.generate import (
     spread_over_tasks,
 )
 from analysis.rank import choose_candidates
-from analysis.score import BASELINE
+from analysis.score import MOST_COMMON
 from analysis.seeds import describe_seed_spread, pool_seeds
 from analysis.settings import ReportSettings, load_report_settings
 from trainable.schema import BEST_EVAL_LOSS, STATUS, describe_cost
@@ -80,7 +80,7 @@ class ReportOutputs:
 
 def select_finalists(results: pd.DataFrame, top_k: int) -> list[Candidate]:
     """The base model, then the finalists of analysis.rank.choose_candidates (the `top_k` usable trials by
-    best eval loss that have an adapter on disk, and the QLoRA-recipe trial)."""
+    best eval loss that have an adapter on disk, and the baseline trials)."""
     chosen = choose_candidates(results, top_k=top_k)
     return [Candidate(BASE), *(Candidate(str(r.trial_id), str(r.adapter_path)) for r in chosen.itertuples())]
 
@@ -210,7 +210,7 @@ def run_report(
     if settings.judge:
         judge = load_judge(settings.judge, endpoint_model=settings.judge_model, device=device)
         judged = scored[scored["prompt_id"].isin(shown_prompt_ids(scored, settings.judge_prompts))
-                        & (scored["candidate"] != BASELINE)]  # fmt: skip
+                        & (scored["candidate"] != MOST_COMMON)]  # fmt: skip
         judgments = run_judge(build_comparisons(judged), judge)
         quality = quality.join(fit_bradley_terry(judgments, [c.name for c in candidates]))
     board = rank_trials(results, quality, loss_tolerance=settings.loss_tolerance, rank_by=settings.rank_by,
@@ -286,7 +286,7 @@ def build_report_page(
     # Without values the figure itself carries the note; with values, the note says how to read them.
     sections = {
         "Held-out scores per task": '<p class="note">Exact match (%) where it applies, else chrF; 95% bootstrap '
-        f"interval in brackets. {BASELINE}: the most common training answer of the task, for every prompt: a "
+        f"interval in brackets. {MOST_COMMON}: the most common training answer of the task, for every prompt: a "
         "task it answers well tells little about an adapter.</p>" + render_per_task(quality_by_task(scored), candidates),
         "Paired tests": '<p class="note">Each finalist against each other and the base model on the same held-out '
         "prompts: the difference in points (exact match: McNemar's exact test; chrF: paired bootstrap), 95% "
@@ -327,7 +327,7 @@ def build_report_page(
         "trials": ", ".join(f"{n} {s}" for s, n in results[STATUS].value_counts().items()),
         "held-out prompts": prompt_note,
         "ranking": f"finalists by measurable held-out differences (paired tests, p < 0.05); else within {100 * settings.loss_tolerance:g}% of the best eval loss by {', '.join(settings.rank_by)}; then by eval loss",
-        "finalists": f"top {settings.top_k} by eval loss + the QLoRA-recipe trial; with the base model and the {BASELINE} baseline: {', '.join(candidates)}",
+        "finalists": f"top {settings.top_k} by eval loss + the baselines; with the base model and the {MOST_COMMON} answers: {', '.join(candidates)}",
         "cost": describe_cost(results),
     }  # fmt: skip
     if (seeds := describe_seed_spread(board)) is not None:
@@ -349,7 +349,7 @@ def format_summary(outputs: ReportOutputs) -> str:
         if column in board:
             board[column] = 100 * board[column]  # percent, as on the page
     shown = [c for c in ("rank", "candidate", STATUS, "exact_match", "exact_match_low", "exact_match_high", "chrf",
-                         "vs_recipe", "vs_recipe_p", "vs_base", "judge_strength", BEST_EVAL_LOSS) if c in board]  # fmt: skip
+                         "vs_baseline", "vs_baseline_p", "vs_base", "judge_strength", BEST_EVAL_LOSS) if c in board]  # fmt: skip
     lines = [board[shown].head(12).to_string(index=False, float_format=lambda x: f"{x:.4g}"), ""]
     for row in outputs.timing.itertuples():
         lines.append(

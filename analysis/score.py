@@ -28,7 +28,7 @@ CHECKABLE = ("exact", "json")
 # labels ("positive"), numbers, names and short phrases have one right wording; a longer reference is a
 # sentence that can be right in many wordings, so it is scored by chrF only.
 SHORT_ANSWER_WORDS = 5
-BASELINE = "most-common"  # the candidate name of the trivial baseline: the most common training answer
+MOST_COMMON = "most-common"  # the candidate name of the trivial baseline: the most common training answer
 METRICS = ("exact_match", "chrf")
 
 # A number (sign and decimals kept, so "-3" and "3" differ and "3.50" equals "3.5"), or a run of letters
@@ -168,7 +168,7 @@ def baseline_generations(generations: pd.DataFrame, answers: dict[str | None, st
         answers.get(task if isinstance(task, str) else None, answers.get(None, ""))
         for task in prompts["task"]
     ]
-    return prompts.assign(candidate=BASELINE, adapter_path=None, answer=chosen, new_tokens=0)
+    return prompts.assign(candidate=MOST_COMMON, adapter_path=None, answer=chosen, new_tokens=0)
 
 
 def compare_candidates(scored: pd.DataFrame, candidates: Sequence[str]) -> pd.DataFrame:

@@ -38,7 +38,7 @@ class ReportSettings:
     """The reporting stage (python -m analysis.report), run by the driver at the end of a sweep."""
 
     enabled: bool = True
-    # Finalists: the top_k trials by eval loss; the QLoRA-recipe trial and the base model are always added.
+    # Finalists: the top_k trials by eval loss; the baseline trials and the base model are always added.
     top_k: Annotated[int, Field(ge=1)] = 4
     # Held-out prompts every finalist answers: the data's test split (the eval split when it has none), all
     # of it up to this many (spread over the tasks): the cap bounds the report's time on a large test split.

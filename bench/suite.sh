@@ -45,6 +45,10 @@ Stages:
   packing16-mps * bench/packing/packing-16.yaml (16 configurations, two waves of 8) packed 8 per GPU
                   under CUDA MPS (about 2 minutes)
   packing16-alone *  the same 16 one at a time (about 7 minutes); run it right after packing16-mps
+  quality *       bench/quality/quality.yaml on the bundled tasks and each dataset in bench/quality/data, all
+                  at once under CUDA MPS (about 10 minutes on an H100), then bench.quality.summary's table
+  table-c *       bench/search/table-c.yaml: the time-to-best table of the centred learning-rate range (34
+                  trials, 8 per GPU under MPS), then its table for bench.search.replay
   generation *    python -m bench.generation.batched: the report's batched generation against one prompt
                   at a time
 
@@ -60,8 +64,8 @@ fail() { echo "suite.sh: $*" >&2; exit 2; }
 
 WHEELS="" TARGET=/tmp/qlora-sweeps-site GGUF="" ADAPTER="" OUT=${OUT:-bench-out}
 STAGES=()
-KNOWN=" setup tests imports mps-check step step-more profile tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b packing-mps packing16-mps packing16-alone generation "
-NEEDS_MODEL=" tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b packing-mps packing16-mps packing16-alone generation "
+KNOWN=" setup tests imports mps-check step step-more profile tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b packing-mps packing16-mps packing16-alone quality table-c generation "
+NEEDS_MODEL=" tiny-sweep smollm2 smollm2-report llama7b setup-time two-gpu packing packing-1b packing-mps packing16-mps packing16-alone quality table-c generation "
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
@@ -263,6 +267,27 @@ PY
     packing-1b)
       run python3 -m bench.make_model --shape 1b --tokenizer smollm2 --out /tmp/llama1b-shape
       packing pack1b- model.name_or_path=/tmp/llama1b-shape
+      ;;
+    quality)
+      # bench/quality/quality.yaml on the bundled tasks and on every dataset of bench/quality/data, all at once
+      # under CUDA MPS: each sweep its own Ray (its own temp dir), its own console log; then the table.
+      mps_start quality
+      tag=$(date -u +%H%M%S) names=()
+      for source in bundled bench/quality/data/*.jsonl; do
+        name=$(basename "$source" .jsonl)
+        names+=("experiments/quality-$name-$tag")
+        RAY_TMPDIR=/tmp/ray-quality-$name python3 -m sweeps.run --config bench/quality/quality.yaml \
+          "experiment=quality-$name-$tag" "data.source=$source" > "$OUT/quality-$name.log" 2>&1 &
+      done
+      wait
+      mps_stop
+      run python3 -m bench.quality.summary "${names[@]}" --out "$OUT/quality.jsonl"
+      ;;
+    table-c)
+      mps_start table-c
+      sweep table-c-$(date -u +%H%M%S) bench/search/table-c.yaml
+      mps_stop
+      run python3 -m bench.search.replay table experiments/table-c-* --out "$OUT/table-smollm2-centred.jsonl"
       ;;
     generation)
       adapter=$ADAPTER

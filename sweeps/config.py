@@ -9,7 +9,9 @@ search space; all problems are collected and raised once as a ConfigError that n
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
+import math
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,8 +21,9 @@ from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from analysis.settings import ReportSettings
-from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, check_value
-from trainable.outcome import Origin
+from sweeps.baselines import BASELINES, QLORA_RECIPE, StartingPoint, calibrated_point
+from sweeps.space import DEFAULT_SPACE, check_space, check_value, resolve_space
+from trainable.outcome import DESCRIPTIONS, BaselineName
 from trainable.search_space import Dimension, parse_dimension
 from trainable.settings import (
     HYPERPARAMETERS,
@@ -46,9 +49,11 @@ class ConfigError(ValueError):
 class SearchSettings:
     num_samples: Annotated[int, Field(ge=1)] = 1  # trials in the sweep
     space: dict[str, dict[str, list[Any]]] = field(default_factory=lambda: dict(DEFAULT_SPACE))
-    # Evaluate QLoRA's recipe (sweeps.space.QLORA_RECIPE, restricted to the searched keys) first.
-    start_with_qlora_recipe: bool = True
-    # More hand-picked first trials, after the recipe; each must fit in num_samples.
+    # The trials a sweep has to beat, run first, never stopped early, always among the report's finalists
+    # (sweeps/baselines.py): QLoRA's recipe and the calibrated default, each restricted to the searched keys
+    # (the others take the `lora` section's values). [] for none.
+    baselines: list[BaselineName] = field(default_factory=lambda: list(BASELINES))
+    # More hand-picked first trials, after the baselines; each must fit in num_samples.
     initial_points: list[dict[str, Any]] = field(default_factory=list)
     # Optuna's TPE sampler: the same seed (and results) give the same suggestions; another seed, another sweep.
     seed: int = 0
@@ -110,24 +115,18 @@ class SweepConfig:
     search: SearchSettings = field(default_factory=SearchSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
 
-    @property
-    def recipe_point(self) -> dict[str, Any] | None:
-        """QLoRA's recipe restricted to the searched keys, when search.start_with_qlora_recipe is on."""
-        recipe = {k: v for k, v in QLORA_RECIPE.items() if k in self.search.space}
-        return recipe if self.search.start_with_qlora_recipe and recipe else None
-
-    @property
-    def points_to_evaluate(self) -> list[dict[str, Any]]:
-        """The trials the searcher runs before TPE samples: the recipe (if on), then search.initial_points.
-        Validation makes sure they all fit in search.num_samples."""
-        return [point for _, point in self.labeled_points_to_evaluate]
-
-    @property
-    def labeled_points_to_evaluate(self) -> list[tuple[Origin, dict[str, Any]]]:
-        """points_to_evaluate, each with where it came from."""
-        recipe = self.recipe_point
-        first: list[tuple[Origin, dict[str, Any]]] = [("recipe", self.complete(recipe))] if recipe else []
-        return first + [("initial", self.complete(p)) for p in self.search.initial_points]
+    def starting_points(self, calibrated_lr: float | None) -> list[StartingPoint]:
+        """The trials the searcher runs before it samples: the baselines (each restricted to the searched
+        keys; one that sets none of them is left out), then search.initial_points, each completed with the
+        `lora` section's values. `calibrated_lr`: the model's calibrated learning rate (sweeps.baselines);
+        None before the model is known (the calibrated baseline's learning rate is then NaN)."""
+        points = []
+        for name in self.search.baselines:
+            values = QLORA_RECIPE if name == "qlora" else calibrated_point(calibrated_lr or math.nan)
+            searched = {k: v for k, v in values.items() if k in self.search.space}
+            if searched:
+                points.append(StartingPoint("baseline", self.complete(searched), baseline=name))
+        return points + [StartingPoint("initial", self.complete(p)) for p in self.search.initial_points]
 
     def complete(self, point: dict[str, Any]) -> dict[str, Any]:
         """A point with every searched key: those it leaves out take the `lora` section's value, the one a
@@ -180,17 +179,33 @@ def load_config(name_or_path: str = "local", overrides: list[str] | tuple[str, .
     return validate_config(data, origin=str(path))
 
 
-def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepConfig:
+def validate_config(
+    data: dict[str, Any], *, origin: str = "config", calibrated_lr: float | None = None
+) -> SweepConfig:
+    """The config in `data`, checked; ConfigError listing every problem. `calibrated_lr` (the model's, known
+    once the driver has resolved the model: sweeps.plan) turns learning-rate bounds written relative to it
+    into numbers and checks the calibrated baseline against the space; without it those are checked for
+    their form only."""
+    search_data = data.get("search")
+    if isinstance(search_data, dict) and "start_with_qlora_recipe" in search_data:
+        raise ConfigError(format_problems(origin, [
+            "search.start_with_qlora_recipe: replaced by search.baselines, the trials a sweep has to beat "
+            f"(default [{', '.join(BASELINES)}]); write search.baselines=[qlora] for the QLoRA recipe alone, "
+            "search.baselines=[] for none"]))  # fmt: skip
     try:
         config = TypeAdapter(SweepConfig).validate_python(data)
     except ValidationError as err:
         raise ConfigError(format_problems(origin, validation_problems(err))) from None
-    problems = check_space(config.search.space)
+    space, problems = resolve_space(config.search.space, calibrated_lr)
+    if calibrated_lr is not None:
+        config = dataclasses.replace(config, search=dataclasses.replace(config.search, space=space))
+    relative = set(config.search.space) - set(space)  # bounds relative to a rate not known yet
+    problems += check_space(space)
     bad = {p.split(":")[0].split(".")[2] for p in problems}
     # The well-formed ones, to check the starting points against.
     dimensions = {
         name: dimension
-        for name, spec in config.search.space.items()
+        for name, spec in space.items()
         if name not in bad and isinstance(dimension := parse_dimension(name, spec), Dimension)
     }
     train = config.train
@@ -199,31 +214,39 @@ def validate_config(data: dict[str, Any], *, origin: str = "config") -> SweepCon
             f"train.eval_every: {train.eval_every} is more than train.max_steps={train.max_steps}; "
             "a trial would report once, at the end, and the scheduler could not compare trials"
         )
-    recipe = config.recipe_point
-    # Each point is named as the user wrote it: the recipe by its switch, the others by their own index.
-    labelled = [("search.start_with_qlora_recipe (QLoRA's {})", recipe)] if recipe else []
-    labelled += [(f"search.initial_points[{i}].{{}}", p) for i, p in enumerate(config.search.initial_points)]
-    for label, point in labelled:
-        for name, value in config.complete(point).items():
+    points = config.starting_points(calibrated_lr)
+    # Each point is named as the user wrote it: a baseline by its name, the others by their own index.
+    initial = iter(range(len(config.search.initial_points)))
+    for point in points:
+        if point.origin == "baseline":
+            label = f"search.baselines: {point.baseline} ({DESCRIPTIONS[point.baseline]}'s {{}})"
+            defined = QLORA_RECIPE if point.baseline == "qlora" else calibrated_point(math.nan)
+            given = {name: value for name, value in point.values.items() if name in defined}
+        else:
+            index = next(initial)
+            label = f"search.initial_points[{index}].{{}}"
+            given = config.search.initial_points[index]
+        for name, value in point.values.items():
             key = label.format(name)
+            unknown = isinstance(value, float) and math.isnan(value)  # the calibrated rate, not known yet
             if name not in config.search.space:
                 problems.append(f"{key}: not in search.space ({', '.join(config.search.space)})")
-            elif name not in dimensions:
-                continue  # its spec has a problem, said above
+            elif unknown or name in relative or name not in dimensions:
+                continue  # not known yet, relative to what is not known yet, or a problem said above
             elif not dimensions[name].contains(value):
                 problems.append(
-                    f"{key}: {value!r} lies outside search.space.{name}" if name in point else
+                    f"{key}: {value!r} lies outside search.space.{name}" if name in given else
                     f"{key}: left out, so lora.{name} ({value!r}), which lies outside search.space.{name}; "
                     f"give {name} in the point or set lora.{name}"
                 )  # fmt: skip
             else:
                 problems += [f"{key}: {p}" for p in check_value(name, value)]
-    if len(labelled) > config.search.num_samples:
-        points = f"{'QLoRA recipe and ' if recipe else ''}{len(config.search.initial_points)} point(s)"
+    if len(points) > config.search.num_samples:
+        baselines = sum(p.origin == "baseline" for p in points)
         problems.append(
-            f"search.initial_points: {points} need search.num_samples >= {len(labelled)}, got "
-            f"{config.search.num_samples}; the last would never run. Raise search.num_samples or drop points"
-            + (" (or set search.start_with_qlora_recipe=false)" if recipe else "")
+            f"search.initial_points: {baselines} baseline(s) and {len(config.search.initial_points)} point(s) "
+            f"need search.num_samples >= {len(points)}, got {config.search.num_samples}; the last would never "
+            "run. Raise search.num_samples or drop points" + (" (or baselines)" if baselines else "")
         )
     search = config.search
     if (search.recheck_top == 0) != (search.recheck_seeds == 0):

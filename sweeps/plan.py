@@ -27,11 +27,13 @@ from analysis.experiment import (
     read_file,
     read_summary,
 )
-from sweeps.config import ConfigError, SweepConfig
+from sweeps.baselines import StartingPoint, model_learning_rate
+from sweeps.config import ConfigError, SweepConfig, validate_config
 from trainable.faults import ENV as FAULTS_ENV
 from trainable.faults import Fault, parse_faults
 from trainable.hardware import describe_environment, environment_changes
 from trainable.model import cache_dir, load_module_names, resolve_model, resolve_target_modules
+from trainable.outcome import DESCRIPTIONS
 from trainable.prepare import TrialSettings, prepare_trial
 from trainable.schema import SweepSummary
 
@@ -45,6 +47,7 @@ class SweepPlan:
     storage_uri: str  # where experiment folders live: an absolute local path or a storage URI
     trial: TrialSettings
     summary: SweepSummary  # the config and what was resolved (model path, data counts, template): sweep.json
+    points: list[StartingPoint]  # the baselines and initial points, run first (SweepConfig.starting_points)
 
     @property
     def experiment_uri(self) -> str:
@@ -52,10 +55,20 @@ class SweepPlan:
 
 
 def plan_sweep(config: SweepConfig, *, faults: tuple[Fault, ...] = ()) -> SweepPlan:
-    """Resolve the model, check every target_modules value against it, load and tokenize the data."""
+    """Resolve the model; calibrate the learning rate to its width (the calibrated baseline, and the space's
+    bounds written relative to it); check every target_modules value against it; load and tokenize the data."""
     model_path = resolve_model(config.model.name_or_path)
+    try:
+        calibrated_lr = model_learning_rate(model_path, config.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    config = validate_config(
+        dataclasses.asdict(config), origin=f"config (learning rate calibrated to {calibrated_lr:.3g})",
+        calibrated_lr=calibrated_lr,
+    )  # fmt: skip
+    points = config.starting_points(calibrated_lr)
     available = load_module_names(model_path, config.model)
-    check_target_modules(config, available)
+    check_target_modules(config, available, points)
     prepared = prepare_trial(
         model=config.model,
         data=config.data,
@@ -66,14 +79,17 @@ def plan_sweep(config: SweepConfig, *, faults: tuple[Fault, ...] = ()) -> SweepP
     )
     summary = SweepSummary(
         config=dataclasses.asdict(config),
-        fingerprint=fingerprint(config, prepared.settings),
+        fingerprint=fingerprint(config, prepared.settings, points),
         model_path=prepared.settings.model_path,
         chat_template=prepared.chat_template,
         linear_modules=sorted(available),
         data=prepared.data,
         environment=describe_environment(config.model.compute_dtype),
+        calibrated_learning_rate=calibrated_lr,
     )
-    return SweepPlan(config, config.experiment_name(), config.storage_uri(), prepared.settings, summary)
+    return SweepPlan(
+        config, config.experiment_name(), config.storage_uri(), prepared.settings, summary, points
+    )
 
 
 def faults_from_environment() -> tuple[Fault, ...]:
@@ -85,7 +101,7 @@ def faults_from_environment() -> tuple[Fault, ...]:
         raise ConfigError(str(err)) from None
 
 
-def check_target_modules(config: SweepConfig, available: set[str]) -> None:
+def check_target_modules(config: SweepConfig, available: set[str], points: list[StartingPoint]) -> None:
     """Every target_modules value the sweep may use (defaults, space, points) must name linear layers of the
     model; all problems at once."""
     targets = {("lora.target_modules", config.lora.target_modules)}
@@ -96,9 +112,14 @@ def check_target_modules(config: SweepConfig, available: set[str]) -> None:
         for i, p in enumerate(config.search.initial_points)
         if "target_modules" in p
     }
-    recipe = config.recipe_point or {}
-    if "target_modules" in recipe:
-        targets.add(("search.start_with_qlora_recipe (QLoRA's target_modules)", recipe["target_modules"]))
+    targets |= {
+        (
+            f"search.baselines: {p.baseline} ({DESCRIPTIONS[p.baseline]}'s target_modules)",
+            p.values["target_modules"],
+        )
+        for p in points
+        if p.origin == "baseline" and "target_modules" in p.values
+    }
     problems = []
     for key, spec in sorted(targets):
         try:
@@ -109,7 +130,7 @@ def check_target_modules(config: SweepConfig, available: set[str]) -> None:
         raise ConfigError("\n".join(problems))
 
 
-def fingerprint(config: SweepConfig, trial: TrialSettings) -> dict[str, str]:
+def fingerprint(config: SweepConfig, trial: TrialSettings, points: list[StartingPoint]) -> dict[str, str]:
     """Hashes of what a resumed sweep must share with the interrupted one, part by part."""
 
     def digest(value: Any) -> str:
@@ -122,7 +143,7 @@ def fingerprint(config: SweepConfig, trial: TrialSettings) -> dict[str, str]:
     return {
         "model": digest([trial.model_path, dataclasses.asdict(config.model)]),
         "data": digest([trial.train_data, trial.eval_data]),
-        "search space": digest([search.space, config.points_to_evaluate, search.num_samples, *rechecks]),
+        "search space": digest([search.space, [p.values for p in points], search.num_samples, *rechecks]),
         "training settings": digest([dataclasses.asdict(config.train), dataclasses.asdict(config.lora)]),
     }
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
+from sweeps.baselines import StartingPoint, claim_points
 from sweeps.budget import dollars, gpu_seconds
 from sweeps.config import SweepConfig
 from sweeps.recheck import RECHECK_OF
@@ -29,24 +29,6 @@ from trainable.schema import (
 from trainable.settings import HYPERPARAMETERS
 
 
-def trial_origins(
-    configs: Sequence[Mapping[str, Any]], points: Sequence[tuple[Origin, Mapping[str, Any]]]
-) -> list[Origin]:
-    """Where each trial's hyperparameters came from, for trials in the order Tune created them.
-
-    The searcher suggests the starting points first, in order (OptunaSearch enqueues them in its study),
-    so each point belongs to the first trial not yet claimed whose config holds it exactly; a later trial
-    that the searcher happened to give the same values stays "search".
-    """
-    origins: list[Origin] = ["search"] * len(configs)
-    for origin, point in points:
-        for i, config in enumerate(configs):
-            if origins[i] == "search" and all(k in config and config[k] == v for k, v in point.items()):
-                origins[i] = origin
-                break
-    return origins
-
-
 def storage_location(path: str, storage_uri: str) -> str:
     """A path Tune gives (inside the storage's filesystem, without its scheme) as the storage names it:
     `s3://bucket/...` for remote storage, so that any machine with access to the storage finds it."""
@@ -55,20 +37,25 @@ def storage_location(path: str, storage_uri: str) -> str:
     return f"{storage_uri.split('://', 1)[0]}://{path.lstrip('/')}"
 
 
-def collect_results(grid: Any, config: SweepConfig, *, rechecks: Any = None) -> pd.DataFrame:
+def collect_results(
+    grid: Any, config: SweepConfig, points: list[StartingPoint], *, rechecks: Any = None
+) -> pd.DataFrame:
     """One row per trial of a Tune ResultGrid, and of the seed re-checks' grid when given (sweeps.recheck):
-    hyperparameters, seed, metrics, adapter path, status, origin, config_id (the trial whose configuration
-    the row trains: itself, or for a re-check the trial it re-checks)."""
+    hyperparameters, seed, metrics, adapter path, status, origin (a baseline, one of the initial `points`,
+    the searcher's, a re-check) and the baseline's name, config_id (the trial whose configuration the row
+    trains: itself, or for a re-check the trial it re-checks)."""
     from ray.tune.result import TIME_TOTAL_S, TRIAL_ID
 
     storage = config.storage_uri()
     results = list(grid)  # in the order Tune created the trials, also after a resume
-    origins = trial_origins([r.config for r in results], config.labeled_points_to_evaluate)
+    claimed = claim_points([r.config for r in results], [p.values for p in points])
+    starts: list[StartingPoint | None] = [points[i] if i is not None else None for i in claimed]
     if rechecks is not None:
         results += list(rechecks)
-        origins += [RECHECK] * (len(results) - len(origins))
     rows = []
-    for result, origin in zip(results, origins, strict=True):
+    for index, result in enumerate(results):
+        start = starts[index] if index < len(starts) else None
+        origin: Origin = start.origin if start else "search" if index < len(starts) else RECHECK
         history = result.metrics_dataframe
         metrics = result.metrics or {}
         last = TrialReport.from_tune(metrics)
@@ -94,6 +81,7 @@ def collect_results(grid: Any, config: SweepConfig, *, rechecks: Any = None) -> 
                     max_steps=config.train.max_steps,
                 ),
                 origin=origin,
+                baseline=start.baseline if start else "",
                 config_id=str(result.config.get(RECHECK_OF, trial_id)),
                 seed=int(result.config.get(SEED_KEY, config.train.seed)),
                 hparams=dataclasses.replace(config.lora, **searched),

@@ -99,7 +99,7 @@ def run_sweep(
     clock.mark("searcher and Tune")
     print(clock.describe(), flush=True)
     grid = tuner.fit()
-    table = collect_results(grid, plan.config)
+    table = collect_results(grid, plan.config, plan.points)
     path = write_table(table, plan.experiment_uri, RESULTS)  # the search's, kept should the re-checks fail
     points = plan_rechecks(table, plan.config)
     if points:
@@ -115,7 +115,7 @@ def run_sweep(
             resume=resume,
             verbosity=verbosity,
         ).fit()
-        table = collect_results(grid, plan.config, rechecks=rechecks)
+        table = collect_results(grid, plan.config, plan.points, rechecks=rechecks)
         path = write_table(table, plan.experiment_uri, RESULTS)
     print(format_results(table, path), flush=True)
     if plan.config.report.enabled:

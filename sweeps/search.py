@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
 from analysis.experiment import holds_run_state, is_remote
+from sweeps.baselines import holds_point
 from sweeps.budget import BudgetSearcher
 from sweeps.config import SearchSettings
 from sweeps.plan import SweepPlan, study_file
@@ -48,7 +51,7 @@ def build_tuner(
         # the searcher is restored from the experiment's state, the RDB study only gains the trials that end.
         # Killed before the run state was first saved, nothing ran: the sweep starts anew below.
         return tune.Tuner.restore(plan.experiment_uri, trainable, resume_unfinished=True, resume_errored=True)
-    searcher = build_searcher(search, config.points_to_evaluate)
+    searcher = build_searcher(search, [p.values for p in plan.points])
     if search.budget_gpu_hours is not None:
         searcher = BudgetSearcher(
             searcher, budget_gpu_hours=search.budget_gpu_hours, gpu_share=resources.gpu_share
@@ -61,7 +64,9 @@ def build_tuner(
             mode=MODE,
             search_alg=searcher,
             scheduler=build_scheduler(
-                search, reports=math.ceil(config.train.max_steps / config.train.eval_every)
+                search,
+                reports=math.ceil(config.train.max_steps / config.train.eval_every),
+                baselines=[p.values for p in plan.points if p.origin == "baseline"],
             ),
             num_samples=search.num_samples,
             max_concurrent_trials=resources.concurrency,
@@ -138,19 +143,50 @@ def build_searcher(search: SearchSettings, points: list[dict[str, Any]]) -> Any:
     return OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
 
 
-def build_scheduler(search: SearchSettings, *, reports: int) -> Any:  # ASHAScheduler | None
-    """ASHA over the trials' `reports` evaluations, or None when search.scheduler says none (or "auto" with
-    a single trial, where there is nothing to compare)."""
-    from ray.tune.schedulers import ASHAScheduler
-
+def build_scheduler(
+    search: SearchSettings, *, reports: int, baselines: Sequence[Mapping[str, Any]] = ()
+) -> Any:  # ASHAScheduler | None
+    """ASHA over the trials' `reports` evaluations, never stopping the trials of `baselines` (the
+    configurations of sweeps.baselines), or None when search.scheduler says none (or "auto" with a single
+    trial, where there is nothing to compare)."""
     if not (search.scheduler == "asha" or (search.scheduler == "auto" and search.num_samples > 1)):
         return None
-    return ASHAScheduler(
+
+    return ASHAWithBaselines(
+        baselines=baselines,
         time_attr="training_iteration",
         max_t=reports,
         grace_period=min(search.grace_period, reports),
         reduction_factor=search.reduction_factor,
     )
+
+
+class ASHAWithBaselines(ASHAScheduler):  # type: ignore[misc]  # Ray's classes are untyped
+    """ASHA, except that a baseline's trial is never stopped early: its evaluations still enter the
+    rungs, so a searched trial has to keep up with the baselines to go on, but a baseline trains to the
+    end, a full-length baseline for the report to compare with. The baselines are the first trials
+    whose configs hold their values (sweeps.baselines.claim_points); a resumed sweep's Tune adds its
+    trials again in their order, so they are found again."""
+
+    def __init__(self, *, baselines: Sequence[Mapping[str, Any]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.unclaimed = [dict(point) for point in baselines]
+        self.baseline_trials: set[str] = set()
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        for index, point in enumerate(self.unclaimed):
+            if holds_point(trial.config, point):
+                self.baseline_trials.add(trial.trial_id)
+                del self.unclaimed[index]
+                break
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        action: str = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and trial.trial_id in self.baseline_trials:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
 
 
 def build_loggers(names: Sequence[str]) -> list[Any]:

@@ -7,6 +7,7 @@ or {"randint": [low, high]} (high exclusive). YAML files may replace the whole s
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,12 +17,14 @@ from trainable.settings import HYPERPARAMETERS, Hyperparameters
 
 # Sources (docs/search.md has the longer why): Hu et al. 2021, "LoRA" (arXiv:2106.09685); Dettmers et al.
 # 2023, "QLoRA" (arXiv:2305.14314); Schulman and Thinking Machines Lab 2025, "LoRA Without Regret" (blog
-# post, thinkingmachines.ai). The recipe below is QLoRA's and lies in this space.
+# post, thinkingmachines.ai). The baselines (sweeps/baselines.py) lie in this space.
 DEFAULT_SPACE: dict[str, dict[str, list[Any]]] = {
-    # The hyperparameter that matters most, so the widest, continuous range: LoRA's best learning rate is
-    # about 10x full fine-tuning's and barely moves with r (LoRA Without Regret), but moves with model size
-    # and data; a decade either side of QLoRA's 2e-4 for 7B, which reaches small models' higher optimum.
-    "learning_rate": {"loguniform": [2e-5, 2e-3]},
+    # The hyperparameter that matters most, so the widest, continuous range, centred where the evidence is:
+    # a decade either side of the model's calibrated rate (sweeps.baselines: 5e-5 x 10 x (2000 /
+    # hidden_size) ** 0.781 for Llama-family models; 1.3e-3 for SmolLM2-135M, 2.9e-4 for Llama-2-7B). TPE's
+    # prior is centred on the range (Optuna's Parzen estimator puts it at the middle in log space), so the
+    # first trials start at the calibrated rate instead of at QLoRA's 2e-4 whatever the model.
+    "learning_rate": {"loguniform": ["calibrated / 10", "calibrated * 10"]},
     # Rank matters much less: QLoRA (sec. 4, fig. 4) found r unrelated to quality once every linear layer
     # is adapted; LoRA Without Regret sees rank limit LoRA only once the data outgrows the adapter.
     # Powers of two from 8 to 64 span the ranks people ship; 4-bit weights make 64 affordable.
@@ -41,14 +44,40 @@ DEFAULT_SPACE: dict[str, dict[str, list[Any]]] = {
     # (Kalajdzievski 2023), use_dora (Liu et al. 2024), loraplus_lr_ratio (Hayou et al. 2024), bias.
 }
 
-# The QLoRA paper's recipe for 7B-13B models; a sweep evaluates it first, so the search has to beat it.
-QLORA_RECIPE: dict[str, Any] = {
-    "r": 64,
-    "lora_alpha": 16,
-    "target_modules": "all-linear",
-    "learning_rate": 2e-4,
-    "lora_dropout": 0.1,
-}
+# A learning-rate bound written relative to the model's calibrated rate (sweeps.baselines): "calibrated",
+# or it times or divided by a number, e.g. "calibrated / 10".
+_RELATIVE = re.compile(r"^\s*calibrated\s*(?:(?P<op>[*/])\s*(?P<factor>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))?\s*$")
+
+
+def resolve_space(space: dict[str, Any], calibrated_lr: float | None) -> tuple[dict[str, Any], list[str]]:
+    """The space with learning-rate bounds written relative to the calibrated rate turned into numbers (3
+    significant digits), and the problems of such bounds. Without `calibrated_lr` (the model not resolved
+    yet) such a dimension is left out of the space returned, its bounds checked for their form only."""
+    resolved, problems = {}, []
+    for name, spec in space.items():
+        kind, values = next(iter(spec.items())) if isinstance(spec, dict) and len(spec) == 1 else ("", None)
+        if kind == "choice" or not isinstance(values, list) or not any(isinstance(v, str) for v in values):
+            resolved[name] = spec  # no relative bound (check_space says what else may be wrong with it)
+            continue
+        if name != "learning_rate" or kind not in ("uniform", "loguniform"):
+            problems.append(f"search.space.{name}.{kind}: {values!r}: only learning_rate's uniform or "
+                            "loguniform bounds may be written relative to the calibrated rate")  # fmt: skip
+            continue
+        bounds = []
+        for value in values:
+            match = _RELATIVE.match(value) if isinstance(value, str) else None
+            if isinstance(value, str) and match is None:
+                problems.append(f"search.space.{name}.{kind}: {value!r} is not a number, 'calibrated', or "
+                                "'calibrated * N' / 'calibrated / N'")  # fmt: skip
+            elif match is None or calibrated_lr is None:
+                bounds.append(value)
+            else:
+                factor = float(match["factor"] or 1)
+                scaled = calibrated_lr * factor if match["op"] != "/" else calibrated_lr / factor
+                bounds.append(float(f"{scaled:.3g}"))
+        if calibrated_lr is not None and len(bounds) == len(values):
+            resolved[name] = {kind: bounds}
+    return resolved, problems
 
 
 def check_space(space: dict[str, Any]) -> list[str]:

@@ -206,7 +206,7 @@ def test_docs_submit_runs_trials_on_autoscaled_fake_gpu_workers(
             "search": {"num_samples": 2, "cpus_per_trial": 1, "gpus_per_trial": 1, "scheduler": "none",
                        # The workers the autoscaler may start, as llama2-7b.yaml caps at cluster.yaml's 8.
                        "max_concurrent_trials": 2,
-                       "start_with_qlora_recipe": False, "space": {"r": {"choice": [4, 8]}}},
+                       "baselines": [], "space": {"r": {"choice": [4, 8]}}},
             "report": {"top_k": 1, "eval_prompts": 2, "prompts": ["Hi"], "generation": {"max_new_tokens": 4}},
         }  # fmt: skip
         config_path = home / "tiny.yaml"

@@ -30,10 +30,14 @@ RANKABLE_STATUSES: tuple[Status, ...] = ("completed", "stopped")
 # The parts of a trial's start, in order (TrialReport's start_* fields).
 START_PARTS = ("start_imports_s", "start_worker_s", "start_model_s", "start_trainer_s", "start_step_s")
 
-# Where a trial's hyperparameters came from: QLoRA's recipe (tried first when
-# search.start_with_qlora_recipe), one of the user's search.initial_points, the searcher, or a seed re-check
-# of one of the best configurations after the search (search.recheck_top, search.recheck_seeds).
-Origin = Literal["recipe", "initial", "search", "recheck"]
+# Where a trial's hyperparameters came from: a baseline (search.baselines, run first: QLoRA's recipe, the
+# calibrated default), one of the user's search.initial_points, the searcher, or a seed re-check of one of
+# the best configurations after the search (search.recheck_top, search.recheck_seeds).
+Origin = Literal["baseline", "initial", "search", "recheck"]
+BASELINE: Origin = "baseline"
+# The baselines a sweep may run (sweeps/baselines.py defines them), as the report names them.
+BaselineName = Literal["qlora", "calibrated"]
+DESCRIPTIONS: dict[str, str] = {"qlora": "the QLoRA recipe", "calibrated": "the calibrated default"}
 RECHECK: Origin = "recheck"
 # A trial config's key for the trial's seed (LoRA init, data order, dropout); absent: train.seed. Seed
 # re-checks set it (sweeps/recheck.py); it is not a hyperparameter.

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from trainable.outcome import RANKABLE_STATUSES, Origin, Status, TrialReport
+from trainable.outcome import BASELINE, RANKABLE_STATUSES, Origin, Status, TrialReport
 from trainable.settings import Hyperparameters
 
 
@@ -33,7 +33,7 @@ class TrialResult:
 
     trial_id: str
     status: Status  # trainable.outcome.trial_status
-    origin: Origin  # where the configuration came from: recipe, initial, search, recheck
+    origin: Origin  # where the configuration came from: baseline, initial, search, recheck
     config_id: (
         str  # the trial whose configuration this row trains: itself, or for a re-check the one re-checked
     )
@@ -50,6 +50,7 @@ class TrialResult:
     error: str | None  # what a crashed trial raised, its first 2000 characters
     last: TrialReport  # the trial's last report, a column per field (`step`: optimizer steps trained)
     rank: int = 0  # 1 for the best: usable trials first, by best eval loss (the report ranks again)
+    baseline: str = ""  # which baseline a baseline trial is (sweeps.baselines: qlora, calibrated)
 
     def to_row(self) -> dict[str, Any]:
         """The row as results.parquet holds it: the rank first, the nested records flattened in place."""
@@ -69,6 +70,7 @@ RANK = "rank"
 TRIAL_ID = "trial_id"
 STATUS = "status"
 ORIGIN = "origin"
+BASELINE_NAME = "baseline"
 CONFIG_ID = "config_id"
 SEED = "seed"
 BEST_EVAL_LOSS = "best_eval_loss"
@@ -95,6 +97,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = tuple(
 )
 DEFAULTS: dict[str, Any] = {
     RANK: 0,
+    BASELINE_NAME: "",
     **dataclasses.asdict(Hyperparameters()),
     **dataclasses.asdict(TrialReport()),
     STARTUP_S: math.nan,
@@ -121,6 +124,9 @@ def check_results(table: pd.DataFrame, *, source: str) -> pd.DataFrame:
     ValueError naming the file and the columns; a column that came later than the table is filled with its
     default (NaN, 0, False), so that experiments written by earlier versions still read."""
     table = table.rename(columns={old: new for old, new in _RENAMED.items() if new not in table})
+    if BASELINE_NAME not in table:  # earlier versions had one baseline, QLoRA's recipe, as origin "recipe"
+        table[BASELINE_NAME] = table[ORIGIN].map({"recipe": "qlora"}).fillna("")
+        table[ORIGIN] = table[ORIGIN].replace({"recipe": BASELINE})
     missing = [name for name in REQUIRED_COLUMNS if name not in table]
     if missing:
         raise ValueError(
@@ -157,6 +163,8 @@ class SweepSummary:
     data: dict[str, Any]  # counts: examples, tokens, truncated and dropped examples (trainable.prepare)
     environment: dict[str, Any]  # library versions, device, compute dtype, commit (trainable.hardware)
     base_eval_loss: float | None = None  # the base model's eval loss, measured once per sweep; None: not yet
+    # The model's calibrated LoRA learning rate (sweeps.baselines); None in sweeps of earlier versions.
+    calibrated_learning_rate: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

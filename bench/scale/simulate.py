@@ -132,6 +132,7 @@ def build_plan(trials: int, storage: Path, *, evaluations: int) -> SweepPlan:
             "report": {"enabled": False},
         },
         origin="bench.scale.simulate",
+        calibrated_lr=BEST_LEARNING_RATE,  # the default space centred on the made-up loss's minimum
     )
     settings = TrialSettings(
         model_path="",
@@ -144,7 +145,8 @@ def build_plan(trials: int, storage: Path, *, evaluations: int) -> SweepPlan:
     # sweep.json's summary of what plan_sweep resolves: nothing here but the config (no model, no data).
     summary = SweepSummary(config=dataclasses.asdict(config), fingerprint={}, model_path="", chat_template="",
                            linear_modules=[], data={}, environment={})  # fmt: skip
-    plan = SweepPlan(config, config.experiment_name(), config.storage_uri(), settings, summary)
+    points = config.starting_points(BEST_LEARNING_RATE)  # the baselines, as the driver runs them first
+    plan = SweepPlan(config, config.experiment_name(), config.storage_uri(), settings, summary, points)
     return with_base_eval_loss(plan, BASE_EVAL_LOSS)
 
 
@@ -257,8 +259,8 @@ def measure_sweep(*, trials: int, nodes: int, gpus_per_node: int, evaluations: i
                 # first and last 50 calls): the same if it does not grow with the trials before.
                 **early_and_late("suggest", steps["suggest"]),
                 **early_and_late("mirror", steps["mirror"]),
-                "collect_s": round(sum(steps["collect"]), 2),
-                "write_s": round(sum(steps["write"]), 2),
+                "collect_s": round(sum(steps["collect"]), 4),  # milliseconds for a small sweep
+                "write_s": round(sum(steps["write"]), 4),
                 "wall_per_trial_s": round(wall / trials, 4),
                 "driver_cpu_s": round(cpu, 2),
                 "driver_cpu_per_trial_ms": round(1000 * cpu / trials, 1),

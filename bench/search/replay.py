@@ -59,6 +59,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from trainable.outcome import METRIC, MODE
+from trainable.search_space import parse_space
 
 Method = Literal["tpe+asha", "tpe", "random", "random+asha"]
 METHODS: tuple[Method, ...] = get_args(Method)
@@ -95,6 +96,9 @@ class Table:
     rows: list[TableRow]
     source: str = ""  # the experiment it was made from
     model: str = ""
+    # The model's calibrated learning rate (sweeps.baselines), for the calibrated baseline the default sweep
+    # runs first; None in tables recorded before it existed (then computed from the model's config).
+    calibrated_learning_rate: float | None = None
 
     @property
     def reports(self) -> int:
@@ -106,7 +110,8 @@ class Table:
 
 
 def write_table(table: Table, path: str | Path) -> None:
-    header = {"kind": "table", "space": table.space, "source": table.source, "model": table.model}
+    header = {"kind": "table", "space": table.space, "source": table.source, "model": table.model,
+              "calibrated_learning_rate": table.calibrated_learning_rate}  # fmt: skip
     lines = [json.dumps(header), *(json.dumps(row.to_json()) for row in table.rows)]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -125,7 +130,8 @@ def load_table(path: str | Path) -> Table:
                 f"{path}:{number}: {len(row.eval_loss)} losses and {len(row.eval_seconds)} times; every row "
                 f"needs {len(rows[0].eval_loss)} of each (one per evaluation)"
             )
-    return Table(space=lines[0]["space"], rows=rows, source=lines[0]["source"], model=lines[0]["model"])
+    return Table(space=lines[0]["space"], rows=rows, source=lines[0]["source"], model=lines[0]["model"],
+                 calibrated_learning_rate=lines[0].get("calibrated_learning_rate"))  # fmt: skip
 
 
 def table_from_experiment(path: str | Path) -> Table:
@@ -151,7 +157,8 @@ def table_from_experiment(path: str | Path) -> Table:
         )
     if len(done) < len(results):
         print(f"left out {len(results) - len(done)} trial(s) that did not complete", file=sys.stderr)
-    return Table(space=space, rows=rows, source=str(path), model=experiment.model_settings.name_or_path)
+    return Table(space=space, rows=rows, source=str(path), model=experiment.model_settings.name_or_path,
+                 calibrated_learning_rate=experiment.summary.calibrated_learning_rate)  # fmt: skip
 
 
 def merge_tables(tables: Sequence[Table]) -> Table:
@@ -290,7 +297,7 @@ def search_objects(
     from sweeps.config import SearchSettings, SweepConfig
     from sweeps.search import build_scheduler, build_searcher
 
-    # The driver's defaults (grace period, reduction factor, the recipe first) for every method.
+    # The driver's defaults (grace period, reduction factor, the baselines first) for every method.
     search = SearchSettings(
         num_samples=trials,
         space=table.space,
@@ -298,12 +305,34 @@ def search_objects(
         scheduler="asha" if method.endswith("+asha") else "none",
         **(settings or {}),
     )
+    baselines: list[dict[str, Any]] = []
     if method.startswith("tpe"):
-        # The default sweep's first points (QLoRA's recipe when it lies in the space), then TPE.
-        searcher = build_searcher(search, SweepConfig(name="replay", search=search).points_to_evaluate)
+        # The default sweep's first points (its baselines, each where it lies in the space), then TPE.
+        config = SweepConfig(name="replay", search=search)
+        points = [
+            p for p in config.starting_points(table_learning_rate(table)) if _in_space(p.values, table.space)
+        ]
+        baselines = [p.values for p in points if p.origin == "baseline"]
+        searcher = build_searcher(search, [p.values for p in points])
     else:
         searcher = OptunaSearch(sampler=optuna.samplers.RandomSampler(seed=seed))
-    return searcher, build_scheduler(search, reports=table.reports)
+    return searcher, build_scheduler(search, reports=table.reports, baselines=baselines)
+
+
+def table_learning_rate(table: Table) -> float:
+    """The table's model's calibrated learning rate: recorded in the table, else from the model's config."""
+    if table.calibrated_learning_rate is not None:
+        return table.calibrated_learning_rate
+    from sweeps.baselines import model_learning_rate
+    from trainable.model import resolve_model
+    from trainable.settings import ModelSettings
+
+    return model_learning_rate(resolve_model(table.model), ModelSettings(name_or_path=table.model))
+
+
+def _in_space(point: Mapping[str, Any], space: Mapping[str, Any]) -> bool:
+    dimensions = parse_space(space)
+    return all(dimensions[name].contains(value) for name, value in point.items() if name in dimensions)
 
 
 def replay(
@@ -368,8 +397,9 @@ def replay_direct(
         scheduler.set_search_properties(METRIC, MODE)
     ran: list[tuple[int, list[float], list[float]]] = []
     for number in range(trials):
-        trial = _LookupTrial(f"{number:05d}")
-        config = searcher.suggest(trial.trial_id)
+        trial_id = f"{number:05d}"
+        config = searcher.suggest(trial_id)
+        trial = _LookupTrial(trial_id, config)
         if scheduler is not None:
             scheduler.on_trial_add(None, trial)
         row = nearest_row(table, config)
@@ -393,9 +423,10 @@ def replay_direct(
 
 @dataclasses.dataclass(frozen=True)
 class _LookupTrial:
-    """What Tune's searcher and scheduler read of a trial when driven by hand: its id."""
+    """What Tune's searcher and scheduler read of a trial when driven by hand: its id and config."""
 
     trial_id: str
+    config: dict[str, Any]
 
 
 def _curve(method: Method, seed: int, ran: Sequence[tuple[int, Sequence[float], Sequence[float]]]) -> Curve:
@@ -572,6 +603,13 @@ def main(argv: list[str] | None = None) -> int:
     points = commands.add_parser("points", help="print the configurations to record, as YAML initial_points")
     points.add_argument("--trials", type=int, default=32)
     points.add_argument("--seed", type=int, default=0)
+    points.add_argument(
+        "--calibrated-lr",
+        type=float,
+        default=1.32e-3,
+        help="the model's calibrated learning rate, which the default space's learning-rate range is centred "
+        "on (default: SmolLM2-135M's, 1.32e-3; 2e-4 gives the earlier default range, 2e-5 to 2e-3)",
+    )
     record = commands.add_parser("table", help="turn recording sweeps' results.parquet into the table")
     record.add_argument(
         "experiments",
@@ -611,9 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "points":
-        from sweeps.space import DEFAULT_SPACE
+        from sweeps.space import DEFAULT_SPACE, resolve_space
 
-        chosen = sample_points(DEFAULT_SPACE, args.trials, seed=args.seed)
+        space, _ = resolve_space(DEFAULT_SPACE, args.calibrated_lr)
+        chosen = sample_points(space, args.trials, seed=args.seed)
         print(yaml.safe_dump({"initial_points": chosen}, default_flow_style=None, sort_keys=False), end="")
         return 0
     if args.command == "table":
@@ -660,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             "startup_trials": search.startup_trials,
             "grace_period": search.grace_period,
             "reduction_factor": search.reduction_factor,
-            "start_with_qlora_recipe": search.start_with_qlora_recipe,
+            "baselines": search.baselines,
         },
     }
     lines = [header, *({"kind": "curve", **dataclasses.asdict(c)} for c in curves), *summary]

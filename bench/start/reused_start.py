@@ -50,7 +50,7 @@ def run_process(
     if torch.cuda.is_available():
         card_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
         settings = dataclasses.replace(settings, gpu_share=1.0, memory=trial_memory(plan, card_gib))
-    points = plan.config.points_to_evaluate
+    points = [p.values for p in plan.points]
     rows = []
     for i in range(trials):
         reports: list[dict[str, Any]] = []

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from bench.records import append_jsonl, spread
+from sweeps.baselines import calibrated_learning_rate
 from sweeps.config import load_config
 from trainable.hardware import describe_cpu
 from trainable.prepare import prepare_trial
@@ -54,7 +55,9 @@ def time_steps(*, padding_free: bool, steps: int) -> dict[str, Any]:
     trial = prepare_trial(
         model=config.model, data=config.data, train=train, cpus=torch.get_num_threads()
     ).settings
-    hparams = Hyperparameters(**{**dataclasses.asdict(config.lora), **config.points_to_evaluate[0]})
+    # The local sweep's one trial: its first starting point (the calibrated default, SmolLM2's rate).
+    point = config.starting_points(calibrated_learning_rate(576))[0].values
+    hparams = Hyperparameters(**{**dataclasses.asdict(config.lora), **point})
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
         trainer = setup_trial(hparams, trial, output_dir=out, device="cpu", callbacks=[clock])

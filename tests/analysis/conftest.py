@@ -1,7 +1,7 @@
 """A real sweep of the tiny random Llama through the driver, made once for all analysis tests.
 
-Three trials of four steps, evaluated every two, with the report on: the driver runs
-`python -m analysis.report` at the end, as it does for a user.
+Three trials of four steps, evaluated every two, the first the calibrated-default baseline, with the report
+on: the driver runs `python -m analysis.report` at the end, as it does for a user.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Pa
         "model": {"name_or_path": str(tiny_llama), "gradient_checkpointing": False},
         "data": {"max_length": 128, "max_eval_examples": 8},
         "train": {"max_steps": 4, "batch_size": 4, "eval_every": 2},
-        "search": {"num_samples": TRIALS, "cpus_per_trial": 1, "start_with_qlora_recipe": False},
+        "search": {"num_samples": TRIALS, "cpus_per_trial": 1, "baselines": ["calibrated"]},
         "report": {"enabled": True, "top_k": 2, "eval_prompts": EVAL_PROMPTS, "prompts": USER_PROMPTS,
                    "generation": {"max_new_tokens": 6}},
     }  # fmt: skip

@@ -14,9 +14,13 @@ from analysis.score import compare_candidates, score_generations, summarize_qual
 from tests.conftest import sweep_summary
 
 
-def results_table(rows: list[tuple[str, str, float]], *, recipe: str | None = None) -> pd.DataFrame:
-    """(trial_id, status, best_eval_loss) rows, the other columns as collect_results writes them; `recipe`
-    is the trial that ran the QLoRA recipe."""
+def results_table(
+    rows: list[tuple[str, str, float]], *, baselines: dict[str, str] | None = None
+) -> pd.DataFrame:
+    """(trial_id, status, best_eval_loss) rows, the other columns as collect_results writes them;
+    `baselines`: {trial id: the baseline it ran (qlora, calibrated)}. Every trial held a quarter of a GPU
+    for 360 s."""
+    baselines = baselines or {}
     return pd.DataFrame(
         [
             {
@@ -31,7 +35,11 @@ def results_table(rows: list[tuple[str, str, float]], *, recipe: str | None = No
                 "best_eval_loss": loss,
                 "base_eval_loss": 2.0,
                 "error": "RuntimeError: out of memory" if s == "error" else None,
-                "origin": "recipe" if t == recipe else "search",
+                "origin": "baseline" if t in baselines else "search",
+                "baseline": baselines.get(t, ""),
+                "gpu_share": 0.25,
+                "wall_time_s": 360.0,
+                "gpu_seconds": 90.0,
                 "adapter_path": f"/experiments/x/{t}/checkpoint_000001",
             }
             for t, s, loss in rows
@@ -171,59 +179,73 @@ def test_a_tie_within_the_tolerance_is_broken_by_held_out_accuracy_not_chrf() ->
     assert board.set_index("candidate").loc["b", "net_wins"] == 0
 
 
-def test_a_measurably_better_recipe_outranks_a_lower_loss() -> None:
-    # The recipe trial r is 10% worse on eval loss (outside the tolerance) but measurably better held out.
-    results = results_table([("a", "completed", 1.00), ("r", "completed", 1.10)], recipe="r")
+def test_a_measurably_better_baseline_outranks_a_lower_loss() -> None:
+    # The QLoRA-recipe baseline r is 10% worse on eval loss (outside the tolerance) but measurably better.
+    results = results_table([("a", "completed", 1.00), ("r", "completed", 1.10)], baselines={"r": "qlora"})
     scored = held_out_answers({"a": 150, "r": 190, "base": 10})
     board, paired = board_for(results, scored)
     assert list(board["candidate"][:2]) == ["r", "a"]
     rows = board.set_index("candidate")
-    assert rows.loc["r", "note"].startswith("QLoRA recipe; held-out exact match: measurably better than 1")
-    assert rows.loc["a", "vs_recipe"] == "worse" and rows.loc["a", "vs_recipe_p"] < 0.001
+    assert rows.loc["r", "note"].startswith("baseline (the best): the QLoRA recipe; held-out exact match: "
+                                            "measurably better than 1")  # fmt: skip
+    assert rows.loc["a", "vs_baseline"] == "worse" and rows.loc["a", "vs_baseline_p"] < 0.001
     assert (
-        rows.loc["a", "vs_recipe_delta"] == pytest.approx(-40 / 300)
+        rows.loc["a", "vs_baseline_delta"] == pytest.approx(-40 / 300)
         and rows.loc["a", "vs_metric"] == "exact_match"
     )
-    assert rows.loc["r", "vs_base"] == "better" and pd.isna(rows.loc["r", "vs_recipe"])
+    assert rows.loc["r", "vs_base"] == "better" and pd.isna(rows.loc["r", "vs_baseline"])
+    assert list(rows["best_baseline"][["r", "a"]]) == [True, False]
     text = recommend(board, paired, rank_by=["exact_match", "chrf"])
-    assert text.startswith("Recommended: trial r (#1, the QLoRA-recipe trial).")
-    assert (
-        "No finalist is measurably better than the recipe." in text
-        and "Against the base model: +60.0 points" in text
-    )
+    assert text.startswith("Recommended: the best baseline, the QLoRA recipe (trial r): no finalist of the search "
+                           "is measurably better than it on the held-out prompts. The search's best finalist, trial "
+                           "a, against it: -13.3 points of held-out exact match")  # fmt: skip
+    assert "The search cost 0.025 GPU-hours beyond the baselines' 0.025 without a measurable gain." in text
+    assert "Against the base model: +60.0 points" in text
 
 
-def test_the_recommendation_says_how_sure_it_is() -> None:
-    results = results_table(
-        [("a", "completed", 1.00), ("b", "completed", 1.05), ("r", "completed", 1.08)], recipe="r"
-    )
-    board, paired = board_for(results, held_out_answers({"a": 230, "b": 200, "r": 200, "base": 10}))
+def test_the_recommendation_says_how_sure_it_is_and_what_the_search_cost() -> None:
+    results = results_table([("a", "completed", 1.00), ("b", "completed", 1.05), ("q", "completed", 1.08),
+                             ("c", "completed", 1.02)], baselines={"q": "qlora", "c": "calibrated"})  # fmt: skip
+    board, paired = board_for(results, held_out_answers({"a": 236, "b": 200, "q": 150, "c": 206, "base": 10}))
+    assert list(board["candidate"][:2]) == ["a", "c"]  # a beats the best baseline, the calibrated default
     text = recommend(board, paired, rank_by=["exact_match", "chrf"])
-    assert text.startswith("Recommended: trial a (#1). It beats the QLoRA-recipe trial r: +10.0 points of held-out "
-                           "exact match (95% CI +")  # fmt: skip
-    assert "McNemar p<0.001, 300 prompts" in text
-    board, paired = board_for(results, held_out_answers({"a": 205, "b": 200, "r": 200, "base": 10}))
+    assert text.startswith("Recommended: trial a (#1). It beats the best baseline, the calibrated default (trial c): "
+                           "+10.0 points of held-out exact match (95% CI +")  # fmt: skip
+    assert "McNemar p<0.001, 300 prompts). The search cost 0.05 GPU-hours beyond the baselines' 0.05." in text
+
+
+def test_a_search_that_could_not_beat_its_best_baseline_recommends_the_baseline() -> None:
+    """a has the lowest loss and 5 more right answers than the calibrated default c, not a measurable
+    difference: c ranks #1 and the recommendation says the search bought nothing measurable."""
+    results = results_table([("a", "completed", 1.00), ("b", "completed", 1.05), ("q", "completed", 1.08),
+                             ("c", "completed", 1.02)], baselines={"q": "qlora", "c": "calibrated"})  # fmt: skip
+    board, paired = board_for(results, held_out_answers({"a": 205, "b": 200, "q": 150, "c": 200, "base": 10}))
+    assert list(board["candidate"][:3]) == ["c", "a", "b"]
+    rows = board.set_index("candidate")
+    assert rows.loc["a", "vs_baseline"] == "tie" and rows.loc["q", "vs_baseline"] == "worse"
     text = recommend(board, paired, rank_by=["exact_match", "chrf"])
-    assert (
-        "No finalist is measurably better than the QLoRA-recipe trial r. #1 against it: +1.7 points" in text
-    )
-    assert "McNemar p=0.062" in text
+    assert text.startswith("Recommended: the best baseline, the calibrated default (trial c): no finalist of the "
+                           "search is measurably better than it")  # fmt: skip
+    assert "The search's best finalist, trial a, against it: +1.7 points of held-out exact match" in text
+    assert "McNemar p=0.062" in text and "without a measurable gain" in text
 
 
-def test_without_a_recipe_trial_the_recommendation_says_so() -> None:
+def test_without_a_baseline_the_recommendation_says_so() -> None:
     board, paired = board_for(
         results_table([("a", "completed", 1.0)]), held_out_answers({"a": 100, "base": 10})
     )
     text = recommend(board, paired, rank_by=["exact_match"])
-    assert "no QLoRA-recipe trial" in text and "Against the base model: +30.0 points" in text
+    assert "The sweep ran no baseline (search.baselines: [])" in text
+    assert "Against the base model: +30.0 points" in text
 
 
-def test_the_recipe_trial_is_always_a_finalist() -> None:
+def test_the_baseline_trials_are_always_finalists() -> None:
     results = results_table([("a", "completed", 1.0), ("b", "completed", 1.01), ("c", "completed", 1.02),
-                             ("r", "stopped", 1.5), ("x", "error", math.nan)], recipe="r")  # fmt: skip
-    assert [c.name for c in select_finalists(results, top_k=2)] == ["base", "a", "b", "r"]
-    assert [c.name for c in select_finalists(results, top_k=4)] == ["base", "a", "b", "c", "r"]
-    failed = results.assign(status=["completed", "completed", "completed", "error", "error"])
+                             ("q", "stopped", 1.5), ("k", "completed", 1.6), ("x", "error", math.nan)],
+                            baselines={"q": "qlora", "k": "calibrated"})  # fmt: skip
+    assert [c.name for c in select_finalists(results, top_k=2)] == ["base", "a", "b", "q", "k"]
+    assert [c.name for c in select_finalists(results, top_k=4)] == ["base", "a", "b", "c", "q", "k"]
+    failed = results.assign(status=["completed", "completed", "completed", "error", "error", "error"])
     assert [c.name for c in select_finalists(failed, top_k=2)] == ["base", "a", "b"]
 
 

@@ -14,7 +14,7 @@ import torch
 from conftest import EVAL_PROMPTS, REPO_ROOT, TRIALS, USER_PROMPTS
 
 from analysis.experiment import ExperimentError, load_experiment, relocate
-from analysis.score import BASELINE
+from analysis.score import MOST_COMMON
 from analysis.settings import load_report_settings
 
 
@@ -39,20 +39,32 @@ def test_the_driver_wrote_every_output(tiny_sweep: Path) -> None:
     assert not list(tiny_sweep.glob(".*.tmp-*")), "a temporary file was left behind"
     page = (tiny_sweep / "report.html").read_text()
     assert 'id="environment"' in page and f"torch {torch.__version__}" in page  # sweep.json's environment
+    # The recommendation weighs the search against its baseline, and its cost in CPU trial-hours.
+    assert "the calibrated default (trial " in page and "trial-hours on CPUs beyond the baselines" in page
 
 
 def test_leaderboard_has_every_trial_and_the_base(tiny_sweep: Path) -> None:
     board = pd.read_parquet(tiny_sweep / "leaderboard.parquet")
     results = pd.read_parquet(tiny_sweep / "results.parquet")
     assert len(results) == TRIALS
-    assert set(board["candidate"]) == {*results["trial_id"], "base", BASELINE}
+    assert set(board["candidate"]) == {*results["trial_id"], "base", MOST_COMMON}
     assert list(board["rank"].dropna()) == list(range(1, TRIALS + 1))
     assert pd.read_csv(tiny_sweep / "leaderboard.csv")["candidate"].tolist() == board["candidate"].tolist()
-    # The two best by loss are the finalists (top_k 2, no recipe trial): they have scores; the third has none.
+    # The finalists are the two best by loss (top_k 2) and the baseline, whatever its loss: they have scores.
     scored = board[board["exact_match"].notna()]["candidate"]
     best_two = results.sort_values("best_eval_loss")["trial_id"].head(2)
-    assert set(scored) == {*best_two, "base", BASELINE}
-    finalists = board[board["candidate"].isin(best_two)]
+    baseline = results.loc[results["origin"] == "baseline"]
+    assert list(baseline["baseline"]) == ["calibrated"] and baseline["step"].iloc[0] == 4  # trained in full
+    finalist_ids = {*best_two, *baseline["trial_id"]}
+    assert set(scored) == {*finalist_ids, "base", MOST_COMMON}
+    finalists = board[board["candidate"].isin(finalist_ids)]
+    rows = board.set_index("candidate")
+    assert rows.loc[baseline["trial_id"].iloc[0], "best_baseline"] and rows["best_baseline"].sum() == 1
+    assert (
+        rows.loc[list(finalist_ids - set(baseline["trial_id"])), "vs_baseline"]
+        .isin(["better", "tie", "worse"])
+        .all()
+    )
     # Every held-out prompt has a reference (chrF); the free-text task's is not checked by exact match.
     generations = pd.read_parquet(tiny_sweep / "generations.parquet")
     checkable = generations[(generations["source"] == "test") & generations["check"].isin(["exact", "json"])]
@@ -64,7 +76,7 @@ def test_leaderboard_has_every_trial_and_the_base(tiny_sweep: Path) -> None:
         and finalists["vs_base_p"].between(0, 1).all()
     )
     paired = pd.read_parquet(tiny_sweep / "paired_tests.parquet")
-    assert set(paired["candidate"]) == {*best_two, "base"} and set(paired["metric"]) == {
+    assert set(paired["candidate"]) == {*finalist_ids, "base"} and set(paired["metric"]) == {
         "exact_match",
         "chrf",
     }
@@ -72,7 +84,7 @@ def test_leaderboard_has_every_trial_and_the_base(tiny_sweep: Path) -> None:
 
 def test_generations_are_one_row_per_prompt_and_candidate(tiny_sweep: Path) -> None:
     everything = pd.read_parquet(tiny_sweep / "generations.parquet")
-    generations = everything[everything["candidate"] != BASELINE]
+    generations = everything[everything["candidate"] != MOST_COMMON]
     prompts = EVAL_PROMPTS + len(USER_PROMPTS)
     assert generations["prompt_id"].nunique() == prompts
     assert generations["candidate"].nunique() == 3  # top 2 + base
@@ -83,7 +95,7 @@ def test_generations_are_one_row_per_prompt_and_candidate(tiny_sweep: Path) -> N
     evals = generations[generations["source"] == "test"]
     assert evals["prompt_id"].nunique() == EVAL_PROMPTS and evals["task"].nunique() == EVAL_PROMPTS
     assert evals["reference"].notna().all() and evals["chrf"].notna().all()
-    baseline = everything[everything["candidate"] == BASELINE]
+    baseline = everything[everything["candidate"] == MOST_COMMON]
     assert set(baseline["prompt_id"]) == set(evals["prompt_id"]) and baseline["exact_match"].notna().any()
     assert evals[evals["check"].isin(["exact", "json"])]["exact_match"].isin([0.0, 1.0]).all()
     # Generation settings are recorded on every row.
@@ -108,7 +120,8 @@ def test_a_copied_experiment_reports_with_overrides_and_a_judge(
     done = run_module("analysis.report", str(copy / "results.parquet"), "--top-k", "1", "report.eval_prompts=2",
                       "prompts=[]", f"judge={tiny_llama}", "rank_by=[judge, exact_match]")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "report:" in done.stdout and "Recommended: trial " in done.stdout
+    assert "report:" in done.stdout
+    assert "Recommended: trial " in done.stdout or "Recommended: the best baseline, " in done.stdout
     experiment = load_experiment(copy)
     assert all(str(p).startswith(str(copy)) for p in experiment.results["adapter_path"])
     generations = pd.read_parquet(copy / "generations.parquet")
@@ -119,7 +132,7 @@ def test_a_copied_experiment_reports_with_overrides_and_a_judge(
     board = pd.read_parquet(copy / "leaderboard.parquet")
     assert board.loc[board["rank"] == 1, "judge_strength"].notna().all()
     page = (copy / "report.html").read_text()
-    assert 'id="judge-table"' in page and 'id="recommendation"' in page and "Recommended: trial " in page
+    assert 'id="judge-table"' in page and 'id="recommendation"' in page and "Recommended: " in page
 
 
 def test_remote_storage_is_fetched_and_outputs_put_back(tiny_sweep: Path, tmp_path: Path) -> None:

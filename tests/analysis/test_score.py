@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from analysis.score import (
-    BASELINE,
+    MOST_COMMON,
     answers_match,
     baseline_generations,
     compare_candidates,
@@ -174,10 +174,10 @@ def test_the_trivial_baseline_answers_the_most_common_training_answer() -> None:
          "reference": ["even", "odd", "even", None], "candidate": ["base"] * 4, "answer": ["", "", "", ""]}
     )  # fmt: skip
     baseline = baseline_generations(prompts, answers)
-    assert list(baseline["candidate"].unique()) == [BASELINE]
+    assert list(baseline["candidate"].unique()) == [MOST_COMMON]
     assert list(baseline["answer"]) == ["even", "even", "even"]  # the unseen task gets the overall answer
     quality = summarize_quality(score_generations(baseline))
-    assert quality.loc[BASELINE, "exact_match"] == pytest.approx(2 / 3)
+    assert quality.loc[MOST_COMMON, "exact_match"] == pytest.approx(2 / 3)
 
 
 def test_compare_candidates_is_paired_per_prompt() -> None:

@@ -31,14 +31,15 @@ from bench.search.replay import (
     table_from_experiment,
 )
 from bench.search.replay import write_table as write_replay_table
+from sweeps.baselines import QLORA_RECIPE
 from sweeps.config import load_config
-from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE
+from sweeps.space import DEFAULT_SPACE, resolve_space
 from tests.conftest import sweep_summary, trial_result
 from trainable.schema import results_table as schema_table
 
 REPO = Path(__file__).resolve().parents[2]
-# Two parameters, four rows at the corners: each row owns a quarter of the space. QLoRA's recipe
-# (r=64, lr 2e-4), which the TPE methods try first, lies in it and maps to row 2, not to the best.
+# Two parameters, four rows at the corners: each row owns a quarter of the space. QLoRA's recipe (a baseline
+# the default runs first; the calibrated one's r=32 lies outside) maps to row 2, not to the best.
 SPACE: dict[str, dict[str, list[Any]]] = {
     "r": {"choice": [8, 64]},
     "learning_rate": {"loguniform": [1e-4, 1e-3]},
@@ -55,7 +56,7 @@ def make_table() -> Table:
         TableRow({"r": r, "learning_rate": lr}, curve, [10.0 * (i + 1) + j for j in range(4)])
         for i, ((r, lr), curve) in enumerate(zip(POINTS, CURVES, strict=True))
     ]
-    return Table(space=SPACE, rows=rows, source="synthetic", model="none")
+    return Table(space=SPACE, rows=rows, source="synthetic", model="none", calibrated_learning_rate=5e-4)
 
 
 @pytest.fixture
@@ -178,14 +179,23 @@ def test_table_from_an_experiment_keeps_completed_trials(tmp_path: Path) -> None
     assert table.best_loss == 0.5 and table.model == "smollm2"
 
 
-@pytest.mark.parametrize(("config_file", "seed"), [("table.yaml", 0), ("table-b.yaml", 1)])
-def test_the_recording_configs_hold_seeded_samples_of_the_default_space(config_file: str, seed: int) -> None:
+@pytest.mark.parametrize(
+    ("config_file", "seed", "calibrated_lr"),
+    [("table.yaml", 0, 2e-4), ("table-b.yaml", 1, 2e-4), ("table-c.yaml", 2, 1.32e-3)],
+)
+def test_the_recording_configs_hold_seeded_samples_of_the_default_space(
+    config_file: str, seed: int, calibrated_lr: float
+) -> None:
+    """table.yaml and table-b.yaml recorded the default space of their time (learning rates 2e-5 to 2e-3, the
+    range centred on 2e-4); table-c.yaml the default space centred on SmolLM2-135M's calibrated rate."""
     config = load_config(str(REPO / "bench/search" / config_file))
-    assert config.search.space == DEFAULT_SPACE
+    space = resolve_space(DEFAULT_SPACE, calibrated_lr)[0]
+    assert resolve_space(config.search.space, calibrated_lr)[0] == space
     assert config.search.scheduler == "none"
-    assert config.search.num_samples == len(config.search.initial_points)
+    points = config.search.initial_points
+    assert config.search.num_samples == len(points) + len(config.search.baselines)
     # Regenerate with `python -m bench.search.replay points --trials 32 --seed N` when the default space changes.
-    assert config.search.initial_points == sample_points(DEFAULT_SPACE, config.search.num_samples, seed=seed)
+    assert points == sample_points(space, len(points), seed=seed)
 
 
 def test_points_command_prints_the_seeded_sample_as_a_configs_initial_points(
@@ -194,7 +204,7 @@ def test_points_command_prints_the_seeded_sample_as_a_configs_initial_points(
     """What a recording config's initial_points are pasted from."""
     assert main(["points", "--trials", "4", "--seed", "3"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed == {"initial_points": sample_points(DEFAULT_SPACE, 4, seed=3)}
+    assert printed == {"initial_points": sample_points(resolve_space(DEFAULT_SPACE, 1.32e-3)[0], 4, seed=3)}
     assert len({json.dumps(point, sort_keys=True) for point in printed["initial_points"]}) == 4
 
 

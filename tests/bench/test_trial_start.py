@@ -14,9 +14,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_config_loads_with_four_fixed_trials() -> None:
     config = load_config(str(REPO / "bench/start/trial_start.yaml"))
-    assert config.search.num_samples == len(config.points_to_evaluate) == 4
+    points = [p.values for p in config.starting_points(None)]
+    assert config.search.num_samples == len(points) == 4
     # Optuna's warm start takes only points that name every searched hyperparameter.
-    assert all(set(point) == set(config.search.space) for point in config.points_to_evaluate)
+    assert all(set(point) == set(config.search.space) for point in points)
     assert config.search.scheduler == "none" and config.search.cpus_per_trial == 1
 
 

@@ -155,7 +155,7 @@ def test_bad_input_is_named_before_ray_starts(
         "name": "bad",
         "storage_path": str(tmp_path / "experiments"),
         "model": {"name_or_path": str(tiny_llama)},
-        "search": {"initial_points": [], "start_with_qlora_recipe": False},
+        "search": {"initial_points": [], "baselines": []},
     }
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -37,7 +37,7 @@ def test_trials_run_one_per_node_and_gpu_at_the_same_time_and_the_report_on_a_gp
         "train": {"max_steps": 6, "batch_size": 4, "eval_every": 2},
         "lora": {"target_modules": "qv"},
         "search": {"num_samples": 2, "cpus_per_trial": 1, "gpus_per_trial": 1, "scheduler": "none",
-                   "start_with_qlora_recipe": False, "space": {"r": {"choice": [4, 8]}}},
+                   "baselines": [], "space": {"r": {"choice": [4, 8]}}},
         "report": {"top_k": 1, "eval_prompts": 2, "prompts": ["Hi"], "generation": {"max_new_tokens": 4}},
     }  # fmt: skip
     path = tmp_path / "cluster.yaml"

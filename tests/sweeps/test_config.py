@@ -1,12 +1,27 @@
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 
-from sweeps.config import CONFIG_DIR, ConfigError, load_config
-from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, check_space, to_tune_space
+from sweeps.baselines import QLORA_RECIPE, calibrated_point
+from sweeps.config import CONFIG_DIR, ConfigError, SweepConfig, load_config, validate_config
+from sweeps.space import DEFAULT_SPACE, check_space, resolve_space, to_tune_space
 from trainable.search_space import parse_space
+
+LR = 1.32e-3  # SmolLM2-135M's calibrated learning rate (sweeps.baselines)
+
+
+def calibrated(config: SweepConfig, learning_rate: float = LR) -> SweepConfig:
+    """The config as the driver's plan makes it once the model's calibrated rate is known."""
+    return validate_config(dataclasses.asdict(config), calibrated_lr=learning_rate)
+
+
+def points(config: SweepConfig, learning_rate: float = LR) -> list[dict]:
+    return [p.values for p in config.starting_points(learning_rate)]
+
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -17,7 +32,7 @@ def test_every_bundled_config_loads_and_starts_with_its_command(path: Path) -> N
     assert config.name == path.stem
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# python -m sweeps.run --config " + path.stem)
-    assert config.points_to_evaluate, "every bundled sweep evaluates a known point first"
+    assert points(config), "every bundled sweep evaluates a known point first"
 
 
 def test_local_is_the_default_and_a_single_trial() -> None:
@@ -27,10 +42,36 @@ def test_local_is_the_default_and_a_single_trial() -> None:
     assert config.model.quantization == "nf4" and config.model.double_quant
 
 
-def test_llama2_config_starts_with_the_qlora_recipe() -> None:
+def test_llama2_config_starts_with_the_baselines() -> None:
     config = load_config("llama2-7b")
-    assert config.points_to_evaluate[0] == QLORA_RECIPE
+    assert points(config, 2.86e-4) == [QLORA_RECIPE, calibrated_point(2.86e-4)]
     assert config.search.gpus_per_trial == 1
+
+
+def test_the_learning_rate_range_is_centred_on_the_calibrated_rate() -> None:
+    """The default space's bounds are written relative to the model's rate; the plan turns them into numbers,
+    and a bound of another form, or relative bounds on another parameter, are refused by name."""
+    config = load_config("local")
+    assert config.search.space["learning_rate"] == {"loguniform": ["calibrated / 10", "calibrated * 10"]}
+    assert calibrated(config).search.space["learning_rate"] == {"loguniform": [1.32e-4, 1.32e-2]}
+    assert calibrated(config, 2.86e-4).search.space["learning_rate"] == {"loguniform": [2.86e-5, 2.86e-3]}
+    space, problems = resolve_space({"learning_rate": {"uniform": ["calibrated", 1e-2]}}, 2e-3)
+    assert space == {"learning_rate": {"uniform": [2e-3, 1e-2]}} and problems == []
+    with pytest.raises(
+        ConfigError, match=r"search\.space\.learning_rate\.loguniform: 'calibrated x 2' is not a number"
+    ):
+        load_config("local", ["search.space.learning_rate.loguniform=[1e-5, calibrated x 2]"])
+    with pytest.raises(
+        ConfigError, match=r"search\.space\.lora_dropout\.uniform: \[0, 'calibrated'\]: only learning_rate"
+    ):
+        load_config("local", ["search.space.lora_dropout={uniform: [0, calibrated]}"])
+    with pytest.raises(
+        ConfigError,
+        match=r"search\.space\.learning_rate: value 1\.32: Input should be less than or equal to 1",
+    ):
+        calibrated(
+            load_config("local", ["search.space.learning_rate.loguniform=[calibrated, calibrated * 1000]"])
+        )
 
 
 def test_cost_settings_default_to_auto_packing_and_no_price_or_budget() -> None:
@@ -42,7 +83,13 @@ def test_cost_settings_default_to_auto_packing_and_no_price_or_budget() -> None:
 
 def test_dotted_overrides_are_typed() -> None:
     config = load_config(
-        "local", ["train.max_steps=50", "search.space.r.choice=[8, 16]", "lora.learning_rate=1e-4"]
+        "local",
+        [
+            "train.max_steps=50",
+            "search.space.r.choice=[8, 16]",
+            "search.baselines=[]",
+            "lora.learning_rate=1e-4",
+        ],
     )
     assert config.train.max_steps == 50
     assert config.search.space["r"] == {"choice": [8, 16]}
@@ -72,7 +119,7 @@ def test_dotted_overrides_are_typed() -> None:
     ],
 )
 def test_bad_values_fail_naming_the_key(override: str, named: str) -> None:
-    overrides = [override, "search.start_with_qlora_recipe=false"] if "initial" in override else [override]
+    overrides = [override, "search.baselines=[]"] if "initial" in override else [override]
     with pytest.raises(ConfigError) as err:
         load_config("local", overrides)
     assert named in str(err.value)
@@ -96,8 +143,8 @@ def test_override_needs_key_and_value() -> None:
         load_config("local", ["train.max_steps"])
 
 
-def test_a_bad_user_point_is_named_by_its_own_index_after_the_recipe() -> None:
-    overrides = ["search.start_with_qlora_recipe=true", "search.num_samples=4"]
+def test_a_bad_user_point_is_named_by_its_own_index_after_the_baselines() -> None:
+    overrides = ["search.baselines=[qlora, calibrated]", "search.num_samples=4"]
     points = "search.initial_points=[{r: 16, lora_alpha: 32}, {r: 12}]"
     with pytest.raises(ConfigError) as err:
         load_config("local", [*overrides, points])
@@ -107,30 +154,40 @@ def test_a_bad_user_point_is_named_by_its_own_index_after_the_recipe() -> None:
     assert "search.initial_points[0].r" in str(err.value) and "initial_points[1]" not in str(err.value)
 
 
-def test_a_recipe_outside_the_space_is_named_as_the_recipe() -> None:
-    with pytest.raises(ConfigError, match=r"search.start_with_qlora_recipe \(QLoRA's r\): 64 lies outside"):
-        load_config("local", ["search.start_with_qlora_recipe=true", "search.space.r.choice=[8, 16]"])
+def test_a_baseline_outside_the_space_is_named_as_the_baseline() -> None:
+    with pytest.raises(
+        ConfigError, match=r"search\.baselines: qlora \(the QLoRA recipe's r\): 64 lies outside"
+    ):
+        load_config("local", ["search.baselines=[qlora]", "search.space.r.choice=[8, 16]"])
+    narrow = load_config("local", ["search.space.learning_rate.loguniform=[1e-4, 1e-3]"])  # 1.32e-3 outside
+    with pytest.raises(ConfigError, match=r"search\.baselines: calibrated \(the calibrated default's "
+                       r"learning_rate\): 0\.00132 lies outside search\.space\.learning_rate"):  # fmt: skip
+        calibrated(narrow)
+    with pytest.raises(ConfigError, match=r"search\.start_with_qlora_recipe: replaced by search\.baselines"):
+        load_config("local", ["search.start_with_qlora_recipe=false"])
 
 
 def test_points_that_cannot_all_run_are_an_error_not_dropped() -> None:
-    recipe_and_point = ["search.start_with_qlora_recipe=true", "search.num_samples=1"]
-    with pytest.raises(ConfigError, match=r"search.initial_points: QLoRA recipe and 1 point\(s\) need "
-                       r"search.num_samples >= 2, got 1"):  # fmt: skip
-        load_config("local", recipe_and_point)
-    config = load_config("local", [*recipe_and_point[:1], "search.num_samples=2"])
-    assert len(config.points_to_evaluate) == 2 and config.points_to_evaluate[0] == {
-        k: v for k, v in QLORA_RECIPE.items() if k in config.search.space
-    }
-    with pytest.raises(ConfigError, match=r"search\.num_samples >= 3, got 2"):
+    both = ["search.baselines=[qlora, calibrated]", "search.num_samples=1"]
+    with pytest.raises(ConfigError, match=r"search.initial_points: 2 baseline\(s\) and 0 point\(s\) need "
+                       r"search.num_samples >= 2, got 1; .* \(or baselines\)"):  # fmt: skip
+        load_config("local", both)
+    config = load_config("local", [*both[:1], "search.num_samples=2"])
+    assert points(config) == [QLORA_RECIPE, calibrated_point(LR)]
+    assert [p.baseline for p in config.starting_points(LR)] == ["qlora", "calibrated"]
+    assert math.isnan(points(config, None)[1]["learning_rate"])  # not known before the model is
+    with pytest.raises(ConfigError, match=r"search\.num_samples >= 4, got 2"):
         load_config("local", ["search.num_samples=2", "search.initial_points=[{r: 8}, {r: 16}, {r: 32}]"])
 
 
-def test_default_space_is_valid_and_holds_the_recipe() -> None:
-    assert check_space(DEFAULT_SPACE) == []
-    domains = to_tune_space(DEFAULT_SPACE)
-    assert set(domains) == set(DEFAULT_SPACE)
-    assert set(QLORA_RECIPE) <= set(DEFAULT_SPACE)  # the recipe trial is the whole recipe
-    assert all(parse_space(DEFAULT_SPACE)[name].contains(value) for name, value in QLORA_RECIPE.items())
+def test_default_space_is_valid_and_holds_the_baselines() -> None:
+    for learning_rate in (1.32e-3, 2.86e-4):  # SmolLM2-135M's and Llama-2-7B's calibrated rates
+        space, problems = resolve_space(DEFAULT_SPACE, learning_rate)
+        assert problems == [] and check_space(space) == []
+        assert set(to_tune_space(space)) == set(DEFAULT_SPACE)
+        for baseline in (QLORA_RECIPE, calibrated_point(learning_rate)):
+            assert set(baseline) <= set(DEFAULT_SPACE)  # the baseline's trial is the whole baseline
+            assert all(parse_space(space)[name].contains(value) for name, value in baseline.items())
 
 
 def test_lora_options_are_searchable_and_checked() -> None:
@@ -140,7 +197,11 @@ def test_lora_options_are_searchable_and_checked() -> None:
         [space.format("use_dora", "{choice: [false, true]}"), space.format("use_rslora", "{choice: [true]}"), "lora.use_rslora=true",
          space.format("loraplus_lr_ratio", "{loguniform: [1, 16]}")],
     )  # fmt: skip
-    assert set(to_tune_space(config.search.space)) >= {"use_dora", "use_rslora", "loraplus_lr_ratio"}
+    assert set(to_tune_space(calibrated(config).search.space)) >= {
+        "use_dora",
+        "use_rslora",
+        "loraplus_lr_ratio",
+    }
     with pytest.raises(
         ConfigError, match=r"search\.space\.loraplus_lr_ratio: value 0\.5: .*greater than or equal to 1"
     ):
@@ -156,13 +217,14 @@ def test_a_point_that_leaves_out_searched_keys_takes_the_lora_sections_values() 
 
     dora = "search.space.use_dora={choice: [false, true]}"
     config = load_config("local", ["search.num_samples=3", dora, "lora.use_dora=true",
-                                   "search.initial_points=[{r: 8}]", "search.start_with_qlora_recipe=true"])  # fmt: skip
-    recipe, point = config.points_to_evaluate
+                                   "search.initial_points=[{r: 8}]", "search.baselines=[qlora]"])  # fmt: skip
+    config = calibrated(config)
+    recipe, point = points(config)
     assert recipe == {**{k: v for k, v in QLORA_RECIPE.items() if k in config.search.space}, "use_dora": True}
     lora = config.lora
     assert point == {"r": 8, "learning_rate": lora.learning_rate, "lora_alpha": lora.lora_alpha,
                      "target_modules": lora.target_modules, "lora_dropout": lora.lora_dropout, "use_dora": True}  # fmt: skip
-    searcher = build_searcher(config.search, config.points_to_evaluate)
+    searcher = build_searcher(config.search, points(config))
     searcher.set_search_properties("eval_loss", "min", to_tune_space(config.search.space))
     assert [searcher.suggest(f"t{i}") for i in range(2)] == [recipe, point]
 

@@ -32,7 +32,7 @@ def write_config(tmp_path: Path, model: Path, **search: Any) -> Path:
         "search": {
             "cpus_per_trial": 1,
             "scheduler": "none",
-            "start_with_qlora_recipe": False,
+            "baselines": [],
             "space": {"r": {"choice": [4, 1024]}, "target_modules": {"choice": ["qv", "all-linear"]}},
             **search,
         },

@@ -187,7 +187,7 @@ def bad_config(tmp_path: Path, tiny_llama: Path) -> Path:
         "name": "bad",
         "storage_path": str(tmp_path / "experiments"),
         "model": {"name_or_path": str(tiny_llama)},
-        "search": {"initial_points": [], "start_with_qlora_recipe": False},
+        "search": {"initial_points": [], "baselines": []},
     }
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -245,7 +245,7 @@ def run_config(tmp_path: Path, tiny_llama: Path, data: dict) -> Path:
             "num_samples": 1,
             "cpus_per_trial": 1,
             "scheduler": "none",
-            "start_with_qlora_recipe": False,
+            "baselines": [],
             "initial_points": [{"r": 4, "lora_alpha": 8, "learning_rate": 1e-3}],
             "space": {
                 "r": {"choice": [4]},

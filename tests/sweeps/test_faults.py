@@ -44,7 +44,7 @@ def write_config(
             "num_samples": num_samples,
             "cpus_per_trial": 1,
             "scheduler": "none",
-            "start_with_qlora_recipe": False,
+            "baselines": [],
             "initial_points": points,
             "space": {"r": {"choice": [4, 8, 16]}, "lora_alpha": {"choice": [8, 16]}},
         },

@@ -19,7 +19,7 @@ NO_DATA: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
 def plan_for(storage: str) -> SweepPlan:
     config = load_config("local", [f"storage_path={storage}", "experiment=exp-1"])
     trial = TrialSettings("model", ModelSettings(), TrainSettings(), Hyperparameters(), NO_DATA, NO_DATA)
-    return SweepPlan(config, "exp-1", config.storage_uri(), trial, {})
+    return SweepPlan(config, "exp-1", config.storage_uri(), trial, sweep_summary(), points=[])
 
 
 def test_a_remote_sweeps_study_lives_in_the_configured_cache(

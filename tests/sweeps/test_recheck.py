@@ -42,7 +42,7 @@ def write_config(tmp_path: Path, model: Path) -> Path:
             "recheck_seeds": 2,
             "cpus_per_trial": 1,
             "scheduler": "none",
-            "start_with_qlora_recipe": False,
+            "baselines": [],
             "space": {
                 "r": {"choice": [4, 8]},
                 "lora_alpha": {"choice": [8, 16]},

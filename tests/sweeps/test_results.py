@@ -1,4 +1,4 @@
-"""The results table's origin column: which trial was QLoRA's recipe, which the user's, which the searcher's."""
+"""The results table's origin column: which trials were the baselines, which the user's, which the searcher's."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from sweeps.baselines import QLORA_RECIPE, claim_points
 from sweeps.config import load_config
-from sweeps.results import collect_results, trial_origins
-from sweeps.space import QLORA_RECIPE
+from sweeps.results import collect_results
 from trainable.outcome import METRIC, MODE, TrialReport
 
 RECIPE = {"r": 64, "lora_alpha": 16}
@@ -18,23 +18,21 @@ USER = {"r": 8, "lora_alpha": 32}
 
 
 def test_each_point_belongs_to_the_first_trial_holding_it() -> None:
-    points: list[tuple[Any, dict[str, Any]]] = [("recipe", RECIPE), ("initial", USER)]
     configs = [
         {**RECIPE, "learning_rate": 1e-4},  # a point may fix some parameters; the searcher fills the rest
         {**USER, "learning_rate": 3e-4},
         {**RECIPE, "learning_rate": 1e-4},  # the searcher suggested the recipe again: its own trial
         {"r": 8, "lora_alpha": 16, "learning_rate": 1e-4},
     ]
-    assert trial_origins(configs, points) == ["recipe", "initial", "search", "search"]
+    assert claim_points(configs, [RECIPE, USER]) == [0, 1, None, None]
 
 
 def test_a_users_point_equal_to_the_recipe_is_still_the_users() -> None:
-    points: list[tuple[Any, dict[str, Any]]] = [("recipe", RECIPE), ("initial", dict(RECIPE))]
-    assert trial_origins([RECIPE, RECIPE, USER], points) == ["recipe", "initial", "search"]
+    assert claim_points([RECIPE, RECIPE, USER], [RECIPE, dict(RECIPE)]) == [0, 1, None]
 
 
 def test_values_must_match_exactly() -> None:
-    assert trial_origins([{"r": 64, "lora_alpha": 17}], [("recipe", RECIPE)]) == ["search"]
+    assert claim_points([{"r": 64, "lora_alpha": 17}], [RECIPE]) == [None]
 
 
 def report_trial(config: dict[str, Any]) -> None:
@@ -65,7 +63,7 @@ def test_results_table_through_tune(tmp_path: Path) -> None:
         "local",
         [
             "search.num_samples=5",
-            "search.start_with_qlora_recipe=true",
+            "search.baselines=[qlora]",
             f"search.initial_points=[{user}]",
             "search.space={r: {choice: [8, 16, 64]}, lora_alpha: {choice: [16, 32]}, "
             "learning_rate: {loguniform: [1.0e-5, 1.0e-3]}}",
@@ -73,23 +71,25 @@ def test_results_table_through_tune(tmp_path: Path) -> None:
             "train.eval_every=2",
         ],
     )
-    assert len(config.points_to_evaluate) == 2  # the recipe, then the user's point
+    points = config.starting_points(None)
+    assert [p.origin for p in points] == ["baseline", "initial"]  # the recipe, then the user's point
     grid = tune.Tuner(
         report_trial,
         param_space=to_tune_space(config.search.space),
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,
-            search_alg=OptunaSearch(points_to_evaluate=config.points_to_evaluate, seed=0),
+            search_alg=OptunaSearch(points_to_evaluate=[p.values for p in points], seed=0),
             num_samples=config.search.num_samples,
             max_concurrent_trials=2,
         ),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="origins"),
     ).fit()
-    table = collect_results(grid, config)
+    table = collect_results(grid, config, points)
 
-    assert sorted(table["origin"]) == ["initial", "recipe", "search", "search", "search"]
-    recipe = table[table["origin"] == "recipe"].iloc[0]
+    assert sorted(table["origin"]) == ["baseline", "initial", "search", "search", "search"]
+    recipe = table[table["origin"] == "baseline"].iloc[0]
+    assert recipe["baseline"] == "qlora" and set(table.loc[table["origin"] != "baseline", "baseline"]) == {""}
     assert {k: recipe[k] for k in ("r", "lora_alpha", "learning_rate")} == {
         k: QLORA_RECIPE[k] for k in ("r", "lora_alpha", "learning_rate")
     }

@@ -45,7 +45,7 @@ def test_a_reused_worker_runs_trial_after_trial_and_trains_as_a_new_one(
             "scheduler": "asha",
             "grace_period": 2,
             "reduction_factor": 2,
-            "start_with_qlora_recipe": False,
+            "baselines": [],
             "initial_points": [B, A, B, A],
             "space": {
                 "r": {"choice": [4, 8]},
@@ -105,9 +105,7 @@ def test_reuse_is_off_where_paged_optimizer_states_would_pile_up() -> None:
     assert worker_reuse_problem(default, gpus=1, memory=memory_plan(SMOLLM2_135M)) == ""
     assert "never freed" in worker_reuse_problem(default, gpus=1, memory=memory_plan(LLAMA_7B))
     # Smaller ranks page nothing on 7B either: r=4 x 11008 stays under 100k elements.
-    small = validate_config(
-        {"name": "x", "search": {"space": {"r": {"choice": [4]}}, "start_with_qlora_recipe": False}}
-    )
+    small = validate_config({"name": "x", "search": {"space": {"r": {"choice": [4]}}, "baselines": []}})
     assert worker_reuse_problem(small, gpus=1, memory=memory_plan(LLAMA_7B)) == ""
     # torch's AdamW and CPU trials page nothing; without an estimate a paged GPU sweep cannot tell.
     torch_adamw = validate_config({"name": "x", "train": {"optimizer": "adamw_torch"}})
@@ -169,7 +167,7 @@ def test_the_memory_check_estimates_each_costly_value_the_space_allows() -> None
         "lora_dropout": {"choice": [0.0, 0.1]},
     }
     plain = configuration_estimates(
-        validate_config({"name": "x", "search": {"space": space, "start_with_qlora_recipe": False}}), plan
+        validate_config({"name": "x", "search": {"space": space, "baselines": []}}), plan
     )
     expected = [
         estimate_trial_memory(plan, Hyperparameters(r=64, lora_dropout=0.1, target_modules=t))
@@ -181,7 +179,7 @@ def test_the_memory_check_estimates_each_costly_value_the_space_allows() -> None
             "name": "x",
             "search": {
                 "space": {**space, "use_dora": {"choice": [False, True]}},
-                "start_with_qlora_recipe": False,
+                "baselines": [],
             },
         }
     )

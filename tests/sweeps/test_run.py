@@ -34,7 +34,7 @@ def tiny_sweep_config(tmp_path: Path, model: Path, **search: object) -> Path:
             "num_samples": 3,
             "cpus_per_trial": 1,
             "scheduler": "none",
-            "start_with_qlora_recipe": False,
+            "baselines": [],
             "initial_points": [FIRST],
             "space": {
                 "r": {"choice": [4, 8]},

@@ -8,10 +8,14 @@ from typing import Any
 
 import pytest
 
+from sweeps.baselines import QLORA_RECIPE
 from sweeps.config import SearchSettings, load_config
 from sweeps.search import build_searcher
-from sweeps.space import DEFAULT_SPACE, QLORA_RECIPE, to_tune_space
+from sweeps.space import DEFAULT_SPACE, resolve_space, to_tune_space
 from trainable.outcome import METRIC, MODE
+
+# The default space for a model whose calibrated learning rate is 2e-4: learning rates 2e-5 to 2e-3.
+SPACE = resolve_space(DEFAULT_SPACE, 2e-4)[0]
 
 BEST_LR = 1e-3
 POINT = {"r": 16, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.05}
@@ -38,7 +42,7 @@ def near_best(config: dict[str, Any]) -> bool:
 def suggestions(search: SearchSettings, points: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
     """`count` trials in order, each told its toy loss before the next is asked for (one trial at a time)."""
     searcher = build_searcher(search, points)
-    searcher.set_search_properties(METRIC, MODE, to_tune_space(DEFAULT_SPACE))  # what Tune's Tuner does
+    searcher.set_search_properties(METRIC, MODE, to_tune_space(SPACE))  # what Tune's Tuner does
     configs = []
     for i in range(count):
         config = searcher.suggest(f"trial-{i}")

@@ -90,7 +90,7 @@ def remote_sweep(
             "max_concurrent_trials": 1,  # one after the other: the driver is killed between the two
             "cpus_per_trial": 1,
             "scheduler": "none",
-            "start_with_qlora_recipe": False,
+            "baselines": [],
             "space": {"r": {"choice": [4, 8]}},
         },
         "report": {"enabled": False, "top_k": 1, "eval_prompts": 2, "generation": {"max_new_tokens": 4}},

@@ -263,7 +263,7 @@ def test_a_sweep_learns_tool_calls_from_a_sharegpt_file(tmp_path: Path, tiny_lla
             "num_samples": 1,
             "cpus_per_trial": 1,
             "scheduler": "none",
-            "start_with_qlora_recipe": False,
+            "baselines": [],
             "initial_points": [{"r": 8, "lora_alpha": 16, "learning_rate": 5e-3}],
             "space": {
                 "r": {"choice": [8]},
