@@ -10,18 +10,21 @@ the driver imports no training library for it.
 
 Each entry is `action@step[:key=value,...]`: at that optimizer step, a trial whose hyperparameters match
 every key=value (all trials when none are given) gets the fault. `kill` ends the trial's process with
-SIGKILL on its first attempt only (as a lost node would), `oom` raises torch.cuda.OutOfMemoryError, `nan`
-writes NaN into the LoRA weights so the loss turns NaN.
+SIGKILL on its first attempt only (as a lost node would); `halt`, also on the first attempt only, ends
+the driver's process group (the driver and the Ray it started) and then the trial with SIGKILL, as a
+machine losing power would, right after the checkpoints the trial had saved by then; `oom` raises
+torch.cuda.OutOfMemoryError, `nan` writes NaN into the LoRA weights so the loss turns NaN.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 ENV = "QLORA_SWEEPS_FAULTS"
-Action = Literal["kill", "oom", "nan"]
-ACTIONS: tuple[Action, ...] = ("kill", "oom", "nan")
+Action = Literal["kill", "halt", "oom", "nan"]
+ACTIONS: tuple[Action, ...] = ("kill", "halt", "oom", "nan")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Fault:
     action: Action
     step: int
     match: tuple[tuple[str, str], ...] = ()  # (hyperparameter, value as text) pairs a trial must all have
+    driver_pid: int = 0  # halt: the process that parsed the specification, the driver
 
     def applies_to(self, hparams: dict[str, Any]) -> bool:
         return all(str(hparams.get(key)) == value for key, value in self.match)
@@ -47,5 +51,6 @@ def parse_faults(text: str) -> tuple[Fault, ...]:
                 f"{', '.join(ACTIONS)}"
             )
         match = tuple((key.strip(), value.strip()) for key, value in pairs)
-        faults.append(Fault(action, int(step), match))  # type: ignore[arg-type]
+        driver_pid = os.getpid() if action == "halt" else 0  # the driver parses the faults (sweeps.plan)
+        faults.append(Fault(action, int(step), match, driver_pid))  # type: ignore[arg-type]
     return tuple(faults)

@@ -28,6 +28,10 @@ class InjectFaults(TrainerCallback):
                 continue
             if fault.action == "kill" and self.retries == 0:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if fault.action == "halt" and self.retries == 0:
+                # The driver's group holds the Ray processes it started; this worker is in a group of its own.
+                os.killpg(os.getpgid(fault.driver_pid), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
             if fault.action == "oom":
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. (injected by " + FAULTS_ENV + ")")
             if fault.action == "nan" and model is not None:
