@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -200,6 +201,19 @@ def setup_trial(
     return trainer
 
 
+def keep_adapter_dtypes_on_resume(model: Any) -> None:
+    """Have the trainer load a checkpoint's adapter into the dtypes it trains in, as it saved them.
+
+    trl casts the LoRA weights on a quantized base to bf16 (QLoRA's recipe); transformers resumes by
+    calling peft's load_adapter, which upcasts a bf16 or fp16 adapter to float32 unless told not to. A
+    resumed trial then trained in float32 where an uninterrupted one trains in bf16, and from the first
+    step after the resume its losses drifted away from the uninterrupted run's. With the weights in bf16
+    the optimizer's state loads as it was saved too: torch's AdamW casts it to the weights' dtype, the one
+    it was saved in; bitsandbytes' 32-bit optimizers keep theirs in float32 whatever the weights'.
+    """
+    model.load_adapter = functools.partial(model.load_adapter, autocast_adapter_dtype=False)
+
+
 def run_trial(
     searched: dict[str, Any], settings: TrialSettings, *, send: ReportSink, resume_from: str | None = None
 ) -> None:
@@ -255,6 +269,8 @@ def run_trial(
         keep_base = room_to_keep_base(settings, estimate, device=device)
         trainer = setup_trial(hparams, settings, output_dir=output_dir, device=device, callbacks=callbacks,
                               on_stage=start.mark, keep_base=keep_base)  # fmt: skip
+        if resume_step is not None:
+            keep_adapter_dtypes_on_resume(trainer.model)
         trainer.train(resume_from_checkpoint=resume_step)
         if reporter.diverged:
             send(reporter.report(trainer.state, eval_loss=math.nan).to_tune(), None)
