@@ -158,8 +158,9 @@ def load_histories(experiment: Experiment) -> pd.DataFrame:
 
     Read from the trial folders' progress.csv; a trial whose folder is gone falls back on the eval_history
     list in results.parquet (steps then counted in train.eval_every units). A restarted trial (a crash, a
-    killed driver) trains again from the last checkpoint Tune knew of, which may be older than its last
-    report, and reports those steps again: each step's last report is the one kept.
+    killed driver) sends again the reports of checkpoints that Tune's saved state missed, which the killed
+    driver may have written already (and trials of older versions trained again from an older checkpoint
+    and reported those steps anew): each step's last report is the one kept.
     """
     eval_every = int(experiment.summary.section("train").get("eval_every", 1))
     frames = []

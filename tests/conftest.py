@@ -49,16 +49,24 @@ def sweep_summary(config: dict[str, object] | None = None, **fields: object) -> 
 
 def assert_resumed_from_checkpoints(progress: pd.DataFrame, history: pd.DataFrame, *, max_steps: int) -> None:
     """A trial's progress.csv rows and its history as the analysis reads it (analysis.experiment
-    .load_histories), after crashes or driver kills: every restart (retries > 0) began at a checkpoint
-    the trial had reported, not from scratch, and the history has each step once, up to max_steps.
+    .load_histories), after crashes or driver kills: every restart (a row whose retries went up) began at
+    the newest checkpoint the trial had reported, no step was trained twice, and the history has each
+    step once, up to max_steps.
 
-    A restart may repeat steps: Tune restores the last checkpoint its saved state knew of, which can be
-    older than the trial's last report."""
-    steps = list(progress["step"])
-    for i, (retries, restored) in enumerate(
-        zip(progress["retries"], progress["restored_from_step"], strict=True)
-    ):
-        assert retries == 0 or restored in steps[:i], (i, steps, list(progress["restored_from_step"]))
+    A step may be in progress.csv twice with the same eval loss: the report of a checkpoint that Tune's
+    saved state did not hold, sent again by the restarted trial (trainable/train.py's train_trial), where
+    the killed driver had already written it to progress.csv."""
+    steps, losses = list(progress["step"]), list(progress["eval_loss"])
+    retries, restored = list(progress["retries"]), list(progress["restored_from_step"])
+    reported: dict[int, float] = {}
+    for i, (step, loss) in enumerate(zip(steps, losses, strict=True)):
+        if step in reported:
+            assert loss == reported[step], (i, steps, losses)  # the same report again, not a step retrained
+        else:
+            assert step > max(reported, default=0), (i, steps)
+        if i > 0 and retries[i] > retries[i - 1]:
+            assert restored[i] == max(steps[:i]), (i, steps, restored)
+        reported[step] = loss
     assert list(history["step"]) == sorted(set(steps)) and steps[-1] == max_steps, (steps, history)
 
 

@@ -1,12 +1,10 @@
 """A trial's reports: TuneReporter, the trainer callback that turns each evaluation into a TrialReport and
-sends it with the checkpoint saved right after it, and the TrialState a restarted trial finds in that
-checkpoint.
+sends it with the checkpoint saved right after it, with the TrialState a restarted trial finds in that
+checkpoint (trainable/checkpoint.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import resource
@@ -19,19 +17,12 @@ import ray
 import torch
 from transformers import TrainerCallback
 
+from trainable.checkpoint import save_trial_state
 from trainable.outcome import TrialReport
 from trainable.worker import TrialStart, kept_base_nbytes
 
-TRIAL_STATE = "trial_state.json"  # kept in each checkpoint: a TrialState
 # transformers' key for the eval loss in evaluate()'s metrics: metric_key_prefix "eval" + the model's "loss".
 TRAINER_EVAL_LOSS = "eval_loss"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrialState:
-    """What a restarted trial carries on with, kept in each checkpoint beside the trainer's own state."""
-
-    retries: int  # restarts so far
 
 
 # Where a trial's reports go: the metrics, and the checkpoint folder saved with them (None: no checkpoint).
@@ -122,9 +113,9 @@ class TuneReporter(TrainerCallback):
         if self.diverged:
             return  # no checkpoint of NaN weights; run_trial reports the failure
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        state_now = TrialState(retries=self.retries)
-        (checkpoint_dir / TRIAL_STATE).write_text(json.dumps(dataclasses.asdict(state_now)))
-        self.send(self.report(state).to_tune(), str(checkpoint_dir))
+        metrics = self.report(state).to_tune()
+        save_trial_state(checkpoint_dir, retries=self.retries, report=metrics)
+        self.send(metrics, str(checkpoint_dir))
 
     def report(self, state: Any, *, eval_loss: float | None = None) -> TrialReport:
         tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)

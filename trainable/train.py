@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import shutil
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, set_seed
 
+from trainable.checkpoint import checkpoint_step, find_stored_checkpoints, load_trial_state, stored_index
 from trainable.evaluate import evaluate_base
 from trainable.hardware import resolve_compute_dtype
 from trainable.inject_faults import InjectFaults
@@ -42,7 +42,7 @@ from trainable.memory import estimate_trial_memory, fits
 from trainable.model import build_lora_model, load_tokenizer, quiet_libraries
 from trainable.outcome import SEED_KEY, TrialReport
 from trainable.prepare import TrialSettings
-from trainable.reporter import TRIAL_STATE, ReportSink, TrialState, TuneReporter, describe_evaluation
+from trainable.reporter import ReportSink, TuneReporter, describe_evaluation
 from trainable.settings import HYPERPARAMETERS, Hyperparameters
 from trainable.worker import base_for_trial, end_worker_trial, room_to_keep_base, start_worker_trial
 
@@ -252,11 +252,10 @@ def run_trial(
     try:
         resume_step = None
         if resume_from is not None:  # a retried or resumed trial continues where its last report left it
-            step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]
+            step = checkpoint_step(Path(resume_from))
             resume_step = str(Path(output_dir) / f"checkpoint-{step}")  # the layout the trainer expects
             shutil.copytree(resume_from, resume_step)
-            previous = TrialState(**json.loads((Path(resume_step) / TRIAL_STATE).read_text()))
-            reporter.retries = previous.retries + 1
+            reporter.retries = load_trial_state(Path(resume_step)).retries + 1
             reporter.restored_from_step = step
             if step >= settings.train.max_steps:
                 # It had finished, and Tune holds its last report and checkpoint, but the driver was killed
@@ -284,9 +283,10 @@ def run_trial(
 
 
 def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
-    """Tune's trainable: run_trial reporting to Tune, resumed from Tune's last checkpoint of this trial.
+    """Tune's trainable: run_trial reporting to Tune, resumed from the newest complete checkpoint this
+    trial saved (trainable/checkpoint.py), which may be newer than the one Tune restores.
 
-    A crash (the process dies, an exception) is retried by Tune from that checkpoint; out of memory and
+    A crash (the process dies, an exception) is retried by Tune from its checkpoint; out of memory and
     NaN loss are reported, not raised, so that Tune does not retry them.
     """
     from ray import tune
@@ -308,6 +308,26 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
         tune.report(metrics, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
+    storage = tune.get_context().get_storage()  # the trial's folder in storage, and Tune's next number in it
+    # Checkpoints the trial saved after the one Tune restores it from: Tune never recorded them (the driver
+    # was killed first, or this trial's process between the copy and the report).
+    known = stored_index(checkpoint.path) if checkpoint is not None else -1
+    highest, unrecorded = find_stored_checkpoints(
+        storage.storage_filesystem, storage.trial_fs_path, after=known
+    )
+    # Tune numbers a trial's checkpoint folders on from its saved state: number on from the highest folder
+    # the trial has, so that no folder is written into twice (one cut short by the kill included).
+    storage.current_checkpoint_index = max(storage.current_checkpoint_index, highest)
+    if unrecorded:
+        steps = ", ".join(str(c.step) for c in unrecorded)
+        print(f"trial {trial_id}: continues from its step-{unrecorded[-1].step} checkpoint, which Tune had not "
+              f"recorded; the reports of steps {steps} are sent again", flush=True)  # fmt: skip
+    # Each is reported again as it was sent, with a copy of its folder, so that Tune's history, its best
+    # checkpoint and the searcher see the trial as if nothing had stopped; the trial continues from the
+    # newest, training no step twice.
+    for missed in unrecorded:
+        checkpoint = tune.Checkpoint(missed.path, filesystem=storage.storage_filesystem)
+        tune.report(missed.state.report, checkpoint=checkpoint)
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None) as resume_from:
         run_trial(hparams, settings, send=report, resume_from=resume_from)
 

@@ -1,5 +1,6 @@
 """A killed driver's trial, resumed with `python -m sweeps.run --resume`, trains on as if it had never
-stopped: step for step the losses of an uninterrupted run."""
+stopped: from the newest checkpoint it had saved (also one that Tune's saved state did not know yet),
+without writing into that checkpoint's folder, and step for step the losses of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from analysis.experiment import load_experiment, load_histories
+from tests.conftest import assert_resumed_from_checkpoints
 
 MAX_STEPS = 8
 EVAL_EVERY = 2
@@ -126,3 +128,27 @@ def test_resumed_trial_trains_the_steps_of_an_uninterrupted_one(resumed_sweep: R
     for column in ("eval_loss", "train_loss"):
         resumed, expected = list(history[column]), list(uninterrupted[column])
         assert resumed == pytest.approx(expected, rel=RELATIVE_TOLERANCE, abs=0), column
+
+
+def test_resumed_trial_continues_from_the_newest_checkpoint_it_saved(resumed_sweep: ResumedSweep) -> None:
+    # Tune's saved state knew the step-4 checkpoint; the trial had saved step 6 before the driver died.
+    assert f"from its step-{NEWEST_AT_HALT} checkpoint" in resumed_sweep.output, resumed_sweep.output[-4000:]
+    table = pd.read_parquet(resumed_sweep.experiment / "results.parquet")
+    assert table.loc[0, "restored_from_step"] == NEWEST_AT_HALT
+    trial = trial_folder(resumed_sweep.experiment)
+    progress = pd.read_csv(trial / "progress.csv")
+    history = load_histories(load_experiment(resumed_sweep.experiment))
+    assert_resumed_from_checkpoints(progress, history, max_steps=MAX_STEPS)
+    # Step 6 trained once: its report, sent again as it was, then step 8 after the restart.
+    assert list(progress["step"]) == [2, 4, 6, 8] and list(progress["retries"]) == [0, 0, 0, 1]
+
+
+def test_newest_checkpoint_folder_is_not_written_again(resumed_sweep: ResumedSweep) -> None:
+    import json
+
+    newest = max(resumed_sweep.before)
+    state = json.loads((trial_folder(resumed_sweep.experiment) / newest / "trainer_state.json").read_text())
+    assert state["global_step"] == NEWEST_AT_HALT
+    after = checkpoint_files(trial_folder(resumed_sweep.experiment))
+    assert after[newest] == resumed_sweep.before[newest]
+    assert all(name > newest for name in set(after) - set(resumed_sweep.before)), sorted(after)
