@@ -140,6 +140,12 @@ def build_searcher(search: SearchSettings, points: list[dict[str, Any]]) -> Any:
             constant_liar=True,
             seed=search.seed,
         )
+    # TPE is told each trial's last reported eval loss (OptunaSearch.on_trial_complete reads the trial's
+    # last result): for a finished trial usually its best too, as the schedule decays to the end; for one
+    # that ASHA stopped, the loss at its rung. The recorded study and results.parquet value a trial by its
+    # best eval loss. Telling TPE the best instead would score a trial whose loss rises late by the adapter
+    # the sweep keeps, but it changes what TPE models, so it waits for a measurement on the time-to-best
+    # replay (bench/search/replay.py, which tells it the last result too).
     return OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
 
 

@@ -12,12 +12,13 @@ copy is put into the experiment each time a trial is recorded, so that a driver 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-from trainable.outcome import DIRECTION, Status, TrialReport, trial_status
+from trainable.outcome import DIRECTION, METRIC, Status, TrialReport, trial_status
 from trainable.search_space import to_optuna_distributions
 
 TRIAL_KEY = "tune_trial_id"
@@ -64,21 +65,25 @@ class StudyMirror(Callback):
         if trial.trial_id in self._mirrored:
             return  # already mirrored before the driver was restarted
         last = TrialReport.from_tune(trial.last_result or {})
-        # The study sees only the last report, so its loss stands for the best one.
-        status = trial_status(last, errored=errored, best_eval_loss=last.eval_loss, max_steps=self.max_steps)
+        # A trial's value is the best eval loss it reported, what results.parquet and the report rank by
+        # (its adapter is the best checkpoint's): the lowest of every result Tune got of it, which Tune
+        # keeps with the trial, across a resumed driver too.
+        best = float(trial.metric_analysis.get(METRIC, {}).get("min", math.nan))
+        status = trial_status(last, errored=errored, best_eval_loss=best, max_steps=self.max_steps)
         states: dict[Status, optuna.trial.TrialState] = {
             "completed": optuna.trial.TrialState.COMPLETE,
             "stopped": optuna.trial.TrialState.PRUNED,  # stopped early by the scheduler
         }
         state = states.get(status, optuna.trial.TrialState.FAIL)
-        value = None if state == optuna.trial.TrialState.FAIL else last.eval_loss
+        # Where it stood when it ended: all that a pruned trial has, as Optuna gives it no value.
+        ended_at = {} if state == optuna.trial.TrialState.FAIL else {last.step: last.eval_loss}
         params = {name: trial.config[name] for name in self.distributions if name in trial.config}
         study.add_trial(
             optuna.trial.create_trial(
                 params=params,
                 distributions={name: self.distributions[name] for name in params},
-                value=value if state == optuna.trial.TrialState.COMPLETE else None,
-                intermediate_values={last.step: value} if value is not None else {},
+                value=best if state == optuna.trial.TrialState.COMPLETE else None,
+                intermediate_values=ended_at,
                 state=state,
                 user_attrs={TRIAL_KEY: trial.trial_id},
             )

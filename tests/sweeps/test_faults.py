@@ -75,7 +75,9 @@ def faulty_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> 
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output[-4000:]
     table = pd.read_parquet(tmp / "experiments" / "faulty" / "results.parquet")
-    return table.set_index(table["r"].astype(str) + "/" + table["lora_alpha"].astype(int).astype(str))
+    table = table.set_index(table["r"].astype(str) + "/" + table["lora_alpha"].astype(int).astype(str))
+    table.attrs["experiment"] = tmp / "experiments" / "faulty"  # where its study is
+    return table
 
 
 def test_killed_trial_resumes_from_its_checkpoint(faulty_sweep: pd.DataFrame) -> None:
@@ -100,6 +102,24 @@ def test_nan_trial_fails_and_is_never_best(faulty_sweep: pd.DataFrame) -> None:
 
 def test_every_trial_of_the_users_points_is_marked_so(faulty_sweep: pd.DataFrame) -> None:
     assert set(faulty_sweep["origin"]) == {"initial"}  # 4 points, 4 trials, the recipe off
+
+
+def study_values(experiment: Path) -> dict[str, float | None]:
+    """The recorded Optuna study's value of each trial, by Tune's trial id."""
+    import optuna
+
+    from sweeps.study import TRIAL_KEY
+
+    study = optuna.load_study(study_name=experiment.name, storage=f"sqlite:///{experiment / 'optuna.db'}")
+    return {t.user_attrs[TRIAL_KEY]: t.value for t in study.trials}
+
+
+def test_study_holds_the_best_eval_loss_results_rank_by(faulty_sweep: pd.DataFrame) -> None:
+    values = study_values(faulty_sweep.attrs["experiment"])
+    completed = faulty_sweep["status"] == "completed"
+    assert completed.sum() == 2 and set(values) == set(faulty_sweep["trial_id"])
+    for trial in faulty_sweep.itertuples():  # a failed trial has no value
+        assert values[trial.trial_id] == (trial.best_eval_loss if trial.status == "completed" else None)
 
 
 def test_driver_killed_repeatedly_then_resumed(tmp_path: Path, tiny_llama: Path) -> None:
@@ -143,3 +163,4 @@ def test_driver_killed_repeatedly_then_resumed(tmp_path: Path, tiny_llama: Path)
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{experiment / 'optuna.db'}")
     assert len(study.trials) == 4
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert study_values(experiment) == dict(zip(table["trial_id"], table["best_eval_loss"], strict=True))

@@ -152,3 +152,16 @@ def test_newest_checkpoint_folder_is_not_written_again(resumed_sweep: ResumedSwe
     after = checkpoint_files(trial_folder(resumed_sweep.experiment))
     assert after[newest] == resumed_sweep.before[newest]
     assert all(name > newest for name in set(after) - set(resumed_sweep.before)), sorted(after)
+
+
+def test_study_holds_the_best_eval_loss_of_each_trial(resumed_sweep: ResumedSweep) -> None:
+    import optuna
+
+    from sweeps.study import TRIAL_KEY
+
+    table = pd.read_parquet(resumed_sweep.experiment / "results.parquet")
+    storage = f"sqlite:///{resumed_sweep.experiment / 'optuna.db'}"
+    study = optuna.load_study(study_name="halted", storage=storage)
+    assert {t.user_attrs[TRIAL_KEY]: t.value for t in study.trials} == dict(
+        zip(table["trial_id"], table["best_eval_loss"], strict=True)
+    )
