@@ -57,6 +57,8 @@ def collect_results(
         start = starts[index] if index < len(starts) else None
         origin: Origin = start.origin if start else "search" if index < len(starts) else RECHECK
         history = result.metrics_dataframe
+        if history is not None and STEP in history:  # a report a restarted trial sent again: once
+            history = history.drop_duplicates(STEP, keep="last")
         metrics = result.metrics or {}
         last = TrialReport.from_tune(metrics)
         losses = (

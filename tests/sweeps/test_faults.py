@@ -153,6 +153,7 @@ def test_driver_killed_repeatedly_then_resumed(tmp_path: Path, tiny_llama: Path)
     assert sorted(zip(initial["r"], initial["lora_alpha"], strict=True)) == [(4, 8), (8, 16)]
     assert (table["origin"] == "search").sum() == 2
     histories = load_histories(load_experiment(experiment))
+    assert all(len(losses) == MAX_STEPS // 2 for losses in table["eval_history"])  # each evaluation once
     for trial_id, trial_path in zip(table["trial_id"], table["trial_path"], strict=True):
         progress = pd.read_csv(Path(trial_path) / "progress.csv")
         history = histories[histories["trial_id"] == trial_id]
