@@ -14,7 +14,8 @@ in a TorchTrainer without changing it.
 
 A trial here is set up, its trainer built, run, and its evaluations reported. Beside it: the process it runs
 in, which Tune may reuse (trainable/worker.py), the callback that reports to Tune (trainable/reporter.py),
-and the faults a test may inject (trainable/inject_faults.py).
+the checkpoint folder and the checkpoints a restarted trial finds in storage (trainable/checkpoint.py), and
+the faults a test may inject (trainable/inject_faults.py).
 """
 
 from __future__ import annotations
