@@ -45,8 +45,8 @@ Stages:
   packing16-mps * bench/packing/packing-16.yaml (16 configurations, two waves of 8) packed 8 per GPU
                   under CUDA MPS (about 2 minutes)
   packing16-alone *  the same 16 one at a time (about 7 minutes); run it right after packing16-mps
-  quality *       bench/quality/quality.yaml on the bundled tasks and each dataset in bench/quality/data, all
-                  at once under CUDA MPS (about 10 minutes on an H100), then bench.quality.summary's table
+  quality *       bench/quality/quality.yaml on the bundled tasks and each dataset in bench/quality/data (or
+                  the sources in QUALITY_SOURCES), all at once under CUDA MPS, then bench.quality.summary's table
   table-c *       bench/search/table-c.yaml: the time-to-best table of the centred learning-rate range (34
                   trials, 8 per GPU under MPS), then its table for bench.search.replay
   generation *    python -m bench.generation.batched: the report's batched generation against one prompt
@@ -273,7 +273,7 @@ PY
       # under CUDA MPS: each sweep its own Ray (its own temp dir), its own console log; then the table.
       mps_start quality
       tag=$(date -u +%H%M%S) names=()
-      for source in bundled bench/quality/data/*.jsonl; do
+      for source in ${QUALITY_SOURCES:-bundled bench/quality/data/*.jsonl}; do
         name=$(basename "$source" .jsonl)
         names+=("experiments/quality-$name-$tag")
         RAY_TMPDIR=/tmp/ray-quality-$name python3 -m sweeps.run --config bench/quality/quality.yaml \
