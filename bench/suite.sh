@@ -46,7 +46,8 @@ Stages:
                   under CUDA MPS (about 2 minutes)
   packing16-alone *  the same 16 one at a time (about 7 minutes); run it right after packing16-mps
   quality *       bench/quality/quality.yaml on the bundled tasks and each dataset in bench/quality/data (or
-                  the sources in QUALITY_SOURCES), all at once under CUDA MPS, then bench.quality.summary's table
+                  the sources in QUALITY_SOURCES; QUALITY_OVERRIDES: dotted overrides for every sweep), all at
+                  once under CUDA MPS, then bench.quality.summary's table
   table-c *       bench/search/table-c.yaml: the time-to-best table of the centred learning-rate range (34
                   trials, 8 per GPU under MPS), then its table for bench.search.replay
   generation *    python -m bench.generation.batched: the report's batched generation against one prompt
@@ -277,7 +278,7 @@ PY
         name=$(basename "$source" .jsonl)
         names+=("experiments/quality-$name-$tag")
         RAY_TMPDIR=/tmp/ray-quality-$name python3 -m sweeps.run --config bench/quality/quality.yaml \
-          "experiment=quality-$name-$tag" "data.source=$source" > "$OUT/quality-$name.log" 2>&1 &
+          "experiment=quality-$name-$tag" "data.source=$source" ${QUALITY_OVERRIDES:-} > "$OUT/quality-$name.log" 2>&1 &
       done
       wait
       mps_stop
