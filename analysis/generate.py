@@ -1,11 +1,13 @@
 """Answers from every candidate (the base model and the top adapters) to one fixed prompt set.
 
 The base model is loaded once, 4-bit as in training (the adapters were trained against those weights).
-It answers first, bare; then each adapter is attached with peft, answers, and is removed again: every
-adapter is read from disk once. (Re-enabling bitsandbytes' CPU inference repacking, or dequantizing the
-base to bf16, made no measurable difference to generation speed on CPU, so the report generates with the
-model exactly as trained.) Prompts are generated in batches, left-padded, so one forward pass
-extends every answer of a batch by a token.
+It answers first, bare; then each adapter answers, read from disk once. On a GPU each is attached to the
+4-bit base with peft and removed again. Where the base's layers are plain (on a CPU the report dequantizes
+the 4-bit base once: analysis.report.dequantized_for_generation), each adapter is instead merged into a
+copy of the base for its turn (`merge_adapters`): the same answers up to rounding, at the base's speed,
+where peft's separate LoRA matmuls on every layer made generation several times slower (docs/report.md has
+the figures). Prompts are generated in batches, left-padded, so one forward pass extends every answer of a
+batch by a token.
 """
 
 from __future__ import annotations
@@ -144,11 +146,14 @@ def generate_for_candidates(
     texts: Sequence[str],
     candidates: Sequence[Candidate],
     settings: GenerationSettings,
+    *,
+    merge_adapters: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Generations (one row per prompt x candidate) and per-candidate timing.
 
-    `model` is the bare base model; adapters are attached to it in place, one at a time, and the
-    base candidate (if any) answers before the first is attached.
+    `model` is the bare base model; the base candidate (if any) answers first. Adapters are attached to it
+    in place, one at a time; with `merge_adapters` (a base of plain, not quantized, layers) each is merged
+    into a copy of it instead (merged_copy), and `model` stays as it is.
     """
     from peft import PeftModel
 
@@ -157,9 +162,13 @@ def generate_for_candidates(
     ordered = sorted(candidates, key=lambda c: c.adapter_path is not None)  # the bare base first
     peft_model: Any = None
     previous: str | None = None
+    runner: Any = None
     for number, candidate in enumerate(ordered):
         if candidate.adapter_path is None:
             runner = model
+        elif merge_adapters:
+            runner = None  # the previous candidate's copy goes before the next is made
+            runner = merged_copy(model, candidate.adapter_path)
         else:
             adapter = f"candidate_{number}"
             if peft_model is None:
@@ -196,3 +205,16 @@ def generate_for_candidates(
                 }
             )
     return pd.DataFrame(rows), pd.DataFrame(timing)
+
+
+def merged_copy(model: Any, adapter_path: str) -> Any:
+    """A copy of `model` (a base of plain layers) with the adapter merged into its weights: peft's
+    merge_and_unload, which adds each layer's scaled B @ A (DoRA's magnitude too) to its weight, in the
+    weight's dtype. The base is left untouched, so every adapter merges into the same weights."""
+    import copy
+
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(copy.deepcopy(model), adapter_path).merge_and_unload()
+    merged.eval()
+    return merged

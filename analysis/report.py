@@ -139,9 +139,11 @@ def shown_prompt_ids(scored: pd.DataFrame, count: int) -> list[str]:
 
 def generate_answers(
     experiment: Experiment, candidates: Sequence[Candidate], prompts: Sequence[Prompt], settings: ReportSettings,
-    *, device: str,
+    *, device: str, merge_adapters: bool | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
-    """Load the base model once and let every candidate answer every prompt."""
+    """Load the base model once and let every candidate answer every prompt. `merge_adapters`: each adapter
+    merged into a copy of the base (analysis.generate.merged_copy) rather than run beside it; by default on
+    the CPU, where the base's layers are plain (dequantized_for_generation), not on a GPU's 4-bit base."""
     import torch
 
     from trainable.data import choose_chat_template
@@ -159,14 +161,16 @@ def generate_answers(
     if device == "cpu" and model_settings.quantization != "none":
         model = dequantized_for_generation(model, model_settings)
     torch.set_grad_enabled(False)
-    return generate_for_candidates(model, tokenizer, prompts, texts, candidates, settings.generation)
+    merge = device == "cpu" if merge_adapters is None else merge_adapters
+    return generate_for_candidates(model, tokenizer, prompts, texts, candidates, settings.generation,
+                                   merge_adapters=merge)  # fmt: skip
 
 
 def dequantized_for_generation(model: Any, settings: ModelSettings) -> Any:
     """The 4-bit base with its weights dequantized once, in the compute dtype: on a CPU a 4-bit layer
     dequantizes its whole weight at every call, which in generation is every new token (docs/report.md
-    has the figures). The values are those every 4-bit call computes, so
-    adapters attached to it answer as on the 4-bit base."""
+    has the figures). The values are those every 4-bit call computes, so adapters on it (merged into a
+    copy of it: analysis.generate.merged_copy) answer as on the 4-bit base, up to rounding."""
     import torch
 
     from trainable.hardware import resolve_compute_dtype

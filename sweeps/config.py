@@ -83,6 +83,10 @@ class SearchSettings:
     # Trials at once; None: as many as the cluster's resources allow (one GPU, or cpus_per_trial, each).
     max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
     cpus_per_trial: Annotated[int, Field(ge=1)] = 2
+    # How long the driver waits for an autoscaler to add a node that can hold a trial when none can now
+    # (sweeps/capacity.py); a cluster that cannot grow is refused at once. A new GPU node of cluster.yaml
+    # takes about 10 minutes to boot and install: twice that before giving up.
+    resource_wait_s: Annotated[int, Field(ge=0)] = 1200
     gpus_per_trial: Literal["auto", 0, 1] = "auto"  # auto: 1 if the cluster has GPUs, else CPU trials
     # Trials sharing one GPU, each its own process with 1/N of the card (Ray's fractional GPUs). auto: as
     # many as the largest configuration of the space fits, by its memory estimate (sweeps/resources.py).

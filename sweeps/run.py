@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import sweeps
 from analysis.experiment import RESULTS, SUMMARY, write_summary, write_table
+from sweeps.capacity import check_capacity
 from sweeps.cluster import measure_base_eval_loss, ray_address, start_report
 from sweeps.config import ConfigError, load_config
 from sweeps.console import StartClock, describe_plan, describe_rechecks, describe_resources
@@ -50,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(describe_plan(plan), flush=True)
     clock.mark("plan")
-    run_sweep(plan, resume=args.resume, verbosity=args.verbosity, clock=clock)
+    try:
+        run_sweep(plan, resume=args.resume, verbosity=args.verbosity, clock=clock)
+    except ConfigError as err:  # what the cluster cannot hold (sweeps.capacity); sweep.json stays for a rerun
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -87,6 +92,7 @@ def run_sweep(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per created study or trial is noise here
     ray.init(address=ray_address(), ignore_reinit_error=True)
     clock.mark("Ray")
+    check_capacity(plan.config, ray.cluster_resources())  # before anything waits on a node that never comes
     resources = plan_resources(plan, ray.cluster_resources())
     print(describe_resources(resources), flush=True)
     clock.mark("resources")  # on GPUs, the card's memory asked of a GPU worker

@@ -14,6 +14,8 @@ import dataclasses
 import gc
 import math
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,32 @@ class TrialStart:
         }
 
 
+def end_quietly_on_sigterm() -> None:
+    """Let SIGTERM end this trial worker without running any Python, once its trial has reported.
+
+    At the end of a sweep Tune frees each trial's placement group while the trial's worker process still
+    lives, and the raylet ends the process with SIGTERM, then SIGKILL. Ray's handler for SIGTERM raises
+    SystemExit wherever the process's main thread is: mostly in Ray's own loop, which takes it quietly, but
+    when that is a finalizer (a `__del__` or weakref callback of an object being freed, as an ended trial's
+    are), Python prints "Exception ignored in ... SystemExit: 1" with a traceback, which Ray forwards to the
+    driver's console after a successful sweep. With the default action the kernel ends the process at once,
+    as the SIGKILL 0.2 s later would; a trial ended mid-way by SIGTERM (a node drained) is retried by Tune
+    from its last checkpoint either way. Only the main thread may set a handler, and the trial runs in a
+    thread of Tune's, so the handler is set by the worker's next call on its main thread (`__ray_call__`,
+    run once the trial's first report returns control to it). Nothing outside a Ray actor (train_by_hand)."""
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return
+    ray.get_runtime_context().current_actor.__ray_call__.remote(_default_sigterm)
+
+
+def _default_sigterm(_actor: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def start_worker_trial(settings: TrialSettings, *, device: str, imported_at: float) -> TrialStart:
     """Set this process up for a trial, also when Tune reuses it after other trials (search.reuse_workers):
     every process-wide setting a trial depends on is set each time, what an earlier trial left is freed,
@@ -114,6 +142,7 @@ def start_worker_trial(settings: TrialSettings, *, device: str, imported_at: flo
         # (below, and transformers' Trainer.train through accelerate's free_memory). Objects made from here
         # on, the trials' models among them, are collected as before.
         gc.freeze()
+        end_quietly_on_sigterm()
     else:
         # The previous trial's model, trainer and optimizer hang in reference cycles until a collection.
         gc.collect()

@@ -118,3 +118,45 @@ def test_the_dequantized_base_answers_as_the_4bit_one_on_the_cpu(tiny_llama: Pat
     assert not any(type(m).__name__ == "Linear4bit" for m in dequantized.modules())
     assert answers(dequantized) == expected
     assert expected[: len(prompts)] != expected[len(prompts) :]  # the adapter changed the answers
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_adapters_merged_into_a_copy_answer_as_attached_ones(
+    tiny_llama: Path, tmp_path: Path, quantization: str
+) -> None:
+    """On the CPU each adapter answers merged into a copy of the (dequantized) base, at the base's speed: the
+    same greedy answers as the adapter attached with peft, logits equal up to rounding, the base unchanged."""
+    from analysis.generate import merged_copy
+    from analysis.report import dequantized_for_generation
+
+    model_settings = ModelSettings(quantization=quantization, compute_dtype="float32")
+    adapters = [make_adapter(tiny_llama, tmp_path / f"adapter{i}", seed=i) for i in range(2)]
+    tokenizer = load_tokenizer(str(tiny_llama), model_settings)
+    prompts = build_prompts(examples(4), ["Hello"], count=4)
+    texts = render_prompts(prompts, tokenizer, DEFAULT_CHAT_TEMPLATE)
+    candidates = [Candidate(BASE), Candidate("t0", adapters[0]), Candidate("t1", adapters[1])]
+    settings = GenerationSettings(max_new_tokens=8)
+
+    def base() -> torch.nn.Module:
+        model = load_base_model(str(tiny_llama), model_settings, device="cpu")
+        return dequantized_for_generation(model, model_settings) if quantization != "none" else model
+
+    model = base()
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    merged = generate_for_candidates(
+        model, tokenizer, prompts, texts, candidates, settings, merge_adapters=True
+    )[0]
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())  # the base as it was
+    attached = generate_for_candidates(base(), tokenizer, prompts, texts, candidates, settings)[0]
+    assert list(merged["answer"]) == list(attached["answer"])
+    answers = merged.set_index(["candidate", "prompt_id"])["answer"]
+    assert [answers[("t0", p.prompt_id)] for p in prompts] != [answers[(BASE, p.prompt_id)] for p in prompts]
+
+    from peft import PeftModel
+
+    inputs = tokenizer(texts[:2], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        expected = PeftModel.from_pretrained(base(), adapters[0]).eval()(**inputs).logits
+        got = merged_copy(base(), adapters[0])(**inputs).logits
+    assert not any("lora" in name for name, _ in merged_copy(base(), adapters[0]).named_modules())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -145,7 +145,8 @@ def test_console_shows_one_line_per_evaluation_and_no_library_noise(tiny_sweep: 
     for trial, step, _ in found:
         steps.setdefault(trial, []).append(int(step))
     assert steps == {trial: [2, 4, 6, 8] for trial in table["trial_id"]}, found
-    for noise in ("Loading weights", "FutureWarning", "{'eval_loss'", "Checkpoint successfully created"):
+    for noise in ("Loading weights", "FutureWarning", "{'eval_loss'", "Checkpoint successfully created",
+                  "Failed to load CPU gemm_4bit_forward", "SystemExit"):  # fmt: skip
         assert noise not in output, noise
     environment = json.loads((experiment / "sweep.json").read_text())["environment"]
     assert environment["packages"]["torch"] and environment["compute_dtype"] in ("float32", "bfloat16")
