@@ -217,8 +217,12 @@ def load_merge_base(model_path: str, experiment: Experiment, *, into: MergeBase)
     if into == "dequantized" and settings.quantization != "none":
         model = load_base_model(model_path, settings, device="cpu")
         return model.dequantize().to(torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(model_path, revision=settings.revision, dtype=torch.bfloat16,
-                                                trust_remote_code=settings.trust_remote_code)  # fmt: skip
+    return AutoModelForCausalLM.from_pretrained(
+        model_path,
+        revision=settings.revision,
+        dtype=torch.bfloat16,
+        trust_remote_code=settings.trust_remote_code,
+    )
 
 
 def merge_adapter(
@@ -243,8 +247,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--merge", action="store_true", help="also write OUT/merged: the adapter merged into a bf16 base"
     )
-    parser.add_argument("--merge-into", choices=("dequantized", "original"), default="dequantized",
-                        help="bf16 weights to merge into: the dequantized 4-bit base (as trained) or the checkpoint's")  # fmt: skip
+    parser.add_argument(
+        "--merge-into",
+        choices=("dequantized", "original"),
+        default="dequantized",
+        help="bf16 weights to merge into: the dequantized 4-bit base (as trained) or the checkpoint's",
+    )
     return parser.parse_args(argv)
 
 

@@ -185,8 +185,14 @@ def generate_for_candidates(
         answers = generate_batched(runner, tokenizer, texts, settings)
         seconds = time.perf_counter() - start
         new_tokens = sum(n for _, n in answers)
-        timing.append({"candidate": candidate.name, "seconds": seconds, "new_tokens": new_tokens,
-                       "tokens_per_s": new_tokens / seconds if seconds else float("nan")})  # fmt: skip
+        timing.append(
+            {
+                "candidate": candidate.name,
+                "seconds": seconds,
+                "new_tokens": new_tokens,
+                "tokens_per_s": new_tokens / seconds if seconds else float("nan"),
+            }
+        )
         for prompt, text, (answer, tokens) in zip(prompts, texts, answers, strict=True):
             rows.append(
                 {

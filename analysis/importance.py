@@ -85,9 +85,13 @@ def compute_importance(experiment: Experiment, *, seed: int = 0) -> Importance:
     study, source = load_study(experiment)
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(finished) < MIN_TRIALS:
-        return Importance({}, source, len(finished),
-                          f"{len(finished)} finished trial(s): importance needs at least {MIN_TRIALS} "
-                          "(and more than a handful to mean much); run more trials (search.num_samples)")  # fmt: skip
+        return Importance(
+            {},
+            source,
+            len(finished),
+            f"{len(finished)} finished trial(s): importance needs at least {MIN_TRIALS} "
+            "(and more than a handful to mean much); run more trials (search.num_samples)",
+        )
     try:
         values = optuna.importance.get_param_importances(
             study, evaluator=FanovaImportanceEvaluator(seed=seed)

@@ -54,8 +54,14 @@ def build_comparisons(generations: pd.DataFrame) -> pd.DataFrame:
         first = group.iloc[0]
         reference = first["reference"] if isinstance(first["reference"], str) else None
         for a, b in itertools.permutations(answers, 2):
-            rows.append({"prompt_id": prompt_id, "candidate_a": a, "candidate_b": b,
-                         "judge_prompt": build_judge_prompt(first["question"], reference, answers[a], answers[b])})  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": prompt_id,
+                    "candidate_a": a,
+                    "candidate_b": b,
+                    "judge_prompt": build_judge_prompt(first["question"], reference, answers[a], answers[b]),
+                }
+            )
     return pd.DataFrame(rows, columns=["prompt_id", "candidate_a", "candidate_b", "judge_prompt"])
 
 
@@ -69,8 +75,10 @@ def run_judge(comparisons: pd.DataFrame, judge: Judge) -> pd.DataFrame:
     """The comparisons with the judge's raw reply, the verdict and the winner (None for a tie)."""
     replies = judge(list(comparisons["judge_prompt"])) if len(comparisons) else []
     verdicts = [parse_verdict(r) for r in replies]
-    winners = [a if v == "A" else b if v == "B" else None
-               for a, b, v in zip(comparisons["candidate_a"], comparisons["candidate_b"], verdicts, strict=True)]  # fmt: skip
+    winners = [
+        a if v == "A" else b if v == "B" else None
+        for a, b, v in zip(comparisons["candidate_a"], comparisons["candidate_b"], verdicts, strict=True)
+    ]
     return comparisons.assign(reply=replies, verdict=verdicts, winner=winners)
 
 

@@ -70,8 +70,15 @@ def plot_eval_curves(
         if group.empty:
             continue
         best = trial_id == highlight
-        axis.plot(group["step"], group[METRIC], marker="o", markersize=3, linewidth=2.5 if best else 1.2,
-                  label=f"{trial_id} (#1)" if best else str(trial_id), zorder=3 if best else 2)  # fmt: skip
+        axis.plot(
+            group["step"],
+            group[METRIC],
+            marker="o",
+            markersize=3,
+            linewidth=2.5 if best else 1.2,
+            label=f"{trial_id} (#1)" if best else str(trial_id),
+            zorder=3 if best else 2,
+        )
     if math.isfinite(base_eval_loss):
         axis.axhline(base_eval_loss, color="gray", linestyle="--", linewidth=1, label="base model")
     axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
@@ -229,8 +236,13 @@ def plot_quality(quality: pd.DataFrame) -> Figure:
             low = quality[f"{column}_low"].astype(float).to_numpy()[::-1] * scale
             high = quality[f"{column}_high"].astype(float).to_numpy()[::-1] * scale
             error = np.nan_to_num(np.vstack([values - low, high - values]))
-        axis.barh(names, np.nan_to_num(values), xerr=error, capsize=3,
-                  color=["tab:gray" if n in ("base", MOST_COMMON) else "tab:green" for n in names])  # fmt: skip
+        axis.barh(
+            names,
+            np.nan_to_num(values),
+            xerr=error,
+            capsize=3,
+            color=["tab:gray" if n in ("base", MOST_COMMON) else "tab:green" for n in names],
+        )
         axis.set_xlabel(f"{label} (%)" if scale == 100 else label)
         axis.set_xlim(0, 100)
         axis.grid(alpha=0.3, axis="x")

@@ -120,8 +120,11 @@ def rank_trials(
     finalists = set(table.loc[finalist, "candidate"])
     table["wins"], table["losses"] = 0, 0
     if metric is not None and paired is not None and len(paired):
-        among = paired[(paired["metric"] == metric) & paired["candidate"].isin(finalists)
-                       & paired["other"].isin(finalists)]  # fmt: skip
+        among = paired[
+            (paired["metric"] == metric)
+            & paired["candidate"].isin(finalists)
+            & paired["other"].isin(finalists)
+        ]
         wins = among[among["verdict"] == "better"].groupby("candidate").size()
         losses = among[among["verdict"] == "worse"].groupby("candidate").size()
         table["wins"] = table["candidate"].map(wins).fillna(0).astype(int)
@@ -133,9 +136,12 @@ def rank_trials(
     sort_keys = [f"_{k}" for k in keys]
     for key, column in zip(keys, sort_keys, strict=True):
         first[column] = first[key].where(first["within_tolerance"])
-    first = first.sort_values(["net_wins", "within_tolerance", *sort_keys, BEST_EVAL_LOSS, "candidate"],
-                              ascending=[False, False, *[False] * len(keys), True, True],
-                              na_position="last", kind="stable").drop(columns=sort_keys)  # fmt: skip
+    first = first.sort_values(
+        ["net_wins", "within_tolerance", *sort_keys, BEST_EVAL_LOSS, "candidate"],
+        ascending=[False, False, *[False] * len(keys), True, True],
+        na_position="last",
+        kind="stable",
+    ).drop(columns=sort_keys)
     best_baseline = next((c for c in first["candidate"] if c in baselines), None)
     first = _beat_the_baseline(first, best_baseline, paired, metric)
     second = table[finished & ~finalist].sort_values([BEST_EVAL_LOSS, "candidate"], kind="stable")
@@ -165,9 +171,18 @@ def rank_trials(
     ):
         if name != BASE and name not in quality.index:
             continue
-        row = {"rank": pd.NA, "candidate": name, TRIAL_ID: None, STATUS: status, BEST_EVAL_LOSS: eval_loss,
-               FINAL_EVAL_LOSS: eval_loss, "ranked_by": "", "note": note, "within_tolerance": False,
-               "loss_gap": (eval_loss - best) / abs(best) if finished.any() else math.nan}  # fmt: skip
+        row = {
+            "rank": pd.NA,
+            "candidate": name,
+            TRIAL_ID: None,
+            STATUS: status,
+            BEST_EVAL_LOSS: eval_loss,
+            FINAL_EVAL_LOSS: eval_loss,
+            "ranked_by": "",
+            "note": note,
+            "within_tolerance": False,
+            "loss_gap": (eval_loss - best) / abs(best) if finished.any() else math.nan,
+        }
         if name in quality.index:
             row.update({k: v for k, v in quality.loc[name].items() if k in table.columns})
         contrast.append(row)
@@ -177,10 +192,31 @@ def rank_trials(
         board, paired, metric=metric, against={"vs_baseline": best_baseline, "vs_base": BASE}
     )
     board["best_baseline"] = board["candidate"] == best_baseline
-    front = ["rank", "candidate", STATUS, "ranked_by", *keys, "exact_match", "exact_match_low", "exact_match_high",
-             "exact_match_n", "chrf", "chrf_low", "chrf_high", "chrf_n", "vs_baseline", "vs_baseline_p", "vs_base",
-             "vs_base_p", BEST_EVAL_LOSS, "loss_gap", "within_tolerance", "net_wins",
-             *[h for h in HYPERPARAMETERS if h in board], "note"]  # fmt: skip
+    front = [
+        "rank",
+        "candidate",
+        STATUS,
+        "ranked_by",
+        *keys,
+        "exact_match",
+        "exact_match_low",
+        "exact_match_high",
+        "exact_match_n",
+        "chrf",
+        "chrf_low",
+        "chrf_high",
+        "chrf_n",
+        "vs_baseline",
+        "vs_baseline_p",
+        "vs_base",
+        "vs_base_p",
+        BEST_EVAL_LOSS,
+        "loss_gap",
+        "within_tolerance",
+        "net_wins",
+        *[h for h in HYPERPARAMETERS if h in board],
+        "note",
+    ]
     front = list(dict.fromkeys(c for c in front if c in board))
     return board[front + [c for c in board.columns if c not in front]]
 
@@ -223,7 +259,11 @@ def _add_comparisons(
                 test = rows.loc[candidate]
                 board.loc[index, prefix] = test["verdict"]
                 board.loc[index, [f"{prefix}_delta", f"{prefix}_low", f"{prefix}_high", f"{prefix}_p"]] = [
-                    test["delta"], test["low"], test["high"], test["p_value"]]  # fmt: skip
+                    test["delta"],
+                    test["low"],
+                    test["high"],
+                    test["p_value"],
+                ]
     return board
 
 
@@ -284,23 +324,30 @@ def recommend(board: pd.DataFrame, paired: pd.DataFrame | None, *, rank_by: Sequ
         return rows.iloc[0] if len(rows) else None
 
     def words(row: pd.Series) -> str:
-        return describe_difference(row["delta"], row["low"], row["high"], row["p_value"], row["test"], metric,
-                                   int(row["n"]))  # fmt: skip
+        return describe_difference(
+            row["delta"], row["low"], row["high"], row["p_value"], row["test"], metric, int(row["n"])
+        )
 
     def baseline(trial: str) -> str:
         return f"{DESCRIPTIONS.get(baselines[trial], baselines[trial])} (trial {trial})"
 
     cost = describe_search_cost(trials)
     if not baselines:
-        text = [f"Recommended: trial {name} (#1). The sweep ran no baseline (search.baselines: []), so nothing "
-                f"says what it gained over a default; it cost {cost}."]  # fmt: skip
+        text = [
+            f"Recommended: trial {name} (#1). The sweep ran no baseline (search.baselines: []), so nothing "
+            f"says what it gained over a default; it cost {cost}."
+        ]
     elif best is None:
         statuses = ", ".join(f"{baseline(t)} {_status(board, t)}" for t in baselines)
-        text = [f"Recommended: trial {name} (#1). No baseline finished to compare with ({statuses}); the search "
-                f"cost {cost}."]  # fmt: skip
+        text = [
+            f"Recommended: trial {name} (#1). No baseline finished to compare with ({statuses}); the search "
+            f"cost {cost}."
+        ]
     elif name == best:
-        text = [f"Recommended: the best baseline, {baseline(best)}: no finalist of the search is measurably "
-                "better than it on the held-out prompts."]  # fmt: skip
+        text = [
+            f"Recommended: the best baseline, {baseline(best)}: no finalist of the search is measurably "
+            "better than it on the held-out prompts."
+        ]
         searched = [
             str(c) for c in ranked["candidate"] if c not in baselines and test(str(c), best) is not None
         ]
@@ -308,8 +355,10 @@ def recommend(board: pd.DataFrame, paired: pd.DataFrame | None, *, rank_by: Sequ
             text.append(f"The search's best finalist, trial {searched[0]}, against it: {words(against)}.")
         text.append(f"The search cost {cost} without a measurable gain.")
     elif (against := test(name, best)) is not None:
-        text = [f"Recommended: trial {name} (#1). It beats the best baseline, {baseline(best)}: {words(against)}. "
-                f"The search cost {cost}."]  # fmt: skip
+        text = [
+            f"Recommended: trial {name} (#1). It beats the best baseline, {baseline(best)}: {words(against)}. "
+            f"The search cost {cost}."
+        ]
     else:  # ranked above the best baseline without a test against it: not a finalist of the same prompts
         text = [
             f"Recommended: trial {name} (#1); it has no paired test against the best baseline, {baseline(best)}."

@@ -67,9 +67,20 @@ def render_leaderboard(board: pd.DataFrame, *, rank_by: Sequence[str]) -> str:
     columns = ["rank", "candidate", STATUS, "ranked_by", "exact_match", "chrf"]
     if "judge" in rank_by or "judge_strength" in board:
         columns.append("judge_strength")
-    columns += ["vs_baseline", "vs_base", BEST_EVAL_LOSS, "seeds", "seed_spread", "loss_gap",
-                *[h for h in HYPERPARAMETERS if h in board], STEP, "estimated_memory_gib", GPU_SECONDS,
-                COST_USD, "note"]  # fmt: skip
+    columns += [
+        "vs_baseline",
+        "vs_base",
+        BEST_EVAL_LOSS,
+        "seeds",
+        "seed_spread",
+        "loss_gap",
+        *[h for h in HYPERPARAMETERS if h in board],
+        STEP,
+        "estimated_memory_gib",
+        GPU_SECONDS,
+        COST_USD,
+        "note",
+    ]
     columns = [c for c in columns if c in board]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []
@@ -83,11 +94,19 @@ def render_leaderboard(board: pd.DataFrame, *, rank_by: Sequence[str]) -> str:
             value = row[column]
             if column in ("exact_match", "chrf") and pd.notna(value):
                 n = row.get(f"{column}_n")
-                text = _with_interval(value, row.get(f"{column}_low", math.nan), row.get(f"{column}_high", math.nan),
-                                      percent=column == "exact_match") + (f" ({int(n)})" if pd.notna(n) else "")  # fmt: skip
+                text = _with_interval(
+                    value,
+                    row.get(f"{column}_low", math.nan),
+                    row.get(f"{column}_high", math.nan),
+                    percent=column == "exact_match",
+                ) + (f" ({int(n)})" if pd.notna(n) else "")
             elif column in ("vs_baseline", "vs_base"):
-                text = _verdict(value, row.get(f"{column}_delta", math.nan), row.get(f"{column}_p", math.nan),
-                                percent=row.get("vs_metric") == "exact_match")  # fmt: skip
+                text = _verdict(
+                    value,
+                    row.get(f"{column}_delta", math.nan),
+                    row.get(f"{column}_p", math.nan),
+                    percent=row.get("vs_metric") == "exact_match",
+                )
             elif column == "loss_gap" and pd.notna(value):
                 text = f"{100 * value:+.2f}%"
             elif column == "judge_strength" and pd.notna(value):
@@ -116,11 +135,16 @@ def render_per_task(by_task: pd.DataFrame, candidates: Sequence[str]) -> str:
     )
     rows = []
     for (task, metric), group in by_task.groupby(["task", "metric"], sort=True):
-        cells = {r.candidate: _with_interval(r.mean, r.low, r.high, percent=metric == "exact_match")
-                 for r in group.itertuples()}  # fmt: skip
+        cells = {
+            r.candidate: _with_interval(r.mean, r.low, r.high, percent=metric == "exact_match")
+            for r in group.itertuples()
+        }
         label = "exact match" if metric == "exact_match" else "chrF"
-        rows.append(f"<tr><td>{html.escape(str(task))}</td><td>{label}</td><td class=\"num\">{int(group['n'].max())}</td>"
-                    + "".join(f'<td class="num">{cells.get(c, "")}</td>' for c in shown) + "</tr>")  # fmt: skip
+        rows.append(
+            f'<tr><td>{html.escape(str(task))}</td><td>{label}</td><td class="num">{int(group["n"].max())}</td>'
+            + "".join(f'<td class="num">{cells.get(c, "")}</td>' for c in shown)
+            + "</tr>"
+        )
     return (
         f'<div class="scroll"><table id="task-table"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
@@ -133,8 +157,10 @@ def render_paired(paired: pd.DataFrame, candidates: Sequence[str]) -> str:
         return '<p class="note">No held-out prompt had a reference: nothing to compare.</p>'
     order = {c: i for i, c in enumerate(candidates)}
     table = paired[paired["candidate"].map(order) < paired["other"].map(order)]
-    head = "".join(f"<th>{c}</th>" for c in ("candidate", "other", "score", "difference [95% CI]", "test",
-                                                "p", "prompts", "verdict"))  # fmt: skip
+    head = "".join(
+        f"<th>{c}</th>"
+        for c in ("candidate", "other", "score", "difference [95% CI]", "test", "p", "prompts", "verdict")
+    )
     rows = []
     for r in table.itertuples():
         percent = r.metric == "exact_match"
@@ -158,8 +184,10 @@ def render_generations(scored: pd.DataFrame, candidates: Sequence[str]) -> str:
         label = f"<b>{html.escape(str(prompt_id))}</b>" + (
             f" &middot; {html.escape(first['task'])}" if isinstance(first["task"], str) else ""
         )
-        cells = [f'<td>{label}<br><span class="answer">{html.escape(first["question"])}</span></td>',
-                 f'<td class="answer">{_cell(first["reference"])}</td>']  # fmt: skip
+        cells = [
+            f'<td>{label}<br><span class="answer">{html.escape(first["question"])}</span></td>',
+            f'<td class="answer">{_cell(first["reference"])}</td>',
+        ]
         by_candidate = {r["candidate"]: r for _, r in group.iterrows()}
         for candidate in candidates:
             answer = by_candidate.get(candidate)

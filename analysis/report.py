@@ -109,11 +109,19 @@ def build_prompt_set(experiment: Experiment, settings: ReportSettings) -> Prompt
     try:
         splits = load_splits(data)
     except (DataError, OSError) as err:
-        return PromptSet(build_prompts([], settings.prompts, count=0, system_prompt=data.system_prompt),
-                         f"data unreadable here ({err}); user prompts only", {})  # fmt: skip
+        return PromptSet(
+            build_prompts([], settings.prompts, count=0, system_prompt=data.system_prompt),
+            f"data unreadable here ({err}); user prompts only",
+            {},
+        )
     held_out, source = (splits.test, "test") if splits.test else (splits.eval, "eval")
-    prompts = build_prompts(held_out, settings.prompts, count=settings.eval_prompts, source=source,
-                            system_prompt=data.system_prompt)  # fmt: skip
+    prompts = build_prompts(
+        held_out,
+        settings.prompts,
+        count=settings.eval_prompts,
+        source=source,
+        system_prompt=data.system_prompt,
+    )
     scored = sum(p.source == source for p in prompts)
     note = f"{scored} of the {len(held_out)} prompts of the {source} split"
     if source == "eval":
@@ -138,9 +146,14 @@ def shown_prompt_ids(scored: pd.DataFrame, count: int) -> list[str]:
 
 
 def generate_answers(
-    experiment: Experiment, candidates: Sequence[Candidate], prompts: Sequence[Prompt], settings: ReportSettings,
-    *, device: str, merge_adapters: bool | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    experiment: Experiment,
+    candidates: Sequence[Candidate],
+    prompts: Sequence[Prompt],
+    settings: ReportSettings,
+    *,
+    device: str,
+    merge_adapters: bool | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Load the base model once and let every candidate answer every prompt. `merge_adapters`: each adapter
     merged into a copy of the base (analysis.generate.merged_copy) rather than run beside it; by default on
     the CPU, where the base's layers are plain (dequantized_for_generation), not on a GPU's 4-bit base."""
@@ -162,8 +175,9 @@ def generate_answers(
         model = dequantized_for_generation(model, model_settings)
     torch.set_grad_enabled(False)
     merge = device == "cpu" if merge_adapters is None else merge_adapters
-    return generate_for_candidates(model, tokenizer, prompts, texts, candidates, settings.generation,
-                                   merge_adapters=merge)  # fmt: skip
+    return generate_for_candidates(
+        model, tokenizer, prompts, texts, candidates, settings.generation, merge_adapters=merge
+    )
 
 
 def dequantized_for_generation(model: Any, settings: ModelSettings) -> Any:
@@ -205,20 +219,29 @@ def run_report(
     generations, timing = generate_answers(
         experiment, candidates, prompt_set.prompts, settings, device=device
     )
-    generations = pd.concat([generations, baseline_generations(generations, prompt_set.baseline_answers)],
-                            ignore_index=True)  # fmt: skip
+    generations = pd.concat(
+        [generations, baseline_generations(generations, prompt_set.baseline_answers)], ignore_index=True
+    )
     scored = score_generations(generations)
     quality = summarize_quality(scored)
     paired = compare_candidates(scored, [c.name for c in candidates])
     judgments = None
     if settings.judge:
         judge = load_judge(settings.judge, endpoint_model=settings.judge_model, device=device)
-        judged = scored[scored["prompt_id"].isin(shown_prompt_ids(scored, settings.judge_prompts))
-                        & (scored["candidate"] != MOST_COMMON)]  # fmt: skip
+        judged = scored[
+            scored["prompt_id"].isin(shown_prompt_ids(scored, settings.judge_prompts))
+            & (scored["candidate"] != MOST_COMMON)
+        ]
         judgments = run_judge(build_comparisons(judged), judge)
         quality = quality.join(fit_bradley_terry(judgments, [c.name for c in candidates]))
-    board = rank_trials(results, quality, loss_tolerance=settings.loss_tolerance, rank_by=settings.rank_by,
-                        base_eval_loss=experiment.base_eval_loss, paired=paired)  # fmt: skip
+    board = rank_trials(
+        results,
+        quality,
+        loss_tolerance=settings.loss_tolerance,
+        rank_by=settings.rank_by,
+        base_eval_loss=experiment.base_eval_loss,
+        paired=paired,
+    )
     recommendation = recommend(board, paired, rank_by=settings.rank_by)
     folder = experiment.path
     write_table(board, folder, LEADERBOARD)
@@ -228,14 +251,33 @@ def run_report(
     if judgments is not None:
         write_table(judgments, folder, JUDGMENTS)
     seconds = time.perf_counter() - start
-    page = build_report_page(experiment, board, scored, paired, timing, settings, judgments,
-                             recommendation=recommendation, prompt_note=prompt_set.note, device=device,
-                             seconds=seconds)  # fmt: skip
+    page = build_report_page(
+        experiment,
+        board,
+        scored,
+        paired,
+        timing,
+        settings,
+        judgments,
+        recommendation=recommendation,
+        prompt_note=prompt_set.note,
+        device=device,
+        seconds=seconds,
+    )
     write_file(folder, REPORT_PAGE, page.encode("utf-8"))
     if experiment.uri is not None:
         publish_folder(folder, experiment.uri, names=REPORT_OUTPUTS)
-    return ReportOutputs(folder, board, scored, paired, recommendation, judgments, timing,
-                         time.perf_counter() - start, uri=experiment.uri)  # fmt: skip
+    return ReportOutputs(
+        folder,
+        board,
+        scored,
+        paired,
+        recommendation,
+        judgments,
+        timing,
+        time.perf_counter() - start,
+        uri=experiment.uri,
+    )
 
 
 def build_report_page(
@@ -281,21 +323,34 @@ def build_report_page(
     candidates = list(scored["candidate"].unique())
     figures = {
         "fig-quality": ("Answer quality", figure_to_base64(plot_quality(summarize_quality(scored)))),
-        "fig-curves": ("Eval-loss curves", figure_to_base64(plot_eval_curves(
-            load_histories(experiment), base_eval_loss=experiment.base_eval_loss, highlight=first))),
-        "fig-hyperparameters": ("Hyperparameters against eval loss", figure_to_base64(plot_hyperparameters(results, space=experiment.space))),
-        "fig-parallel": ("Parallel coordinates", figure_to_base64(plot_parallel_coordinates(results, space=experiment.space))),
+        "fig-curves": (
+            "Eval-loss curves",
+            figure_to_base64(
+                plot_eval_curves(
+                    load_histories(experiment), base_eval_loss=experiment.base_eval_loss, highlight=first
+                )
+            ),
+        ),
+        "fig-hyperparameters": (
+            "Hyperparameters against eval loss",
+            figure_to_base64(plot_hyperparameters(results, space=experiment.space)),
+        ),
+        "fig-parallel": (
+            "Parallel coordinates",
+            figure_to_base64(plot_parallel_coordinates(results, space=experiment.space)),
+        ),
         "fig-importance": ("Hyperparameter importance", figure_to_base64(plot_importance(importance))),
-    }  # fmt: skip
+    }
     # Without values the figure itself carries the note; with values, the note says how to read them.
     sections = {
         "Held-out scores per task": '<p class="note">Exact match (%) where it applies, else chrF; 95% bootstrap '
         f"interval in brackets. {MOST_COMMON}: the most common training answer of the task, for every prompt: a "
-        "task it answers well tells little about an adapter.</p>" + render_per_task(quality_by_task(scored), candidates),
+        "task it answers well tells little about an adapter.</p>"
+        + render_per_task(quality_by_task(scored), candidates),
         "Paired tests": '<p class="note">Each finalist against each other and the base model on the same held-out '
         "prompts: the difference in points (exact match: McNemar's exact test; chrF: paired bootstrap), 95% "
         "bootstrap interval, better/worse when p &lt; 0.05.</p>" + render_paired(paired, candidates),
-    }  # fmt: skip
+    }
     if importance.values:
         sections["Importance note"] = f'<p class="note" id="importance-note">{_escape(importance.note)}</p>'
 
@@ -326,19 +381,26 @@ def build_report_page(
     data = experiment.summary.data
     facts = {
         "experiment": experiment.name,
-        "base model": f"{model.name_or_path} ({model.quantization} 4-bit)" if model.quantization != "none" else model.name_or_path,
+        "base model": f"{model.name_or_path} ({model.quantization} 4-bit)"
+        if model.quantization != "none"
+        else model.name_or_path,
         "data": f"{experiment.data_settings.source}: {data.get('train_examples', '?')} train / {data.get('eval_examples', '?')} eval examples",
         "trials": ", ".join(f"{n} {s}" for s, n in results[STATUS].value_counts().items()),
         "held-out prompts": prompt_note,
         "ranking": f"finalists by measurable held-out differences (paired tests, p < 0.05); else within {100 * settings.loss_tolerance:g}% of the best eval loss by {', '.join(settings.rank_by)}; then by eval loss",
         "finalists": f"top {settings.top_k} by eval loss + the baselines; with the base model and the {MOST_COMMON} answers: {', '.join(candidates)}",
         "cost": describe_cost(results),
-    }  # fmt: skip
+    }
     if (seeds := describe_seed_spread(board)) is not None:
         facts["seed re-checks"] = f"ranked by mean best eval loss over seeds. {seeds}"
-    return render_report(title=f"Sweep report: {experiment.name}", facts=facts,
-                         leaderboard_html=render_leaderboard(board, rank_by=settings.rank_by),
-                         figures=figures, sections=sections, recommendation=recommendation)  # fmt: skip
+    return render_report(
+        title=f"Sweep report: {experiment.name}",
+        facts=facts,
+        leaderboard_html=render_leaderboard(board, rank_by=settings.rank_by),
+        figures=figures,
+        sections=sections,
+        recommendation=recommendation,
+    )
 
 
 def _escape(text: str) -> str:
@@ -352,8 +414,24 @@ def format_summary(outputs: ReportOutputs) -> str:
     for column in ("exact_match", "exact_match_low", "exact_match_high"):
         if column in board:
             board[column] = 100 * board[column]  # percent, as on the page
-    shown = [c for c in ("rank", "candidate", STATUS, "exact_match", "exact_match_low", "exact_match_high", "chrf",
-                         "vs_baseline", "vs_baseline_p", "vs_base", "judge_strength", BEST_EVAL_LOSS) if c in board]  # fmt: skip
+    shown = [
+        c
+        for c in (
+            "rank",
+            "candidate",
+            STATUS,
+            "exact_match",
+            "exact_match_low",
+            "exact_match_high",
+            "chrf",
+            "vs_baseline",
+            "vs_baseline_p",
+            "vs_base",
+            "judge_strength",
+            BEST_EVAL_LOSS,
+        )
+        if c in board
+    ]
     lines = [board[shown].head(12).to_string(index=False, float_format=lambda x: f"{x:.4g}"), ""]
     for row in outputs.timing.itertuples():
         lines.append(

@@ -121,8 +121,12 @@ def summarize_quality(scored: pd.DataFrame) -> pd.DataFrame:
         row: dict[str, float] = {}
         for metric in METRICS:
             interval = bootstrap_interval(group[metric].to_numpy(dtype=float))
-            row |= {metric: interval.mean, f"{metric}_low": interval.low, f"{metric}_high": interval.high,
-                    f"{metric}_n": interval.n}  # fmt: skip
+            row |= {
+                metric: interval.mean,
+                f"{metric}_low": interval.low,
+                f"{metric}_high": interval.high,
+                f"{metric}_n": interval.n,
+            }
         rows[candidate] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "candidate"
@@ -180,11 +184,24 @@ def compare_candidates(scored: pd.DataFrame, candidates: Sequence[str]) -> pd.Da
     for metric in METRICS:
         table = scored.pivot_table(index="prompt_id", columns="candidate", values=metric, aggfunc="first")
         for a, b in itertools.permutations([c for c in candidates if c in table.columns], 2):
-            test = paired_test(table[a].to_numpy(dtype=float), table[b].to_numpy(dtype=float),
-                               binary=metric == "exact_match")  # fmt: skip
+            test = paired_test(
+                table[a].to_numpy(dtype=float), table[b].to_numpy(dtype=float), binary=metric == "exact_match"
+            )
             if test.n:
-                rows.append([a, b, metric, test.test, test.delta, test.low, test.high, test.p_value, test.n,
-                             test.verdict])  # fmt: skip
+                rows.append(
+                    [
+                        a,
+                        b,
+                        metric,
+                        test.test,
+                        test.delta,
+                        test.low,
+                        test.high,
+                        test.p_value,
+                        test.n,
+                        test.verdict,
+                    ]
+                )
     return pd.DataFrame(rows, columns=columns)
 
 

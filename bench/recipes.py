@@ -61,25 +61,54 @@ class LlamaShape:
 ShapeName = Literal["7b", "1b", "small", "tiny"]
 SHAPES: dict[ShapeName, LlamaShape] = {
     # Llama-2-7B. No 7B weights can be downloaded where the benchmarks run; random ones train as fast.
-    "7b": LlamaShape(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, max_position_embeddings=4096),
+    "7b": LlamaShape(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    ),
     # TinyLlama-1.1B (Llama-2's architecture and tokenizer size): a 1B-class model for the packing bench.
-    "1b": LlamaShape(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4, max_position_embeddings=2048),
+    "1b": LlamaShape(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    ),
     # Large enough for real GEMM shapes and grouped-query attention, small enough to train 40 steps in
     # seconds: the GPU tests' model, and the benchmark's quick check of itself.
-    "small": LlamaShape(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                        num_key_value_heads=4, max_position_embeddings=1024),
+    "small": LlamaShape(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    ),
     # The tests' tiny model: the whole GPU path of a sweep in a minute.
-    "tiny": LlamaShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=512),
-}  # fmt: skip
+    "tiny": LlamaShape(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    ),
+}
 
 
 def make_checkpoint(
-    path: Path, shape: LlamaShape, *, vocab_size: int | None = None, tokenizer_path: str | None = None,
-    device: str = "cpu", seed: int = 0,
-) -> Path:  # fmt: skip
+    path: Path,
+    shape: LlamaShape,
+    *,
+    vocab_size: int | None = None,
+    tokenizer_path: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> Path:
     """A Llama checkpoint with random weights saved as a hub download leaves one (bf16 safetensors), with
     the tokenizer at `tokenizer_path` (its vocabulary size) or none (`vocab_size`). Kept if it exists."""
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -125,13 +154,24 @@ def build_textbook_model(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map={"": 0})  # fmt: skip
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=dropout, bias="none",
-                      task_type="CAUSAL_LM")  # fmt: skip
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=list(targets),
+        lora_dropout=dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 
@@ -155,13 +195,19 @@ def build_project_model(
     from trainable.model import build_lora_model, load_base_model
     from trainable.settings import Hyperparameters, ModelSettings
 
-    settings = ModelSettings(name_or_path=str(path), gradient_checkpointing=gradient_checkpointing,
-                             cache_quantized=False)  # fmt: skip
+    settings = ModelSettings(
+        name_or_path=str(path), gradient_checkpointing=gradient_checkpointing, cache_quantized=False
+    )
     hparams = Hyperparameters(r=r, lora_alpha=2 * r, target_modules=",".join(targets), lora_dropout=dropout)
     base = load_base_model(str(path), settings, device="cuda")
     model = build_lora_model(base, hparams, gradient_checkpointing=gradient_checkpointing)
-    report = apply_fast_path(model, kernels=kernels, fuse_lora=fuse_lora,
-                             activation_memory_gib=activation_memory_gib, tokens_per_batch=tokens_per_batch)  # fmt: skip
+    report = apply_fast_path(
+        model,
+        kernels=kernels,
+        fuse_lora=fuse_lora,
+        activation_memory_gib=activation_memory_gib,
+        tokens_per_batch=tokens_per_batch,
+    )
     return model, report
 
 

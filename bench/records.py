@@ -11,8 +11,11 @@ from typing import Any
 
 def spread(values: Sequence[float], digits: int = 3) -> dict[str, float]:
     """The median and range of repeated runs (never the best run alone)."""
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits)}  # fmt: skip
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+    }
 
 
 def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:

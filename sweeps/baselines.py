@@ -72,8 +72,13 @@ def model_learning_rate(model_path: str, settings: ModelSettings) -> float:
 
 
 def calibrated_point(learning_rate: float) -> dict[str, Any]:
-    return {"r": 32, "lora_alpha": 32, "target_modules": "all-linear", "learning_rate": learning_rate,
-            "lora_dropout": 0.0}  # fmt: skip
+    return {
+        "r": 32,
+        "lora_alpha": 32,
+        "target_modules": "all-linear",
+        "learning_rate": learning_rate,
+        "lora_dropout": 0.0,
+    }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,8 +63,11 @@ class BudgetSearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict | None:
         if self.spent_s >= self.budget_s:
-            print(f"budget: {self.spent_s / SECONDS_PER_HOUR:.4g} of {self.budget_s / SECONDS_PER_HOUR:.4g} "
-                  "GPU-hours spent; no new trials", flush=True)  # fmt: skip
+            print(
+                f"budget: {self.spent_s / SECONDS_PER_HOUR:.4g} of {self.budget_s / SECONDS_PER_HOUR:.4g} "
+                "GPU-hours spent; no new trials",
+                flush=True,
+            )
             return Searcher.FINISHED  # type: ignore[return-value]  # Ray types suggest() without its str sentinel
         suggestion: dict | None = self.searcher.suggest(trial_id)
         return suggestion

@@ -126,8 +126,11 @@ def describe_shortfall(request: TrialRequest, nodes: tuple[Node, ...]) -> tuple[
     )
     with_gpus = [node for node in nodes if node.gpus >= request.gpus]  # all of them for a CPU trial
     if not with_gpus and most_cpus < request.cpus:
-        return (f"{cpus_key}, {gpus_key}", f"no node has a GPU, nor more than {count(most_cpus, 'CPU')}",
-                f"{gpu_fix}; lower search.cpus_per_trial to {most_cpus:g} or less")  # fmt: skip
+        return (
+            f"{cpus_key}, {gpus_key}",
+            f"no node has a GPU, nor more than {count(most_cpus, 'CPU')}",
+            f"{gpu_fix}; lower search.cpus_per_trial to {most_cpus:g} or less",
+        )
     if not with_gpus:
         return gpus_key, "no node has a GPU", gpu_fix
     room = max(node.cpus for node in with_gpus)  # a trial's CPUs must be on a node with its GPU
@@ -200,8 +203,12 @@ def check_capacity(config: SweepConfig, resources: dict[str, float]) -> None:
     if verdict.action == "refuse":
         raise ConfigError(verdict.message)
     with asking_autoscaler_for(request):
-        wait_for_capacity(request, limit_s=config.search.resource_wait_s, look=lambda: view_cluster(request),
-                          say=lambda line: print(line, flush=True))  # fmt: skip
+        wait_for_capacity(
+            request,
+            limit_s=config.search.resource_wait_s,
+            look=lambda: view_cluster(request),
+            say=lambda line: print(line, flush=True),
+        )
 
 
 @contextlib.contextmanager

@@ -35,8 +35,11 @@ def ray_address() -> str | None:
     try:
         socket.create_connection((host, int(port)), timeout=3).close()
     except OSError:
-        print(f"note: the Ray cluster last started on this machine ({recorded}) does not answer; starting a "
-              "local Ray instead. Set RAY_ADDRESS to use a cluster.", flush=True)  # fmt: skip
+        print(
+            f"note: the Ray cluster last started on this machine ({recorded}) does not answer; starting a "
+            "local Ray instead. Set RAY_ADDRESS to use a cluster.",
+            flush=True,
+        )
         return "local"
     return None
 
@@ -52,8 +55,10 @@ def measure_base_eval_loss(plan: SweepPlan, resources: TrialResources) -> float:
     )
     start = time.perf_counter()
     loss = float(ray.get(task.remote(plan.trial)))
-    print(f"base model: eval loss {loss:.4f} (measured once for the sweep, {time.perf_counter() - start:.0f} s)",
-          flush=True)  # fmt: skip
+    print(
+        f"base model: eval loss {loss:.4f} (measured once for the sweep, {time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
     return loss
 
 

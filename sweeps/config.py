@@ -192,10 +192,16 @@ def validate_config(
     their form only."""
     search_data = data.get("search")
     if isinstance(search_data, dict) and "start_with_qlora_recipe" in search_data:
-        raise ConfigError(format_problems(origin, [
-            "search.start_with_qlora_recipe: replaced by search.baselines, the trials a sweep has to beat "
-            f"(default [{', '.join(BASELINES)}]); write search.baselines=[qlora] for the QLoRA recipe alone, "
-            "search.baselines=[] for none"]))  # fmt: skip
+        raise ConfigError(
+            format_problems(
+                origin,
+                [
+                    "search.start_with_qlora_recipe: replaced by search.baselines, the trials a sweep has to beat "
+                    f"(default [{', '.join(BASELINES)}]); write search.baselines=[qlora] for the QLoRA recipe alone, "
+                    "search.baselines=[] for none"
+                ],
+            )
+        )
     try:
         config = TypeAdapter(SweepConfig).validate_python(data)
     except ValidationError as err:
@@ -239,10 +245,11 @@ def validate_config(
                 continue  # not known yet, relative to what is not known yet, or a problem said above
             elif not dimensions[name].contains(value):
                 problems.append(
-                    f"{key}: {value!r} lies outside search.space.{name}" if name in given else
-                    f"{key}: left out, so lora.{name} ({value!r}), which lies outside search.space.{name}; "
+                    f"{key}: {value!r} lies outside search.space.{name}"
+                    if name in given
+                    else f"{key}: left out, so lora.{name} ({value!r}), which lies outside search.space.{name}; "
                     f"give {name} in the point or set lora.{name}"
-                )  # fmt: skip
+                )
             else:
                 problems += [f"{key}: {p}" for p in check_value(name, value)]
     if len(points) > config.search.num_samples:

@@ -72,5 +72,7 @@ def describe_resources(resources: TrialResources) -> str:
 
 def describe_rechecks(points: list[dict[str, Any]], search: SearchSettings) -> str:
     configurations = len(points) // search.recheck_seeds
-    return (f"rechecks: {len(points)} trial(s), {search.recheck_seeds} new seed(s) for each of the best "
-            f"{configurations} configuration(s)")  # fmt: skip
+    return (
+        f"rechecks: {len(points)} trial(s), {search.recheck_seeds} new seed(s) for each of the best "
+        f"{configurations} configuration(s)"
+    )

@@ -63,9 +63,10 @@ def plan_sweep(config: SweepConfig, *, faults: tuple[Fault, ...] = ()) -> SweepP
     except ValueError as err:
         raise ConfigError(str(err)) from None
     config = validate_config(
-        dataclasses.asdict(config), origin=f"config (learning rate calibrated to {calibrated_lr:.3g})",
+        dataclasses.asdict(config),
+        origin=f"config (learning rate calibrated to {calibrated_lr:.3g})",
         calibrated_lr=calibrated_lr,
-    )  # fmt: skip
+    )
     points = config.starting_points(calibrated_lr)
     available = load_module_names(model_path, config.model)
     check_target_modules(config, available, points)

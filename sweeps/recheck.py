@@ -22,7 +22,7 @@ the same configurations from the same finished search. The Optuna study holds th
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -32,6 +32,9 @@ from sweeps.config import SweepConfig
 from sweeps.search import build_run_config
 from trainable.outcome import METRIC, MODE, SEED_KEY
 from trainable.schema import BEST_EVAL_LOSS, TRIAL_ID, usable
+
+if TYPE_CHECKING:
+    from ray.tune import Callback, Tuner
 
 # A re-check's trial config names the trial whose configuration it trains again (results' config_id).
 RECHECK_OF = "recheck_of"
@@ -77,11 +80,11 @@ def build_recheck_tuner(
     experiment_uri: str,
     concurrency: int,
     reuse_workers: bool,
-    callbacks: list[Any],
+    callbacks: list[Callback],
     max_failures: int,
     resume: bool,
     verbosity: int = 1,
-) -> Any:  # ray.tune.Tuner
+) -> Tuner:
     """The Tuner of the re-checks, in the experiment's `rechecks/` subfolder; restored from there when
     resuming and their run had started, else new."""
     from ray import tune

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -28,6 +28,9 @@ from trainable.schema import (
 )
 from trainable.settings import HYPERPARAMETERS
 
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid
+
 
 def storage_location(path: str, storage_uri: str) -> str:
     """A path Tune gives (inside the storage's filesystem, without its scheme) as the storage names it:
@@ -38,7 +41,7 @@ def storage_location(path: str, storage_uri: str) -> str:
 
 
 def collect_results(
-    grid: Any, config: SweepConfig, points: list[StartingPoint], *, rechecks: Any = None
+    grid: ResultGrid, config: SweepConfig, points: list[StartingPoint], *, rechecks: ResultGrid | None = None
 ) -> pd.DataFrame:
     """One row per trial of a Tune ResultGrid, and of the seed re-checks' grid when given (sweeps.recheck):
     hyperparameters, seed, metrics, adapter path, status, origin (a baseline, one of the initial `points`,
@@ -47,11 +50,11 @@ def collect_results(
     from ray.tune.result import TIME_TOTAL_S, TRIAL_ID
 
     storage = config.storage_uri()
-    results = list(grid)  # in the order Tune created the trials, also after a resume
-    claimed = claim_points([r.config for r in results], [p.values for p in points])
+    results = [grid[i] for i in range(len(grid))]  # in the order Tune created the trials, also after a resume
+    claimed = claim_points([r.config or {} for r in results], [p.values for p in points])
     starts: list[StartingPoint | None] = [points[i] if i is not None else None for i in claimed]
     if rechecks is not None:
-        results += list(rechecks)
+        results += [rechecks[i] for i in range(len(rechecks))]
     rows = []
     for index, result in enumerate(results):
         start = starts[index] if index < len(starts) else None
@@ -59,7 +62,7 @@ def collect_results(
         history = result.metrics_dataframe
         if history is not None and STEP in history:  # a report a restarted trial sent again: once
             history = history.drop_duplicates(STEP, keep="last")
-        metrics = result.metrics or {}
+        metrics, trial_config = result.metrics or {}, result.config or {}
         last = TrialReport.from_tune(metrics)
         losses = (
             history[METRIC].dropna()
@@ -69,7 +72,7 @@ def collect_results(
         losses = losses[losses.map(math.isfinite)]  # a skipped_oom trial's infinite loss is for TPE only
         best_loss = float(losses.min()) if len(losses) else math.nan
         best = result.get_best_checkpoint(METRIC, MODE) if len(losses) else None
-        searched = {name: result.config[name] for name in HYPERPARAMETERS if name in result.config}
+        searched = {name: trial_config[name] for name in HYPERPARAMETERS if name in trial_config}
         wall_time = float(metrics.get(TIME_TOTAL_S, math.nan))
         trial_id = str(metrics.get(TRIAL_ID) or result.path.rstrip("/").rsplit("/", 1)[-1])
         spent = gpu_seconds(wall_time, last.gpu_share)
@@ -84,8 +87,8 @@ def collect_results(
                 ),
                 origin=origin,
                 baseline=start.baseline if start else "",
-                config_id=str(result.config.get(RECHECK_OF, trial_id)),
-                seed=int(result.config.get(SEED_KEY, config.train.seed)),
+                config_id=str(trial_config.get(RECHECK_OF, trial_id)),
+                seed=int(trial_config.get(SEED_KEY, config.train.seed)),
                 hparams=dataclasses.replace(config.lora, **searched),
                 best_eval_loss=best_loss,
                 final_eval_loss=float(losses.iloc[-1]) if len(losses) else math.nan,
@@ -108,8 +111,17 @@ def format_results(table: pd.DataFrame, path: str, *, top: int = 10) -> str:  # 
     """The results table as the driver prints it at the end: the best `top` trials and where they are."""
     if table.empty:
         return f"no trials ran; {path}"
-    columns = [RANK, STATUS, *HYPERPARAMETERS[:5], BEST_EVAL_LOSS, BASE_EVAL_LOSS, STEP, "tokens_per_s",
-               "estimated_memory_gib", GPU_SECONDS]  # fmt: skip
+    columns = [
+        RANK,
+        STATUS,
+        *HYPERPARAMETERS[:5],
+        BEST_EVAL_LOSS,
+        BASE_EVAL_LOSS,
+        STEP,
+        "tokens_per_s",
+        "estimated_memory_gib",
+        GPU_SECONDS,
+    ]
     shown = table[columns].head(top).to_string(index=False, float_format=lambda x: f"{x:.4g}")
     best = table.iloc[0]
     return (

@@ -158,13 +158,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument(
-        "--quiet", dest="verbosity", action="store_const", const=0, default=1,
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const=0,
+        default=1,
         help="no progress table: the plan, one line per trial evaluation, the summary",
-    )  # fmt: skip
+    )
     loudness.add_argument(
-        "--verbose", dest="verbosity", action="store_const", const=2,
+        "--verbose",
+        dest="verbosity",
+        action="store_const",
+        const=2,
         help="also Tune's box for every trial's start and results",
-    )  # fmt: skip
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
     return parser.parse_args(argv)
 

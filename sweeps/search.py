@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
@@ -27,10 +27,15 @@ from sweeps.space import to_tune_space
 from sweeps.study import StudyMirror
 from trainable.outcome import METRIC, MODE
 
+if TYPE_CHECKING:
+    from ray.tune import Callback, RunConfig, Tuner
+    from ray.tune.search import Searcher
+    from ray.tune.search.optuna import OptunaSearch
+
 
 def build_tuner(
     plan: SweepPlan, trainable: Any, resources: TrialResources, *, resume: bool = False, verbosity: int = 1
-) -> Any:  # ray.tune.Tuner
+) -> Tuner:
     """The search's Tuner, or on `resume` the interrupted one restored from the experiment's run state."""
     from ray import tune
 
@@ -51,7 +56,7 @@ def build_tuner(
         # the searcher is restored from the experiment's state, the RDB study only gains the trials that end.
         # Killed before the run state was first saved, nothing ran: the sweep starts anew below.
         return tune.Tuner.restore(plan.experiment_uri, trainable, resume_unfinished=True, resume_errored=True)
-    searcher = build_searcher(search, [p.values for p in plan.points])
+    searcher: Searcher = build_searcher(search, [p.values for p in plan.points])
     if search.budget_gpu_hours is not None:
         searcher = BudgetSearcher(
             searcher, budget_gpu_hours=search.budget_gpu_hours, gpu_share=resources.gpu_share
@@ -83,8 +88,8 @@ def build_tuner(
 
 
 def build_run_config(
-    *, name: str, storage: str, callbacks: list[Any], max_failures: int, verbosity: int
-) -> Any:  # ray.tune.RunConfig
+    *, name: str, storage: str, callbacks: list[Callback], max_failures: int, verbosity: int
+) -> RunConfig:
     """Where a Tune experiment lives and what it keeps: the search's (sweeps.run) and the seed re-checks'
     (sweeps.recheck) alike."""
     from ray import tune
@@ -108,7 +113,7 @@ def build_run_config(
     )
 
 
-def build_searcher(search: SearchSettings, points: list[dict[str, Any]]) -> Any:  # OptunaSearch
+def build_searcher(search: SearchSettings, points: list[dict[str, Any]]) -> OptunaSearch:
     """Optuna's TPE behind Tune's OptunaSearch: `points` first (the recipe, initial points), random trials
     until search.startup_trials have finished, then TPE. Tune gives it the space, metric and mode
     (Tuner's param_space and TuneConfig; by hand: `set_search_properties(METRIC, MODE, to_tune_space(...))`)."""
@@ -151,7 +156,7 @@ def build_searcher(search: SearchSettings, points: list[dict[str, Any]]) -> Any:
 
 def build_scheduler(
     search: SearchSettings, *, reports: int, baselines: Sequence[Mapping[str, Any]] = ()
-) -> Any:  # ASHAScheduler | None
+) -> ASHAWithBaselines | None:
     """ASHA over the trials' `reports` evaluations, never stopping the trials of `baselines` (the
     configurations of sweeps.baselines), or None when search.scheduler says none (or "auto" with a single
     trial, where there is nothing to compare)."""
@@ -195,9 +200,9 @@ class ASHAWithBaselines(ASHAScheduler):  # type: ignore[misc]  # Ray's classes a
         return action
 
 
-def build_loggers(names: Sequence[str]) -> list[Any]:
+def build_loggers(names: Sequence[str]) -> list[Callback]:
     """Tune's logger callbacks for search.loggers: TensorBoard, MLflow, Weights & Biases."""
-    callbacks: list[Any] = []
+    callbacks: list[Callback] = []
     if "tensorboard" in names:
         from ray.tune.logger import TBXLoggerCallback
 

@@ -60,15 +60,19 @@ def resolve_space(space: dict[str, Any], calibrated_lr: float | None) -> tuple[d
             resolved[name] = spec  # no relative bound (check_space says what else may be wrong with it)
             continue
         if name != "learning_rate" or kind not in ("uniform", "loguniform"):
-            problems.append(f"search.space.{name}.{kind}: {values!r}: only learning_rate's uniform or "
-                            "loguniform bounds may be written relative to the calibrated rate")  # fmt: skip
+            problems.append(
+                f"search.space.{name}.{kind}: {values!r}: only learning_rate's uniform or "
+                "loguniform bounds may be written relative to the calibrated rate"
+            )
             continue
         bounds = []
         for value in values:
             match = _RELATIVE.match(value) if isinstance(value, str) else None
             if isinstance(value, str) and match is None:
-                problems.append(f"search.space.{name}.{kind}: {value!r} is not a number, 'calibrated', or "
-                                "'calibrated * N' / 'calibrated / N'")  # fmt: skip
+                problems.append(
+                    f"search.space.{name}.{kind}: {value!r} is not a number, 'calibrated', or "
+                    "'calibrated * N' / 'calibrated / N'"
+                )
             elif match is None or calibrated_lr is None:
                 bounds.append(value)
             else:

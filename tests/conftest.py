@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from trainable.outcome import TrialReport
 from trainable.schema import SweepSummary, TrialResult
@@ -30,21 +31,53 @@ def trial_result(trial_id: str, best_eval_loss: float = 1.0, **fields: object) -
     `fields` (TrialResult's, or `r`, `learning_rate`, ... for its hyperparameters) set."""
     hparams = {k: fields.pop(k) for k in list(fields) if k in Hyperparameters.__dataclass_fields__}
     values: dict[str, object] = dict(
-        trial_id=trial_id, status="completed", origin="search", config_id=trial_id, seed=42,
-        hparams=Hyperparameters(**hparams), best_eval_loss=best_eval_loss, final_eval_loss=best_eval_loss,
-        eval_history=[best_eval_loss], wall_time_s=10.0, gpu_seconds=0.0, cost_usd=math.nan,
-        adapter_path=None, trial_path=f"/nowhere/{trial_id}", error=None, last=TrialReport(step=4),
-    )  # fmt: skip
+        trial_id=trial_id,
+        status="completed",
+        origin="search",
+        config_id=trial_id,
+        seed=42,
+        hparams=Hyperparameters(**hparams),
+        best_eval_loss=best_eval_loss,
+        final_eval_loss=best_eval_loss,
+        eval_history=[best_eval_loss],
+        wall_time_s=10.0,
+        gpu_seconds=0.0,
+        cost_usd=math.nan,
+        adapter_path=None,
+        trial_path=f"/nowhere/{trial_id}",
+        error=None,
+        last=TrialReport(step=4),
+    )
     values.update(fields)
     return TrialResult(**values)  # type: ignore[arg-type]
 
 
 def sweep_summary(config: dict[str, object] | None = None, **fields: object) -> SweepSummary:
     """A sweep.json for tests of the analysis: `config` as recorded, the rest made up unless given."""
-    values: dict[str, object] = dict(config=config or {}, fingerprint={}, model_path="", chat_template="",
-                                     linear_modules=[], data={}, environment={})  # fmt: skip
+    values: dict[str, object] = dict(
+        config=config or {},
+        fingerprint={},
+        model_path="",
+        chat_template="",
+        linear_modules=[],
+        data={},
+        environment={},
+    )
     values.update(fields)
     return SweepSummary(**values)  # type: ignore[arg-type]
+
+
+def bad_config(tmp_path: Path, tiny_llama: Path) -> Path:
+    """A config that runs on the tiny model, for the override under test to break."""
+    config = {
+        "name": "bad",
+        "storage_path": str(tmp_path / "experiments"),
+        "model": {"name_or_path": str(tiny_llama)},
+        "search": {"initial_points": [], "baselines": []},
+    }
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def assert_resumed_from_checkpoints(progress: pd.DataFrame, history: pd.DataFrame, *, max_steps: int) -> None:

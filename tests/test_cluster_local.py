@@ -39,9 +39,13 @@ DOCS = REPO_ROOT / "docs" / "cluster.md"
 NODE_KEYS = {"provider", "available_node_types", "head_node_type"}
 # Ray's AWS defaults, which cluster.local.yaml must spell out because an external provider gets none.
 AWS_DEFAULT_KEYS = {
-    "head_setup_commands", "worker_setup_commands", "cluster_synced_files", "file_mounts_sync_continuously",
-    "upscaling_speed", "docker",
-}  # fmt: skip
+    "head_setup_commands",
+    "worker_setup_commands",
+    "cluster_synced_files",
+    "file_mounts_sync_continuously",
+    "upscaling_speed",
+    "docker",
+}
 # The head's ports in cluster.yaml's start command, and the dashboard's default that docs/cluster.md uses.
 HEAD_PORTS = (6379, 8076, 8265)
 DASHBOARD = "http://127.0.0.1:8265"
@@ -66,9 +70,16 @@ def test_local_cluster_differs_only_in_its_nodes() -> None:
     assert aws_launched.keys() == local_launched.keys()
     shared = aws_launched.keys() - NODE_KEYS - {"auth"}
     for key in (
-        "setup_commands", "head_setup_commands", "worker_setup_commands", "initialization_commands",
-        "file_mounts", "rsync_exclude", "rsync_filter", "head_start_ray_commands", "worker_start_ray_commands",
-    ):  # fmt: skip
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "initialization_commands",
+        "file_mounts",
+        "rsync_exclude",
+        "rsync_filter",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         assert key in shared, key
     for key in shared:
         assert aws_launched[key] == local_launched[key], f"{key} differs once Ray's defaults are merged"
@@ -185,8 +196,14 @@ def test_docs_submit_runs_trials_on_autoscaled_fake_gpu_workers(
         f"RAY_NODE_TYPE_NAME={FAKE_HEAD_NODE_TYPE}; {start} --node-ip-address=127.0.0.1 --block"
     )
     head_log = (home / "head.log").open("w")
-    head = subprocess.Popen(["bash", "-c", up], env=env, cwd=home, stdout=head_log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    head = subprocess.Popen(
+        ["bash", "-c", up],
+        env=env,
+        cwd=home,
+        stdout=head_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while run(f"ray job list --address {DASHBOARD}", {**env, "RAY_AUTH_MODE": "token"}, 60).returncode:
@@ -203,12 +220,18 @@ def test_docs_submit_runs_trials_on_autoscaled_fake_gpu_workers(
             "data": {"max_length": 128, "max_train_examples": 64, "max_eval_examples": 4},
             "train": {"max_steps": 6, "batch_size": 4, "eval_every": 2},
             "lora": {"target_modules": "qv"},
-            "search": {"num_samples": 2, "cpus_per_trial": 1, "gpus_per_trial": 1, "scheduler": "none",
-                       # The workers the autoscaler may start, as llama2-7b.yaml caps at cluster.yaml's 8.
-                       "max_concurrent_trials": 2,
-                       "baselines": [], "space": {"r": {"choice": [4, 8]}}},
+            "search": {
+                "num_samples": 2,
+                "cpus_per_trial": 1,
+                "gpus_per_trial": 1,
+                "scheduler": "none",
+                # The workers the autoscaler may start, as llama2-7b.yaml caps at cluster.yaml's 8.
+                "max_concurrent_trials": 2,
+                "baselines": [],
+                "space": {"r": {"choice": [4, 8]}},
+            },
             "report": {"top_k": 1, "eval_prompts": 2, "prompts": ["Hi"], "generation": {"max_new_tokens": 4}},
-        }  # fmt: skip
+        }
         config_path = home / "tiny.yaml"
         config_path.write_text(yaml.safe_dump(config))
         submit = docs_submit_script().replace(

@@ -68,9 +68,17 @@ _FORMAT_COLUMNS = {
     "text": ("text",),
 }
 _COLUMN_NAMES = (
-    "instruction", "input", "output", "messages", "conversations", "prompt", "completion", "text", "tools",
+    "instruction",
+    "input",
+    "output",
+    "messages",
+    "conversations",
+    "prompt",
+    "completion",
+    "text",
+    "tools",
     "system",
-)  # fmt: skip
+)
 
 # How a conversation with tools is rendered for a chat template that does not take tools (SmolLM2's, the
 # Alpaca default): the tools' JSON schemas appended to the system message under this header, each tool call
@@ -468,8 +476,12 @@ def template_takes_tools(template: str) -> bool:
 
 def render_fallback_turn(message: Message) -> str:
     """An assistant turn's text in FALLBACK_LAYOUT: its content, then each tool call as a JSON line."""
-    calls = [json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
-                        ensure_ascii=False) for c in message.get("tool_calls", [])]  # fmt: skip
+    calls = [
+        json.dumps(
+            {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False
+        )
+        for c in message.get("tool_calls", [])
+    ]
     return "\n".join(([message["content"]] if message["content"] else []) + calls)
 
 
@@ -518,9 +530,12 @@ def _renderer(example: Example, tokenizer: Any, template: str) -> tuple[list[Mes
                 m["content"] + (eos if m["role"] == "assistant" else "") for m in messages[:count]
             )
         return tokenizer.apply_chat_template(
-            messages[:count], tools=tools, chat_template=template, tokenize=False,
+            messages[:count],
+            tools=tools,
+            chat_template=template,
+            tokenize=False,
             add_generation_prompt=generation_prompt,
-        )  # fmt: skip
+        )
 
     return messages, render
 

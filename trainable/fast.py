@@ -144,8 +144,11 @@ def activation_bytes_per_token(config: Any, *, dropout: bool) -> int:
 def uncheckpoint_layers(base: Any, *, budget_gib: float, tokens_per_batch: int) -> int:
     """Leave the last decoder layers unchecked (their forward is kept, not recomputed in the backward) as
     far as their activations at `tokens_per_batch` fit into `budget_gib`; returns how many."""
-    layers = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)
-              and type(m).__name__.endswith("DecoderLayer")]  # fmt: skip
+    layers = [
+        m
+        for m in base.modules()
+        if getattr(m, "gradient_checkpointing", False) and type(m).__name__.endswith("DecoderLayer")
+    ]
     dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in base.modules())
     per_layer = activation_bytes_per_token(base.config, dropout=dropout) * tokens_per_batch
     count = min(len(layers), int(budget_gib * 2**30 // max(1, per_layer)))
@@ -191,8 +194,9 @@ def _liger() -> types.SimpleNamespace | None:
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
     except ImportError:
         return None
-    return types.SimpleNamespace(rms_norm=LigerRMSNormFunction, silu_mul=LigerSiLUMulFunction,
-                                 rope=liger_rotary_pos_emb)  # fmt: skip
+    return types.SimpleNamespace(
+        rms_norm=LigerRMSNormFunction, silu_mul=LigerSiLUMulFunction, rope=liger_rotary_pos_emb
+    )
 
 
 @functools.cache
@@ -221,21 +225,43 @@ def register_attention() -> None:
     AttentionInterface.register(ATTENTION_NAME, attention_interface)
 
 
-def attention_interface(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        attention_mask: torch.Tensor | None, *, scaling: float | None = None,
-                        dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+def attention_interface(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: (batch, heads, tokens, head_dim) in, (batch, tokens,
     heads, head_dim) out."""
     if dropout:
         raise ValueError("the fast path does not implement attention dropout")
-    out = attend(query, key, value, attention_mask, scaling=scaling, cu_seq_lens=kwargs.get("cu_seq_lens_q"),
-                 max_length=kwargs.get("max_length_q"))  # fmt: skip
+    out = attend(
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=scaling,
+        cu_seq_lens=kwargs.get("cu_seq_lens_q"),
+        max_length=kwargs.get("max_length_q"),
+    )
     return out, None
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-           *, scaling: float | None, cu_seq_lens: torch.Tensor | None = None,
-           max_length: int | None = None) -> torch.Tensor:  # fmt: skip
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    scaling: float | None,
+    cu_seq_lens: torch.Tensor | None = None,
+    max_length: int | None = None,
+) -> torch.Tensor:
     """Causal attention; with `cu_seq_lens` (a packed batch of one row), within each example only.
     Shapes: query (batch, heads, tokens, head_dim), key/value (batch, kv_heads, tokens, head_dim);
     returns (batch, tokens, heads, head_dim)."""
@@ -279,8 +305,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attentio
     if attention_mask is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=tokens > 1, scale=scaling)
     else:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=_sdpa_mask(attention_mask, tokens,
-                                             key.shape[2]), scale=scaling)  # fmt: skip
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=_sdpa_mask(attention_mask, tokens, key.shape[2]), scale=scaling
+        )
     return out.transpose(1, 2)
 
 
@@ -307,15 +334,22 @@ def _diagonal(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------------------- module forwards
 
 
-def _attention_forward(self: Any, original: Any, hidden_states: torch.Tensor,
-                       position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       attention_mask: torch.Tensor | None = None, *, liger: Any = None,
-                       **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+def _attention_forward(
+    self: Any,
+    original: Any,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    liger: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """Llama attention with RoPE from Liger (when present) and `attend` (varlen for packed batches)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None or position_embeddings is None:
-        return original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                        **kwargs)  # fmt: skip
+        return original(
+            hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
+        )
     batch, tokens, _ = hidden_states.shape
     head_dim = self.head_dim
     query = self.q_proj(hidden_states).view(batch, tokens, -1, head_dim).transpose(1, 2)
@@ -326,8 +360,15 @@ def _attention_forward(self: Any, original: Any, hidden_states: torch.Tensor,
         query, key = liger.rope(query, key, cos, sin)
     else:
         query, key = _rope(query, key, cos, sin)
-    out = attend(query, key, value, attention_mask, scaling=self.scaling, cu_seq_lens=kwargs.get("cu_seq_lens_q"),
-                 max_length=kwargs.get("max_length_q"))  # fmt: skip
+    out = attend(
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=self.scaling,
+        cu_seq_lens=kwargs.get("cu_seq_lens_q"),
+        max_length=kwargs.get("max_length_q"),
+    )
     return self.o_proj(out.reshape(batch, tokens, -1)), None
 
 
@@ -469,8 +510,15 @@ class LoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, x_drop: torch.Tensor | None, weight: Any, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        x_drop: torch.Tensor | None,
+        weight: Any,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         d2 = x2 if x_drop is None else x_drop.reshape(-1, x.shape[-1])

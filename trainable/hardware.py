@@ -71,8 +71,15 @@ def describe_cpu() -> dict[str, object]:
 
 # The libraries whose versions decide a sweep's numbers (kernels, defaults, schedulers, samplers).
 RECORDED_PACKAGES = (
-    "torch", "transformers", "peft", "bitsandbytes", "trl", "ray", "optuna", "qlora-sweeps",
-)  # fmt: skip
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "trl",
+    "ray",
+    "optuna",
+    "qlora-sweeps",
+)
 
 
 def describe_environment(compute_dtype: Literal["auto"] | ComputeDtype) -> dict[str, object]:
@@ -115,8 +122,10 @@ def project_commit() -> str | None:
             return None
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

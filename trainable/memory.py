@@ -82,8 +82,10 @@ class ModelShape:
         )
         missing = [key for key in required if not isinstance(config.get(key), int)]
         if missing:
-            raise ValueError(f"{source}: {', '.join(missing)} missing or not an integer; the memory estimate "
-                             f"needs a Llama-style decoder config with {', '.join(required)}")  # fmt: skip
+            raise ValueError(
+                f"{source}: {', '.join(missing)} missing or not an integer; the memory estimate "
+                f"needs a Llama-style decoder config with {', '.join(required)}"
+            )
         heads = config["num_attention_heads"]
         return cls(
             hidden_size=config["hidden_size"],
@@ -101,8 +103,15 @@ class ModelShape:
         """(in_features, out_features) of a decoder layer's linear layer `name`."""
         d, ff = self.hidden_size, self.intermediate_size
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-                  "gate_proj": (d, ff), "up_proj": (d, ff), "down_proj": (ff, d)}  # fmt: skip
+        shapes = {
+            "q_proj": (d, q),
+            "k_proj": (d, kv),
+            "v_proj": (d, kv),
+            "o_proj": (q, d),
+            "gate_proj": (d, ff),
+            "up_proj": (d, ff),
+            "down_proj": (ff, d),
+        }
         if name not in shapes:
             raise ValueError(
                 f"target module {name!r}: the memory estimate knows {', '.join(LLAMA_PROJECTIONS)}"
@@ -172,8 +181,16 @@ class MemoryEstimate:
 
     @property
     def allocated_gib(self) -> float:
-        return (self.base_weights + self.dequant_scales + self.embeddings + self.lora + self.optimizer_states
-                + self.checkpointed_inputs + self.backward + self.workspace)  # fmt: skip
+        return (
+            self.base_weights
+            + self.dequant_scales
+            + self.embeddings
+            + self.lora
+            + self.optimizer_states
+            + self.checkpointed_inputs
+            + self.backward
+            + self.workspace
+        )
 
     @property
     def total_gib(self) -> float:
@@ -190,8 +207,10 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     plus the backward's peak."""
     m, tokens = inputs.model, inputs.tokens
     if inputs.r < 1 or inputs.batch_size < 1 or inputs.longest < 1 or tokens < 1:
-        raise ValueError(f"r, batch_size, longest and the batch's tokens must be positive, got r={inputs.r}, "
-                         f"batch_size={inputs.batch_size}, longest={inputs.longest}, tokens={tokens}")  # fmt: skip
+        raise ValueError(
+            f"r, batch_size, longest and the batch's tokens must be positive, got r={inputs.r}, "
+            f"batch_size={inputs.batch_size}, longest={inputs.longest}, tokens={tokens}"
+        )
     targets = tuple(dict.fromkeys(inputs.target_modules))
     if not targets:
         raise ValueError("target_modules: no names; LoRA needs at least one projection to adapt")
@@ -245,8 +264,9 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     # Activations. A checkpointed layer keeps only its input (tokens x hidden); an unchecked one keeps what
     # its backward reads (fast.activation_bytes_per_token), plus every LoRA layer's dropout output.
     dropout = inputs.lora_dropout > 0
-    per_token = activation_bytes_per_token(m, dropout=False) + (_dropout_bytes_per_token(m, targets, act)
-                                                                if dropout else 0)  # fmt: skip
+    per_token = activation_bytes_per_token(m, dropout=False) + (
+        _dropout_bytes_per_token(m, targets, act) if dropout else 0
+    )
     unchecked = layers if not inputs.gradient_checkpointing else _unchecked_layer_count(inputs, dropout)
     checkpointed = layers - unchecked
     checkpointed_inputs = checkpointed * tokens * m.hidden_size * act
@@ -299,8 +319,9 @@ def fits(estimate: MemoryEstimate, *, card_gib: float, share: float = 1.0) -> bo
     """Whether a trial fits in `share` (0-1] of a card of `card_gib`: several trials sharing a GPU each
     bring their own CUDA context, paged states and allocator slack, so the whole estimate is compared."""
     if not 0 < share <= 1 or card_gib <= 0:
-        raise ValueError(f"fits: share must be in (0, 1] and card_gib positive, got share={share}, "
-                         f"card_gib={card_gib}")  # fmt: skip
+        raise ValueError(
+            f"fits: share must be in (0, 1] and card_gib positive, got share={share}, card_gib={card_gib}"
+        )
     return estimate.total_gib <= card_gib * share
 
 
@@ -308,8 +329,10 @@ def largest_batch_tokens(lengths: Sequence[int], batch_size: int) -> int:
     """The most real tokens a padding-free batch of `batch_size` examples can hold: the longest examples'
     sum (an upper bound for any shuffle)."""
     if batch_size < 1 or not lengths:
-        raise ValueError(f"largest_batch_tokens: need examples and batch_size >= 1, got {len(lengths)} "
-                         f"examples and batch_size={batch_size}")  # fmt: skip
+        raise ValueError(
+            f"largest_batch_tokens: need examples and batch_size >= 1, got {len(lengths)} "
+            f"examples and batch_size={batch_size}"
+        )
     return sum(sorted(lengths, reverse=True)[:batch_size])
 
 

@@ -125,7 +125,9 @@ def check_model_source(name_or_path: str, *, revision: str | None = None) -> Non
                 f"{key} is a LoRA adapter folder, not a base model; point model.name_or_path at the base model "
                 "(adapter_config.json names it as base_model_name_or_path)"
             )
-        raise ModelError(f"{key} is a folder without config.json, so not a model; point it at the folder that holds config.json and the weights")  # fmt: skip
+        raise ModelError(
+            f"{key} is a folder without config.json, so not a model; point it at the folder that holds config.json and the weights"
+        )
     if local.exists():
         raise ModelError(
             f"{key} is a file; point it at a model's folder (the one holding config.json) or a hub id"
@@ -222,8 +224,9 @@ def load_base_model(path: str, settings: ModelSettings, *, device: str) -> PreTr
     return model
 
 
-def _from_pretrained(path: str, settings: ModelSettings, *, device: str, quantize: bool,
-                     revision: str | None) -> PreTrainedModel:  # fmt: skip
+def _from_pretrained(
+    path: str, settings: ModelSettings, *, device: str, quantize: bool, revision: str | None
+) -> PreTrainedModel:
     # A cached checkpoint carries its quantization settings in its config.json; passing
     # quantization_config=None would override them (its packed weights would then not load).
     extra = {"quantization_config": build_quantization_config(settings, device=device)} if quantize else {}
@@ -262,9 +265,13 @@ def quantized_cache_path(path: str, settings: ModelSettings) -> Path | None:
         if config_file is None:
             return None
         source = [path, Path(config_file).parent.name]
-    key = {"source": source, "quantization": settings.quantization, "double_quant": settings.double_quant,
-           "compute_dtype": resolve_compute_dtype(settings.compute_dtype, "cuda"),  # the cache is CUDA's
-           "bitsandbytes": bitsandbytes.__version__}  # fmt: skip
+    key = {
+        "source": source,
+        "quantization": settings.quantization,
+        "double_quant": settings.double_quant,
+        "compute_dtype": resolve_compute_dtype(settings.compute_dtype, "cuda"),  # the cache is CUDA's
+        "bitsandbytes": bitsandbytes.__version__,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).name or "model")
     return cache_dir() / "quantized" / f"{name}-{settings.quantization}-{digest}"

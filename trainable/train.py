@@ -236,8 +236,12 @@ def run_trial(
         if not fits(estimate, card_gib=settings.memory.card_gib, share=settings.memory.share):
             # An infinite loss, not NaN: OptunaSearch tells NaN as a failed trial, which TPE ignores; an
             # infinite loss ranks worst, so TPE samples less in this region.
-            skipped = TrialReport(eval_loss=math.inf, skipped_oom=True, estimated_memory_gib=estimated,
-                                  gpu_share=settings.gpu_share)  # fmt: skip
+            skipped = TrialReport(
+                eval_loss=math.inf,
+                skipped_oom=True,
+                estimated_memory_gib=estimated,
+                gpu_share=settings.gpu_share,
+            )
             send(skipped.to_tune(), None)
             return
     start = start_worker_trial(settings, device=device, imported_at=IMPORTED_AT)
@@ -247,9 +251,16 @@ def run_trial(
         )
     set_seed(settings.train.seed)
     output_dir = tempfile.mkdtemp(prefix="trial-")
-    reporter = TuneReporter(send=send, device=device, base_eval_loss=settings.base_eval_loss, retries=0,
-                            restored_from_step=0, start=start, estimated_memory_gib=estimated,
-                            gpu_share=settings.gpu_share)  # fmt: skip
+    reporter = TuneReporter(
+        send=send,
+        device=device,
+        base_eval_loss=settings.base_eval_loss,
+        retries=0,
+        restored_from_step=0,
+        start=start,
+        estimated_memory_gib=estimated,
+        gpu_share=settings.gpu_share,
+    )
     try:
         resume_step = None
         if resume_from is not None:  # a retried or resumed trial continues where its last report left it
@@ -267,16 +278,24 @@ def run_trial(
         if faults:
             callbacks.append(InjectFaults(faults, retries=reporter.retries))
         keep_base = room_to_keep_base(settings, estimate, device=device)
-        trainer = setup_trial(hparams, settings, output_dir=output_dir, device=device, callbacks=callbacks,
-                              on_stage=start.mark, keep_base=keep_base)  # fmt: skip
+        trainer = setup_trial(
+            hparams,
+            settings,
+            output_dir=output_dir,
+            device=device,
+            callbacks=callbacks,
+            on_stage=start.mark,
+            keep_base=keep_base,
+        )
         if resume_step is not None:
             keep_adapter_dtypes_on_resume(trainer.model)
         trainer.train(resume_from_checkpoint=resume_step)
         if reporter.diverged:
             send(reporter.report(trainer.state, eval_loss=math.nan).to_tune(), None)
     except torch.cuda.OutOfMemoryError:
-        oom = TrialReport(oom=True, retries=reporter.retries, estimated_memory_gib=estimated,
-                          gpu_share=settings.gpu_share)  # fmt: skip
+        oom = TrialReport(
+            oom=True, retries=reporter.retries, estimated_memory_gib=estimated, gpu_share=settings.gpu_share
+        )
         send(oom.to_tune(), None)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
@@ -321,8 +340,11 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
     storage.current_checkpoint_index = max(storage.current_checkpoint_index, highest)
     if unrecorded:
         steps = ", ".join(str(c.step) for c in unrecorded)
-        print(f"trial {trial_id}: continues from its step-{unrecorded[-1].step} checkpoint, which Tune had not "
-              f"recorded; the reports of steps {steps} are sent again", flush=True)  # fmt: skip
+        print(
+            f"trial {trial_id}: continues from its step-{unrecorded[-1].step} checkpoint, which Tune had not "
+            f"recorded; the reports of steps {steps} are sent again",
+            flush=True,
+        )
     # Each is reported again as it was sent, with a copy of its folder, so that Tune's history, its best
     # checkpoint and the searcher see the trial as if nothing had stopped; the trial continues from the
     # newest, training no step twice.

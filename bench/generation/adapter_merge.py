@@ -64,11 +64,21 @@ def main(argv: list[str] | None = None) -> int:
             timing["steps"] = timing["candidate"].map(steps)
             timing["ms_per_step"] = 1000 * timing["seconds"] / timing["steps"]
             scored = score_generations(generations)
-            run = {"repeat": repeat, "merged": merge, "seconds": round(time.perf_counter() - start, 2),
-                   "generation_s": round(float(timing["seconds"].sum()), 2), "prompts": len(prompts),
-                   "adapter_tokens_per_s": round(float(adapters["new_tokens"].sum() / adapters["seconds"].sum()), 2),
-                   "adapter_exact_match": round(float(scored.loc[scored["candidate"] != BASE, "exact_match"].mean()), 4),
-                   "per_candidate": timing.round(2).to_dict("records"), "cpu": describe_cpu()}  # fmt: skip
+            run = {
+                "repeat": repeat,
+                "merged": merge,
+                "seconds": round(time.perf_counter() - start, 2),
+                "generation_s": round(float(timing["seconds"].sum()), 2),
+                "prompts": len(prompts),
+                "adapter_tokens_per_s": round(
+                    float(adapters["new_tokens"].sum() / adapters["seconds"].sum()), 2
+                ),
+                "adapter_exact_match": round(
+                    float(scored.loc[scored["candidate"] != BASE, "exact_match"].mean()), 4
+                ),
+                "per_candidate": timing.round(2).to_dict("records"),
+                "cpu": describe_cpu(),
+            }
             answers[merge].append(list(generations["answer"]))
             runs.append(run)
             print(json.dumps(run), flush=True)
@@ -77,29 +87,46 @@ def main(argv: list[str] | None = None) -> int:
         return [r[key] for r in runs if r["merged"] == merged]
 
     def base_speed(merged: bool) -> list[float]:
-        return [c["tokens_per_s"] for r in runs if r["merged"] == merged for c in r["per_candidate"]
-                if c["candidate"] == BASE]  # fmt: skip
+        return [
+            c["tokens_per_s"]
+            for r in runs
+            if r["merged"] == merged
+            for c in r["per_candidate"]
+            if c["candidate"] == BASE
+        ]
 
     def step_ms(merged: bool, base: bool) -> list[float]:
-        return [c["ms_per_step"] for r in runs if r["merged"] == merged for c in r["per_candidate"]
-                if (c["candidate"] == BASE) == base]  # fmt: skip
+        return [
+            c["ms_per_step"]
+            for r in runs
+            if r["merged"] == merged
+            for c in r["per_candidate"]
+            if (c["candidate"] == BASE) == base
+        ]
 
     attached_s, merged_s = figures(False, "seconds"), figures(True, "seconds")
     reference = answers[False][0]
-    summary = {"summary": True, "prompts": len(prompts), "candidates": len(candidates),
-               "attached_s": spread(attached_s), "merged_s": spread(merged_s),
-               "speedup": spread([a / b for a, b in zip(attached_s, merged_s, strict=True)]),
-               "attached_adapter_tokens_per_s": spread(figures(False, "adapter_tokens_per_s")),
-               "merged_adapter_tokens_per_s": spread(figures(True, "adapter_tokens_per_s")),
-               "base_tokens_per_s": spread(base_speed(False) + base_speed(True)),
-               "attached_adapter_ms_per_step": spread(step_ms(False, base=False)),
-               "merged_adapter_ms_per_step": spread(step_ms(True, base=False)),
-               "base_ms_per_step": spread(step_ms(False, base=True) + step_ms(True, base=True)),
-               "attached_adapter_exact_match": spread(figures(False, "adapter_exact_match"), digits=4),
-               "merged_adapter_exact_match": spread(figures(True, "adapter_exact_match"), digits=4),
-               "answers_differing": max(sum(a != b for a, b in zip(run, reference, strict=True))
-                                        for run in answers[False] + answers[True]),
-               "answers": len(reference), "cpu": describe_cpu()}  # fmt: skip
+    summary = {
+        "summary": True,
+        "prompts": len(prompts),
+        "candidates": len(candidates),
+        "attached_s": spread(attached_s),
+        "merged_s": spread(merged_s),
+        "speedup": spread([a / b for a, b in zip(attached_s, merged_s, strict=True)]),
+        "attached_adapter_tokens_per_s": spread(figures(False, "adapter_tokens_per_s")),
+        "merged_adapter_tokens_per_s": spread(figures(True, "adapter_tokens_per_s")),
+        "base_tokens_per_s": spread(base_speed(False) + base_speed(True)),
+        "attached_adapter_ms_per_step": spread(step_ms(False, base=False)),
+        "merged_adapter_ms_per_step": spread(step_ms(True, base=False)),
+        "base_ms_per_step": spread(step_ms(False, base=True) + step_ms(True, base=True)),
+        "attached_adapter_exact_match": spread(figures(False, "adapter_exact_match"), digits=4),
+        "merged_adapter_exact_match": spread(figures(True, "adapter_exact_match"), digits=4),
+        "answers_differing": max(
+            sum(a != b for a, b in zip(run, reference, strict=True)) for run in answers[False] + answers[True]
+        ),
+        "answers": len(reference),
+        "cpu": describe_cpu(),
+    }
     fixed = fixed_length_runs(experiment, candidates, prompts, settings.generation, repeats=args.repeats)
     for name in ("base", "attached", "merged"):
         summary[f"fixed_length_{name}_ms_per_step"] = spread(
@@ -111,9 +138,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fixed_length_runs(
-    experiment: Any, candidates: list[Candidate], prompts: list[Prompt], generation: GenerationSettings,
-    *, repeats: int,
-) -> list[dict[str, Any]]:  # fmt: skip
+    experiment: Any,
+    candidates: list[Candidate],
+    prompts: list[Prompt],
+    generation: GenerationSettings,
+    *,
+    repeats: int,
+) -> list[dict[str, Any]]:
     """The same work for each model: the report's first batch of prompts, every answer held to
     max_new_tokens (min_new_tokens), through the dequantized base, the first adapter attached to a copy of
     it and the adapter merged into one (analysis.generate.merged_copy); ms per forward pass, alternating."""
@@ -139,20 +170,36 @@ def fixed_length_runs(
         load_base_model(path, model_settings, device="cpu"), model_settings
     )
     adapter = next(c.adapter_path for c in candidates if c.adapter_path)
-    models = {"base": base, "attached": PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval(),
-              "merged": merged_copy(base, adapter)}  # fmt: skip
+    models = {
+        "base": base,
+        "attached": PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval(),
+        "merged": merged_copy(base, adapter),
+    }
     steps = generation.max_new_tokens
     rows = []
     for repeat in range(repeats):
         for name, model in models.items():
             start = time.perf_counter()
             with torch.inference_mode():
-                model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                model.generate(
+                    **inputs,
+                    max_new_tokens=steps,
+                    min_new_tokens=steps,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             seconds = time.perf_counter() - start
-            rows.append({"fixed_length": True, "repeat": repeat, "model": name, "prompts": len(texts),
-                         "steps": steps, "seconds": round(seconds, 2),
-                         "ms_per_step": round(1000 * seconds / steps, 2)})  # fmt: skip
+            rows.append(
+                {
+                    "fixed_length": True,
+                    "repeat": repeat,
+                    "model": name,
+                    "prompts": len(texts),
+                    "steps": steps,
+                    "seconds": round(seconds, 2),
+                    "ms_per_step": round(1000 * seconds / steps, 2),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -163,8 +210,12 @@ def decoding_steps(generations: pd.DataFrame, batch_size: int) -> dict[str, int]
     long answers: a batch of short ones still waits for its longest."""
     steps = {}
     for candidate, rows in generations.groupby("candidate", sort=False):
-        lengths = [n for _, n in sorted(zip(rows["prompt"].str.len(), rows["new_tokens"], strict=True),
-                                        key=lambda pair: pair[0])]  # fmt: skip
+        lengths = [
+            n
+            for _, n in sorted(
+                zip(rows["prompt"].str.len(), rows["new_tokens"], strict=True), key=lambda pair: pair[0]
+            )
+        ]
         steps[str(candidate)] = sum(
             max(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)
         )

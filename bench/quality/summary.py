@@ -36,8 +36,12 @@ def summarize(path: str | Path) -> dict[str, Any]:
 
     def score(candidate: str) -> dict[str, Any]:
         row = board.loc[candidate]
-        return {"candidate": candidate, "exact_match": float(row["exact_match"]),
-                "low": float(row["exact_match_low"]), "high": float(row["exact_match_high"])}  # fmt: skip
+        return {
+            "candidate": candidate,
+            "exact_match": float(row["exact_match"]),
+            "low": float(row["exact_match_low"]),
+            "high": float(row["exact_match_high"]),
+        }
 
     ranked = board[board["rank"].notna()].sort_values("rank")
     first = str(ranked.index[0])
@@ -49,8 +53,13 @@ def summarize(path: str | Path) -> dict[str, Any]:
         ]
         if len(test):
             t = test.iloc[0]
-            against = {"delta": float(t["delta"]), "low": float(t["low"]), "high": float(t["high"]),
-                       "p": float(t["p_value"]), "verdict": str(t["verdict"])}  # fmt: skip
+            against = {
+                "delta": float(t["delta"]),
+                "low": float(t["low"]),
+                "high": float(t["high"]),
+                "p": float(t["p_value"]),
+                "verdict": str(t["verdict"]),
+            }
     baselines = results[results[ORIGIN] == BASELINE]
     hours = results[GPU_SECONDS].sum() / 3600
     baseline_hours = baselines[GPU_SECONDS].sum() / 3600
@@ -88,9 +97,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         p = "p < 0.001" if t["p"] < 0.001 else f"p = {t['p']:.2g}"
         return f"{100 * t['delta']:+.1f} ({100 * t['low']:+.1f} to {100 * t['high']:+.1f}), {p}"
 
-    lines = ["| data | test prompts | base | QLoRA recipe | calibrated default | sweep #1 | most accurate | "
-             "#1 vs best baseline (points, 95% CI, McNemar) | GPU-hours: baselines + search |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| data | test prompts | base | QLoRA recipe | calibrated default | sweep #1 | most accurate | "
+        "#1 vs best baseline (points, 95% CI, McNemar) | GPU-hours: baselines + search |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         baselines = row["baselines"]
         lines.append(

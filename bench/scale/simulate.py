@@ -143,8 +143,15 @@ def build_plan(trials: int, storage: Path, *, evaluations: int) -> SweepPlan:
         eval_data={},
     )
     # sweep.json's summary of what plan_sweep resolves: nothing here but the config (no model, no data).
-    summary = SweepSummary(config=dataclasses.asdict(config), fingerprint={}, model_path="", chat_template="",
-                           linear_modules=[], data={}, environment={})  # fmt: skip
+    summary = SweepSummary(
+        config=dataclasses.asdict(config),
+        fingerprint={},
+        model_path="",
+        chat_template="",
+        linear_modules=[],
+        data={},
+        environment={},
+    )
     points = config.starting_points(BEST_LEARNING_RATE)  # the baselines, as the driver runs them first
     plan = SweepPlan(config, config.experiment_name(), config.storage_uri(), settings, summary, points)
     return with_base_eval_loss(plan, BASE_EVAL_LOSS)
@@ -279,8 +286,17 @@ def measure_sweep(*, trials: int, nodes: int, gpus_per_node: int, evaluations: i
 
 # The figures summarize() gives per size; gcs_rss_end_mib is the head node's GCS server, which keeps a
 # record of every actor (one per trial) for the cluster's life.
-FIGURES = ("wall_s", "fit_s", "searcher_s", "mirror_s", "collect_s", "write_s", "driver_cpu_s",
-           "driver_rss_peak_mib", "gcs_rss_end_mib")  # fmt: skip
+FIGURES = (
+    "wall_s",
+    "fit_s",
+    "searcher_s",
+    "mirror_s",
+    "collect_s",
+    "write_s",
+    "driver_cpu_s",
+    "driver_rss_peak_mib",
+    "gcs_rss_end_mib",
+)
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -342,11 +358,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    shape = ["--nodes", str(args.nodes), "--gpus-per-node", str(args.gpus_per_node),
-             "--evaluations", str(args.evaluations), "--out", str(args.out)]  # fmt: skip
+    shape = [
+        "--nodes",
+        str(args.nodes),
+        "--gpus-per-node",
+        str(args.gpus_per_node),
+        "--evaluations",
+        str(args.evaluations),
+        "--out",
+        str(args.out),
+    ]
     if args.one is not None:
-        record = measure_sweep(trials=args.one, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                               evaluations=args.evaluations)  # fmt: skip
+        record = measure_sweep(
+            trials=args.one, nodes=args.nodes, gpus_per_node=args.gpus_per_node, evaluations=args.evaluations
+        )
         print(json.dumps(record), flush=True)  # the last line of its output: the parent reads it
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -355,8 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):  # each size once per round, so that the machine's load spreads
         for size in args.sizes:
             print(f"bench.scale.simulate: {size} trials, repeat {repeat + 1} of {args.repeats}", flush=True)
-            done = subprocess.run([sys.executable, "-m", "bench.scale.simulate", "--one", str(size), *shape], env=env,
-                                  cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.scale.simulate", "--one", str(size), *shape],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if done.returncode:
                 print(done.stdout[-4000:], done.stderr[-4000:], sep="\n", file=sys.stderr)
                 return done.returncode

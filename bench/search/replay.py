@@ -110,8 +110,13 @@ class Table:
 
 
 def write_table(table: Table, path: str | Path) -> None:
-    header = {"kind": "table", "space": table.space, "source": table.source, "model": table.model,
-              "calibrated_learning_rate": table.calibrated_learning_rate}  # fmt: skip
+    header = {
+        "kind": "table",
+        "space": table.space,
+        "source": table.source,
+        "model": table.model,
+        "calibrated_learning_rate": table.calibrated_learning_rate,
+    }
     lines = [json.dumps(header), *(json.dumps(row.to_json()) for row in table.rows)]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -130,8 +135,13 @@ def load_table(path: str | Path) -> Table:
                 f"{path}:{number}: {len(row.eval_loss)} losses and {len(row.eval_seconds)} times; every row "
                 f"needs {len(rows[0].eval_loss)} of each (one per evaluation)"
             )
-    return Table(space=lines[0]["space"], rows=rows, source=lines[0]["source"], model=lines[0]["model"],
-                 calibrated_learning_rate=lines[0].get("calibrated_learning_rate"))  # fmt: skip
+    return Table(
+        space=lines[0]["space"],
+        rows=rows,
+        source=lines[0]["source"],
+        model=lines[0]["model"],
+        calibrated_learning_rate=lines[0].get("calibrated_learning_rate"),
+    )
 
 
 def table_from_experiment(path: str | Path) -> Table:
@@ -157,8 +167,13 @@ def table_from_experiment(path: str | Path) -> Table:
         )
     if len(done) < len(results):
         print(f"left out {len(results) - len(done)} trial(s) that did not complete", file=sys.stderr)
-    return Table(space=space, rows=rows, source=str(path), model=experiment.model_settings.name_or_path,
-                 calibrated_learning_rate=experiment.summary.calibrated_learning_rate)  # fmt: skip
+    return Table(
+        space=space,
+        rows=rows,
+        source=str(path),
+        model=experiment.model_settings.name_or_path,
+        calibrated_learning_rate=experiment.summary.calibrated_learning_rate,
+    )
 
 
 def merge_tables(tables: Sequence[Table]) -> Table:

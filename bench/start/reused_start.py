@@ -62,8 +62,15 @@ def run_process(
 
         run_trial(points[i % len(points)], settings, send=send)
         first = reports[0]
-        rows.append({"mode": mode, "worker_trial": first["worker_trial"], "base_copied": first["base_copied"],
-                     "startup_s": sum(first[p] for p in START_PARTS), **{p: first[p] for p in START_PARTS}})  # fmt: skip
+        rows.append(
+            {
+                "mode": mode,
+                "worker_trial": first["worker_trial"],
+                "base_copied": first["base_copied"],
+                "startup_s": sum(first[p] for p in START_PARTS),
+                **{p: first[p] for p in START_PARTS},
+            }
+        )
     return rows
 
 
@@ -102,9 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
         for mode in MODES:
-            command = [sys.executable, "-m", "bench.start.reused_start", "--config", args.config, "--trials",
-                       str(args.trials), "--steps", str(args.steps), "--out", args.out, "--one", mode,
-                       *args.overrides]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "bench.start.reused_start",
+                "--config",
+                args.config,
+                "--trials",
+                str(args.trials),
+                "--steps",
+                str(args.steps),
+                "--out",
+                args.out,
+                "--one",
+                mode,
+                *args.overrides,
+            ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"{mode} #{repeat} failed:\n{done.stderr[-4000:]}")

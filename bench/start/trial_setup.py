@@ -62,16 +62,25 @@ def measured_process(model: str, cache: str) -> None:
             control.should_training_stop = True
 
     output = f"/tmp/setup-trial-{os.getpid()}"
-    trainer = setup_trial(Hyperparameters(), trial, output_dir=output, device="cuda", callbacks=[FirstStep()],
-                          on_stage=mark)  # fmt: skip
+    trainer = setup_trial(
+        Hyperparameters(), trial, output_dir=output, device="cuda", callbacks=[FirstStep()], on_stage=mark
+    )
     t = time.time()
     base_eval = trainer.evaluate()[TRAINER_EVAL_LOSS]
     torch.cuda.synchronize()
     eval_s = time.time() - t
     shift += eval_s  # the base model's eval, reported on its own
     trainer.train()  # the step's own evaluation and checkpoint come after the mark
-    print("RESULT " + json.dumps({"marks": {k: round(v, 2) for k, v in marks.items()},
-                                  "base_eval_s": round(eval_s, 2), "base_eval_loss": base_eval}))  # fmt: skip
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "marks": {k: round(v, 2) for k, v in marks.items()},
+                "base_eval_s": round(eval_s, 2),
+                "base_eval_loss": base_eval,
+            }
+        )
+    )
 
 
 def drop_page_cache() -> bool:
@@ -98,8 +107,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(f"/tmp/qlora-setup-cache-{os.getpid()}")
-    runs = [("fill", "first trial on the node (quantize, save to the cache)", False),
-            ("on", "later trial (load the cached 4-bit base)", False)]  # fmt: skip
+    runs = [
+        ("fill", "first trial on the node (quantize, save to the cache)", False),
+        ("on", "later trial (load the cached 4-bit base)", False),
+    ]
     if args.cold:
         runs += [("off", "no cache, page cache dropped", True), ("on", "cached, page cache dropped", True)]
     for mode, label, cold in runs:
@@ -114,8 +125,13 @@ def main() -> None:
             print(f"{label}: failed\n{proc.stderr[-3000:]}", flush=True)
             continue
         result = json.loads(lines[-1][len("RESULT ") :])
-        record = {"run": label, "cache": mode, "page_cache": "cold" if cold else "warm",
-                  "setup_s": result["marks"]["first_optimizer_step"], **result}  # fmt: skip
+        record = {
+            "run": label,
+            "cache": mode,
+            "page_cache": "cold" if cold else "warm",
+            "setup_s": result["marks"]["first_optimizer_step"],
+            **result,
+        }
         print(json.dumps(record), flush=True)
         with open(out / "setup.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -32,17 +32,29 @@ MODES = {"reuse": "true", "no-reuse": "false"}
 def run_sweep(config: str, overrides: list[str], *, mode: str, repeat: int, storage: Path) -> dict[str, Any]:
     """One sweep in its own driver process; its table and its wall time."""
     experiment = f"trial-start-{mode}-{repeat}"
-    command = [sys.executable, "-m", "sweeps.run", "--config", config, "--quiet", *overrides,
-               f"storage_path={storage}", f"experiment={experiment}",
-               f"search.reuse_workers={MODES[mode]}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "sweeps.run",
+        "--config",
+        config,
+        "--quiet",
+        *overrides,
+        f"storage_path={storage}",
+        f"experiment={experiment}",
+        f"search.reuse_workers={MODES[mode]}",
+    ]
     load_before = os.getloadavg()[0]  # other work on the machine slows both modes; say how much there was
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{mode} #{repeat} failed:\n{done.stderr[-4000:]}")
-    return {"table": pd.read_parquet(storage / experiment / "results.parquet"), "wall_s": wall,
-            "load_1min": [load_before, os.getloadavg()[0]]}  # fmt: skip
+    return {
+        "table": pd.read_parquet(storage / experiment / "results.parquet"),
+        "wall_s": wall,
+        "load_1min": [load_before, os.getloadavg()[0]],
+    }
 
 
 def trial_rows(table: pd.DataFrame, *, mode: str, repeat: int) -> list[dict[str, Any]]:
@@ -50,11 +62,21 @@ def trial_rows(table: pd.DataFrame, *, mode: str, repeat: int) -> list[dict[str,
     for row in table.to_dict("records"):
         # The trial's own time: from its start (as startup_s counts it) to its end.
         total = row["start_imports_s"] + row["start_worker_s"] + row["wall_time_s"]
-        rows.append({"kind": "trial", "mode": mode, "repeat": repeat, "trial_id": row["trial_id"],
-                     "worker_pid": int(row["worker_pid"]), "worker_trial": int(row["worker_trial"]),
-                     "startup_s": row["startup_s"], **{p: row[p] for p in START_PARTS},
-                     "wall_time_s": row["wall_time_s"], "trial_s": total,
-                     "startup_share": row["startup_s"] / total})  # fmt: skip
+        rows.append(
+            {
+                "kind": "trial",
+                "mode": mode,
+                "repeat": repeat,
+                "trial_id": row["trial_id"],
+                "worker_pid": int(row["worker_pid"]),
+                "worker_trial": int(row["worker_trial"]),
+                "startup_s": row["startup_s"],
+                **{p: row[p] for p in START_PARTS},
+                "wall_time_s": row["wall_time_s"],
+                "trial_s": total,
+                "startup_share": row["startup_s"] / total,
+            }
+        )
     return rows
 
 
@@ -103,9 +125,17 @@ def main() -> None:
                 args.config, args.overrides, mode=mode, repeat=repeat, storage=out / "experiments"
             )
             new = trial_rows(sweep["table"], mode=mode, repeat=repeat)
-            new.append({"kind": "sweep", "mode": mode, "repeat": repeat, "wall_s": sweep["wall_s"],
-                        "load_1min": sweep["load_1min"], "trials": len(sweep["table"]),
-                        "workers": sweep["table"]["worker_pid"].nunique()})  # fmt: skip
+            new.append(
+                {
+                    "kind": "sweep",
+                    "mode": mode,
+                    "repeat": repeat,
+                    "wall_s": sweep["wall_s"],
+                    "load_1min": sweep["load_1min"],
+                    "trials": len(sweep["table"]),
+                    "workers": sweep["table"]["worker_pid"].nunique(),
+                }
+            )
             with open(out / "trial_start.jsonl", "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in new)
             rows += new

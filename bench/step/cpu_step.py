@@ -65,8 +65,13 @@ def time_steps(*, padding_free: bool, steps: int) -> dict[str, Any]:
         trainer.train()
     seconds = [b - a for a, b in zip(clock.ends[1:-1], clock.ends[2:], strict=False)]  # after the warm-up
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    return {"padding_free": padding_free, "steps": len(seconds), "s_per_step": statistics.median(seconds),
-            "step_s": [round(s, 3) for s in seconds], "losses": losses}  # fmt: skip
+    return {
+        "padding_free": padding_free,
+        "steps": len(seconds),
+        "s_per_step": statistics.median(seconds),
+        "step_s": [round(s, 3) for s in seconds],
+        "losses": losses,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs of each mode, alternating")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    machine = {"cpu": describe_cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "python": platform.python_version()}  # fmt: skip
+    machine = {
+        "cpu": describe_cpu(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     runs = []
     for repeat in range(args.repeats):
         for padding_free in (False, True):
@@ -85,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run), flush=True)
     padded = [r["s_per_step"] for r in runs if not r["padding_free"]]
     free = [r["s_per_step"] for r in runs if r["padding_free"]]
-    summary = {"summary": True, "padded_s_per_step": spread(padded), "padding_free_s_per_step": spread(free),
-               "speedup": spread([a / b for a, b in zip(padded, free, strict=True)]), **machine}  # fmt: skip
+    summary = {
+        "summary": True,
+        "padded_s_per_step": spread(padded),
+        "padding_free_s_per_step": spread(free),
+        "speedup": spread([a / b for a, b in zip(padded, free, strict=True)]),
+        **machine,
+    }
     print(json.dumps(summary), flush=True)
     append_jsonl(args.out, [*runs, summary])
     return 0

@@ -92,14 +92,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--steps", type=int, default=3, help="optimizer steps per case (the states exist from the first)"
     )
-    p.add_argument("--checkpoint-7b", type=Path, default=Path("/tmp/qlora-bench-7b"),
-                   help="random-weight checkpoint of the 7B shape, made there if missing")  # fmt: skip
+    p.add_argument(
+        "--checkpoint-7b",
+        type=Path,
+        default=Path("/tmp/qlora-bench-7b"),
+        help="random-weight checkpoint of the 7B shape, made there if missing",
+    )
     args = p.parse_args(argv)
     requested = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in requested if s not in SHAPE_NAMES]
     if unknown or not requested:
-        p.error(f"--shapes {args.shapes!r}: unknown {', '.join(unknown) or '(none given)'}; "
-                f"choose from {', '.join(SHAPE_NAMES)}")  # fmt: skip
+        p.error(
+            f"--shapes {args.shapes!r}: unknown {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(SHAPE_NAMES)}"
+        )
     shapes = [name for name in SHAPE_NAMES if name in requested]
     if args.steps < 2:
         p.error(
@@ -173,11 +179,17 @@ def run_case(case: Case, checkpoint: Path, *, steps: int, context_gib: float) ->
     reserved = torch.cuda.max_memory_reserved() / GIB
     paged = outside_allocator_gib() - outside_before
     seconds = time.perf_counter() - start
-    estimate = estimate_memory(MemoryInputs(
-        model=load_model_shape(checkpoint), r=case.r, target_modules=TARGETS[case.targets],
-        batch_size=case.batches.batch_size, longest=case.batches.length, largest_batch_tokens=max(tokens),
-        lora_dropout=DROPOUT,
-    ))  # fmt: skip
+    estimate = estimate_memory(
+        MemoryInputs(
+            model=load_model_shape(checkpoint),
+            r=case.r,
+            target_modules=TARGETS[case.targets],
+            batch_size=case.batches.batch_size,
+            longest=case.batches.length,
+            largest_batch_tokens=max(tokens),
+            lora_dropout=DROPOUT,
+        )
+    )
     del model, optimizer, loss
     cleanup()
     return {
@@ -209,15 +221,21 @@ def cleanup() -> None:
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'shape':8s} {'r':>3s} {'targets':10s} {'batches':8s} {'measured':>9s} {'estimate':>9s} "
-             f"{'error':>7s} {'reserved':>9s} {'paged':>6s}"]  # fmt: skip
+    lines = [
+        f"{'shape':8s} {'r':>3s} {'targets':10s} {'batches':8s} {'measured':>9s} {'estimate':>9s} "
+        f"{'error':>7s} {'reserved':>9s} {'paged':>6s}"
+    ]
     for r in records:
-        lines.append(f"{r['shape']:8s} {r['r']:3d} {r['targets']:10s} {r['batches']:8s} "
-                     f"{r['peak_allocated_gib']:9.2f} {r['estimate_allocated_gib']:9.2f} {r['error']:+7.1%} "
-                     f"{r['peak_reserved_gib']:9.2f} {r['paged_states_gib']:6.2f}")  # fmt: skip
+        lines.append(
+            f"{r['shape']:8s} {r['r']:3d} {r['targets']:10s} {r['batches']:8s} "
+            f"{r['peak_allocated_gib']:9.2f} {r['estimate_allocated_gib']:9.2f} {r['error']:+7.1%} "
+            f"{r['peak_reserved_gib']:9.2f} {r['paged_states_gib']:6.2f}"
+        )
     worst = max(records, key=lambda r: abs(r["error"]))
-    lines.append(f"largest error: {worst['error']:+.1%} ({worst['shape']} r={worst['r']} {worst['targets']} "
-                 f"{worst['batches']})")  # fmt: skip
+    lines.append(
+        f"largest error: {worst['error']:+.1%} ({worst['shape']} r={worst['r']} {worst['targets']} "
+        f"{worst['batches']})"
+    )
     return "\n".join(lines)
 
 

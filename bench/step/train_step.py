@@ -135,11 +135,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     p.add_argument("--shape", choices=["7b", "small"], default="7b", help="small: checks the script quickly")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="random-weight checkpoint of the shape, made there if missing "
-                        "(default /tmp/qlora-bench-SHAPE)")  # fmt: skip
-    p.add_argument("--cases", default="fixed,realistic",
-                   help="comma-separated, of: fixed, fixed-qv, ladder, memory, long, realistic, realistic-4")  # fmt: skip
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="random-weight checkpoint of the shape, made there if missing (default /tmp/qlora-bench-SHAPE)",
+    )
+    p.add_argument(
+        "--cases",
+        default="fixed,realistic",
+        help="comma-separated, of: fixed, fixed-qv, ladder, memory, long, realistic, realistic-4",
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs of each case in this process (at least 3)")
     p.add_argument("--steps", type=int, default=8, help="measured steps at fixed lengths")
     p.add_argument("--realistic-steps", type=int, default=40, help="measured steps at realistic lengths")
@@ -151,25 +157,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--profile", action="store_true", help="a torch.profiler table of both recipes, fixed case"
     )
     args = p.parse_args(argv)
-    all_cases = build_cases(args.shape, steps=args.steps, warmup=args.warmup,
-                            realistic_steps=args.realistic_steps, seed=args.seed)  # fmt: skip
+    all_cases = build_cases(
+        args.shape, steps=args.steps, warmup=args.warmup, realistic_steps=args.realistic_steps, seed=args.seed
+    )
     names = [n for n in args.cases.split(",") if n]
     unknown = [n for n in names if n not in all_cases]
     if unknown or not names:
-        p.error(f"--cases {args.cases!r}: unknown {', '.join(unknown) or '(none given)'}; "
-                f"choose from {', '.join(all_cases)}")  # fmt: skip
+        p.error(
+            f"--cases {args.cases!r}: unknown {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(all_cases)}"
+        )
     if args.repeats < 3:
         p.error(f"--repeats {args.repeats}: at least 3, a median and a range need three runs")
     if args.realistic_steps < 40 and any(all_cases[n].batches.kind == "realistic" for n in names):
-        p.error(f"--realistic-steps {args.realistic_steps}: at least 40, or the ratio depends on which "
-                "few uneven batches were drawn")  # fmt: skip
+        p.error(
+            f"--realistic-steps {args.realistic_steps}: at least 40, or the ratio depends on which "
+            "few uneven batches were drawn"
+        )
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (bitsandbytes' 4-bit GPU kernels and the project's CUDA fast path)")
 
     args.out.mkdir(parents=True, exist_ok=True)
     shape = SHAPES[args.shape]
-    checkpoint = make_checkpoint(args.checkpoint or Path(f"/tmp/qlora-bench-{args.shape}"), shape,
-                                 vocab_size=LLAMA2_VOCAB, device="cuda")  # fmt: skip
+    checkpoint = make_checkpoint(
+        args.checkpoint or Path(f"/tmp/qlora-bench-{args.shape}"),
+        shape,
+        vocab_size=LLAMA2_VOCAB,
+        device="cuda",
+    )
     bench = Bench(checkpoint, shape, LLAMA2_VOCAB)
     records: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
@@ -303,8 +318,10 @@ class Bench:
                 step(case.batches.examples(i, vocab_size=self.vocab_size))
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
-        text = (f"{variant.label} {case.batches.label} ({torch.cuda.get_device_name()}), 2 steps\n\n"
-                f"{kernel_breakdown(prof)}\n\n{table}\n")  # fmt: skip
+        text = (
+            f"{variant.label} {case.batches.label} ({torch.cuda.get_device_name()}), 2 steps\n\n"
+            f"{kernel_breakdown(prof)}\n\n{table}\n"
+        )
         with open(out / "profile.txt", "a") as f:
             f.write(text + "\n" + "=" * 100 + "\n")
         print(text[:6000], flush=True)
@@ -373,8 +390,12 @@ class Spread:
         return (self.high - self.low) / self.median
 
     def as_dict(self, digits: int = 4) -> dict[str, float]:
-        return {"median": round(self.median, digits), "min": round(self.low, digits),
-                "max": round(self.high, digits), "spread": round(self.relative, 4)}  # fmt: skip
+        return {
+            "median": round(self.median, digits),
+            "min": round(self.low, digits),
+            "max": round(self.high, digits),
+            "spread": round(self.relative, 4),
+        }
 
 
 def spread(values: Sequence[float]) -> Spread:
@@ -407,30 +428,36 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ratios = [
             r["tokens_per_s"] / textbook[case, r["repeat"]] for r in runs if (case, r["repeat"]) in textbook
         ]
-        summary.append({
-            "case": case,
-            "label": label,
-            "targets": runs[0]["targets"],
-            "batches": runs[0]["batches"],
-            "repeats": len(runs),
-            "steps": runs[0]["steps"],
-            "ratio": spread(ratios).as_dict(3) if ratios else None,
-            "tokens_per_s": spread([r["tokens_per_s"] for r in runs]).as_dict(1),
-            "step_s": spread([r["step_s_median"] for r in runs]).as_dict(4),
-            "peak_gib": max(r["peak_gib"] for r in runs),
-            "mfu_median": round(statistics.median(r["mfu"] for r in runs), 4),
-        })  # fmt: skip
+        summary.append(
+            {
+                "case": case,
+                "label": label,
+                "targets": runs[0]["targets"],
+                "batches": runs[0]["batches"],
+                "repeats": len(runs),
+                "steps": runs[0]["steps"],
+                "ratio": spread(ratios).as_dict(3) if ratios else None,
+                "tokens_per_s": spread([r["tokens_per_s"] for r in runs]).as_dict(1),
+                "step_s": spread([r["step_s_median"] for r in runs]).as_dict(4),
+                "peak_gib": max(r["peak_gib"] for r in runs),
+                "mfu_median": round(statistics.median(r["mfu"] for r in runs), 4),
+            }
+        )
     return summary
 
 
 def format_summary(summary: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'case':12s} {'label':32s} {'n':>2s} {'ratio median [min-max]':>24s} "
-             f"{'tok/s median':>12s} {'step spread':>11s} {'peak GiB':>8s}"]  # fmt: skip
+    lines = [
+        f"{'case':12s} {'label':32s} {'n':>2s} {'ratio median [min-max]':>24s} "
+        f"{'tok/s median':>12s} {'step spread':>11s} {'peak GiB':>8s}"
+    ]
     for s in summary:
         ratio = s["ratio"]
         text = f"{ratio['median']:.2f} [{ratio['min']:.2f}-{ratio['max']:.2f}]" if ratio else "-"
-        lines.append(f"{s['case']:12s} {s['label'][:32]:32s} {s['repeats']:2d} {text:>24s} "
-                     f"{s['tokens_per_s']['median']:12.0f} {s['step_s']['spread']:11.1%} {s['peak_gib']:8.2f}")  # fmt: skip
+        lines.append(
+            f"{s['case']:12s} {s['label'][:32]:32s} {s['repeats']:2d} {text:>24s} "
+            f"{s['tokens_per_s']['median']:12.0f} {s['step_s']['spread']:11.1%} {s['peak_gib']:8.2f}"
+        )
     return "\n".join(lines)
 
 

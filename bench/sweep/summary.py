@@ -56,24 +56,31 @@ def main() -> None:
         end = float(last.get("timestamp", 0))
         start = end - float(last.get("time_total_s", 0))
         intervals.append((start, end))
-        trials.append({
-            "trial_id": row["trial_id"], "status": row["status"], "steps": int(row["step"]),
-            "best_eval_loss": round(float(row["best_eval_loss"]), 4),
-            "base_eval_loss": round(float(row["base_eval_loss"]), 4),
-            "tokens_per_s": round(float(row["tokens_per_s"]), 1),
-            "peak_memory_gib": round(float(row["peak_memory_gib"]), 2),
-            "wall_time_s": round(float(row["wall_time_s"]), 1),
-            # The trial's start (docs/cost.md#trial-start): its worker's n-th trial, process start to first step.
-            "worker_trial": int(row["worker_trial"]),
-            **{part: round(float(row[part]), 2) for part in ("startup_s", *START_PARTS)},
-            "base_copied": bool(row.get("base_copied", False)),
-            "cuda_visible_devices": report.cuda_visible_devices if report else None,
-            "visible_gpus": report.visible_gpus if report else None,
-            "ray_gpu_ids": report.gpu_ids if report else None,
-            "hparams": {k: row[k] for k in ("r", "lora_alpha", "target_modules", "learning_rate", "lora_dropout")
-                        if k in row},
-            "error": row.get("error"),
-        })  # fmt: skip
+        trials.append(
+            {
+                "trial_id": row["trial_id"],
+                "status": row["status"],
+                "steps": int(row["step"]),
+                "best_eval_loss": round(float(row["best_eval_loss"]), 4),
+                "base_eval_loss": round(float(row["base_eval_loss"]), 4),
+                "tokens_per_s": round(float(row["tokens_per_s"]), 1),
+                "peak_memory_gib": round(float(row["peak_memory_gib"]), 2),
+                "wall_time_s": round(float(row["wall_time_s"]), 1),
+                # The trial's start (docs/cost.md#trial-start): its worker's n-th trial, process start to first step.
+                "worker_trial": int(row["worker_trial"]),
+                **{part: round(float(row[part]), 2) for part in ("startup_s", *START_PARTS)},
+                "base_copied": bool(row.get("base_copied", False)),
+                "cuda_visible_devices": report.cuda_visible_devices if report else None,
+                "visible_gpus": report.visible_gpus if report else None,
+                "ray_gpu_ids": report.gpu_ids if report else None,
+                "hparams": {
+                    k: row[k]
+                    for k in ("r", "lora_alpha", "target_modules", "learning_rate", "lora_dropout")
+                    if k in row
+                },
+                "error": row.get("error"),
+            }
+        )
     devices = [t["cuda_visible_devices"] for t in trials]
     record = {
         "label": args.label,

@@ -32,14 +32,25 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Pa
         "data": {"max_length": 128, "max_eval_examples": 8},
         "train": {"max_steps": 4, "batch_size": 4, "eval_every": 2},
         "search": {"num_samples": TRIALS, "cpus_per_trial": 1, "baselines": ["calibrated"]},
-        "report": {"enabled": True, "top_k": 2, "eval_prompts": EVAL_PROMPTS, "prompts": USER_PROMPTS,
-                   "generation": {"max_new_tokens": 6}},
-    }  # fmt: skip
+        "report": {
+            "enabled": True,
+            "top_k": 2,
+            "eval_prompts": EVAL_PROMPTS,
+            "prompts": USER_PROMPTS,
+            "generation": {"max_new_tokens": 6},
+        },
+    }
     path = root / "tiny.yaml"
     path.write_text("# python -m sweeps.run --config tiny.yaml\n" + yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "sweeps.run", "--config", str(path)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeps.run", "--config", str(path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     experiment = root / "experiments" / "tiny"
     log = root / "sweep.log"
     log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)

@@ -59,11 +59,14 @@ def test_a_restarted_trials_history_keeps_the_steps_it_trained_again(tmp_path: P
     trained steps 3-6 again: the history is the steps once each, as the run that went on reported them."""
     trial = tmp_path / "exp" / "trial_a"
     trial.mkdir(parents=True)
-    reports = [TrialReport(eval_loss=2.0, step=2), TrialReport(eval_loss=1.5, step=4),
-               TrialReport(eval_loss=1.3, step=6),
-               TrialReport(eval_loss=1.4, step=4, retries=1, restored_from_step=2),
-               TrialReport(eval_loss=1.2, step=6, retries=1, restored_from_step=2),
-               TrialReport(eval_loss=1.0, step=8, retries=1, restored_from_step=2)]  # fmt: skip
+    reports = [
+        TrialReport(eval_loss=2.0, step=2),
+        TrialReport(eval_loss=1.5, step=4),
+        TrialReport(eval_loss=1.3, step=6),
+        TrialReport(eval_loss=1.4, step=4, retries=1, restored_from_step=2),
+        TrialReport(eval_loss=1.2, step=6, retries=1, restored_from_step=2),
+        TrialReport(eval_loss=1.0, step=8, retries=1, restored_from_step=2),
+    ]
     pd.DataFrame([r.to_tune() for r in reports]).to_csv(trial / "progress.csv", index=False)
     write_table(results_table([trial_result("a", trial_path=str(trial))]), tmp_path / "exp", RESULTS)
     write_summary(tmp_path / "exp", sweep_summary())

@@ -23,13 +23,23 @@ from trainable.settings import ModelSettings
 
 # Full precision, no quantization: batched and one-by-one runs then agree to the last token.
 EXACT = ModelSettings(quantization="none", compute_dtype="float32")
-QUESTIONS = ["Add the two numbers.\n\n12 + 30", "Reverse the letters of the word.\n\napple",
-             "Write me a poem about Singapore", "Hi"]  # fmt: skip
+QUESTIONS = [
+    "Add the two numbers.\n\n12 + 30",
+    "Reverse the letters of the word.\n\napple",
+    "Write me a poem about Singapore",
+    "Hi",
+]
 
 
 def examples(n: int) -> list[Example]:
-    return [Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": str(i)}],
-                    task=f"task{i % 2}", check="exact") for i, q in enumerate(QUESTIONS[:n])]  # fmt: skip
+    return [
+        Example(
+            messages=[{"role": "user", "content": q}, {"role": "assistant", "content": str(i)}],
+            task=f"task{i % 2}",
+            check="exact",
+        )
+        for i, q in enumerate(QUESTIONS[:n])
+    ]
 
 
 def make_adapter(model_path: Path, out: Path, *, seed: int) -> str:
@@ -44,8 +54,14 @@ def make_adapter(model_path: Path, out: Path, *, seed: int) -> str:
 
 
 def test_prompts_spread_over_tasks_then_user_prompts() -> None:
-    eval_examples = [Example(messages=[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
-                             task="add" if i < 6 else "even_odd", check="exact") for i in range(8)]  # fmt: skip
+    eval_examples = [
+        Example(
+            messages=[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+            task="add" if i < 6 else "even_odd",
+            check="exact",
+        )
+        for i in range(8)
+    ]
     prompts = build_prompts(eval_examples, ["Write me a poem"], count=4, system_prompt=None)
     assert [p.example.task for p in prompts[:4]].count("even_odd") == 2  # round robin, not the first four
     assert prompts[-1].source == "user" and prompts[-1].reference is None
@@ -74,8 +90,9 @@ def test_adapters_swapped_in_place_answer_as_freshly_loaded_ones(tiny_llama: Pat
     texts = render_prompts(prompts, tokenizer, DEFAULT_CHAT_TEMPLATE)
     settings = GenerationSettings(max_new_tokens=6)
     candidates = [Candidate("t0", adapters[0]), Candidate(BASE), Candidate("t1", adapters[1])]
-    generations, timing = generate_for_candidates(load_base_model(str(tiny_llama), EXACT, device="cpu"), tokenizer,
-                                                  prompts, texts, candidates, settings)  # fmt: skip
+    generations, timing = generate_for_candidates(
+        load_base_model(str(tiny_llama), EXACT, device="cpu"), tokenizer, prompts, texts, candidates, settings
+    )
     assert len(generations) == len(prompts) * len(candidates)
     assert list(timing["candidate"]) == [BASE, "t0", "t1"]  # the bare base answers first
     assert (generations["gen_max_new_tokens"] == 6).all() and (generations["gen_temperature"] == 0.0).all()

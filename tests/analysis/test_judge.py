@@ -35,8 +35,10 @@ def simulated_judgments(strengths: dict[str, float], *, per_pair: int, seed: int
 
 def test_bradley_terry_recovers_known_strengths_with_calibrated_errors(seed: int) -> None:
     truth = {"base": -1.0, "t1": 0.0, "t2": 1.0}  # centered, as the fit reports them
-    fits = [fit_bradley_terry(simulated_judgments(truth, per_pair=300, seed=seed + i), list(truth), prior=1e-3)
-            for i in range(12)]  # fmt: skip
+    fits = [
+        fit_bradley_terry(simulated_judgments(truth, per_pair=300, seed=seed + i), list(truth), prior=1e-3)
+        for i in range(12)
+    ]
     for fit in fits:
         assert list(fit.sort_values("judge_strength").index) == ["base", "t1", "t2"]
     strengths = np.array([fit["judge_strength"].to_numpy() for fit in fits])

@@ -55,8 +55,16 @@ def quality_table(rows: dict[str, tuple[float, float]]) -> pd.DataFrame:
 
 
 # a: the lowest loss; b, c within 2% of it; d outside; e errored; f never reported a loss.
-RESULTS = results_table([("a", "completed", 1.00), ("b", "stopped", 1.01), ("c", "completed", 1.015),
-                         ("d", "completed", 1.10), ("e", "error", 0.90), ("f", "failed", math.nan)])  # fmt: skip
+RESULTS = results_table(
+    [
+        ("a", "completed", 1.00),
+        ("b", "stopped", 1.01),
+        ("c", "completed", 1.015),
+        ("d", "completed", 1.10),
+        ("e", "error", 0.90),
+        ("f", "failed", math.nan),
+    ]
+)
 QUALITY = quality_table(
     {"a": (0.50, 40.0), "b": (0.75, 30.0), "c": (0.75, 35.0), "d": (1.0, 90.0), "base": (0.25, 20.0)}
 )
@@ -136,13 +144,33 @@ def held_out_answers(
     rows = []
     for candidate, count in right.items():
         for i in range(prompts):
-            rows.append({"prompt_id": f"test-{i:04d}", "source": "test", "task": None, "check": None, "question": "?",
-                         "reference": str(i), "candidate": candidate, "answer": str(i) if i < count else "no idea"})  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": f"test-{i:04d}",
+                    "source": "test",
+                    "task": None,
+                    "check": None,
+                    "question": "?",
+                    "reference": str(i),
+                    "candidate": candidate,
+                    "answer": str(i) if i < count else "no idea",
+                }
+            )
         words = reference.split()
         kept = " ".join(words[: round(len(words) * (free or {}).get(candidate, 0.5))])
         for i in range(4):
-            rows.append({"prompt_id": f"free-{i}", "source": "test", "task": None, "check": None, "question": "?",
-                         "reference": reference, "candidate": candidate, "answer": kept})  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": f"free-{i}",
+                    "source": "test",
+                    "task": None,
+                    "check": None,
+                    "question": "?",
+                    "reference": reference,
+                    "candidate": candidate,
+                    "answer": kept,
+                }
+            )
     return score_generations(pd.DataFrame(rows))
 
 
@@ -151,8 +179,13 @@ def board_for(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     candidates = list(scored["candidate"].unique())
     paired = compare_candidates(scored, candidates)
-    board = rank_trials(results, summarize_quality(scored), paired=paired, base_eval_loss=2.0,
-                        loss_tolerance=options.get("loss_tolerance", 0.02))  # fmt: skip
+    board = rank_trials(
+        results,
+        summarize_quality(scored),
+        paired=paired,
+        base_eval_loss=2.0,
+        loss_tolerance=options.get("loss_tolerance", 0.02),
+    )
     return board, paired
 
 
@@ -167,8 +200,12 @@ def test_a_tie_within_the_tolerance_is_broken_by_held_out_accuracy_not_chrf() ->
     assert (
         free_text["a"] > free_text["b"]
     )  # chrF over the handful of free-text prompts would have put a first
-    assert paired[(paired["candidate"] == "b") & (paired["other"] == "a")].set_index("metric").loc[
-        "exact_match", "verdict"] == "better"  # fmt: skip
+    assert (
+        paired[(paired["candidate"] == "b") & (paired["other"] == "a")]
+        .set_index("metric")
+        .loc["exact_match", "verdict"]
+        == "better"
+    )
     row = board.set_index("candidate").loc["b"]
     assert row["exact_match_n"] == 300 and row["net_wins"] == 1
     assert row["exact_match_low"] < row["exact_match"] < row["exact_match_high"]
@@ -186,8 +223,9 @@ def test_a_measurably_better_baseline_outranks_a_lower_loss() -> None:
     board, paired = board_for(results, scored)
     assert list(board["candidate"][:2]) == ["r", "a"]
     rows = board.set_index("candidate")
-    assert rows.loc["r", "note"].startswith("baseline (the best): the QLoRA recipe; held-out exact match: "
-                                            "measurably better than 1")  # fmt: skip
+    assert rows.loc["r", "note"].startswith(
+        "baseline (the best): the QLoRA recipe; held-out exact match: measurably better than 1"
+    )
     assert rows.loc["a", "vs_baseline"] == "worse" and rows.loc["a", "vs_baseline_p"] < 0.001
     assert (
         rows.loc["a", "vs_baseline_delta"] == pytest.approx(-40 / 300)
@@ -196,36 +234,56 @@ def test_a_measurably_better_baseline_outranks_a_lower_loss() -> None:
     assert rows.loc["r", "vs_base"] == "better" and pd.isna(rows.loc["r", "vs_baseline"])
     assert list(rows["best_baseline"][["r", "a"]]) == [True, False]
     text = recommend(board, paired, rank_by=["exact_match", "chrf"])
-    assert text.startswith("Recommended: the best baseline, the QLoRA recipe (trial r): no finalist of the search "
-                           "is measurably better than it on the held-out prompts. The search's best finalist, trial "
-                           "a, against it: -13.3 points of held-out exact match")  # fmt: skip
+    assert text.startswith(
+        "Recommended: the best baseline, the QLoRA recipe (trial r): no finalist of the search "
+        "is measurably better than it on the held-out prompts. The search's best finalist, trial "
+        "a, against it: -13.3 points of held-out exact match"
+    )
     assert "The search cost 0.025 GPU-hours beyond the baselines' 0.025 without a measurable gain." in text
     assert "Against the base model: +60.0 points" in text
 
 
 def test_the_recommendation_says_how_sure_it_is_and_what_the_search_cost() -> None:
-    results = results_table([("a", "completed", 1.00), ("b", "completed", 1.05), ("q", "completed", 1.08),
-                             ("c", "completed", 1.02)], baselines={"q": "qlora", "c": "calibrated"})  # fmt: skip
+    results = results_table(
+        [
+            ("a", "completed", 1.00),
+            ("b", "completed", 1.05),
+            ("q", "completed", 1.08),
+            ("c", "completed", 1.02),
+        ],
+        baselines={"q": "qlora", "c": "calibrated"},
+    )
     board, paired = board_for(results, held_out_answers({"a": 236, "b": 200, "q": 150, "c": 206, "base": 10}))
     assert list(board["candidate"][:2]) == ["a", "c"]  # a beats the best baseline, the calibrated default
     text = recommend(board, paired, rank_by=["exact_match", "chrf"])
-    assert text.startswith("Recommended: trial a (#1). It beats the best baseline, the calibrated default (trial c): "
-                           "+10.0 points of held-out exact match (95% CI +")  # fmt: skip
+    assert text.startswith(
+        "Recommended: trial a (#1). It beats the best baseline, the calibrated default (trial c): "
+        "+10.0 points of held-out exact match (95% CI +"
+    )
     assert "McNemar p<0.001, 300 prompts). The search cost 0.05 GPU-hours beyond the baselines' 0.05." in text
 
 
 def test_a_search_that_could_not_beat_its_best_baseline_recommends_the_baseline() -> None:
     """a has the lowest loss and 5 more right answers than the calibrated default c, not a measurable
     difference: c ranks #1 and the recommendation says the search bought nothing measurable."""
-    results = results_table([("a", "completed", 1.00), ("b", "completed", 1.05), ("q", "completed", 1.08),
-                             ("c", "completed", 1.02)], baselines={"q": "qlora", "c": "calibrated"})  # fmt: skip
+    results = results_table(
+        [
+            ("a", "completed", 1.00),
+            ("b", "completed", 1.05),
+            ("q", "completed", 1.08),
+            ("c", "completed", 1.02),
+        ],
+        baselines={"q": "qlora", "c": "calibrated"},
+    )
     board, paired = board_for(results, held_out_answers({"a": 205, "b": 200, "q": 150, "c": 200, "base": 10}))
     assert list(board["candidate"][:3]) == ["c", "a", "b"]
     rows = board.set_index("candidate")
     assert rows.loc["a", "vs_baseline"] == "tie" and rows.loc["q", "vs_baseline"] == "worse"
     text = recommend(board, paired, rank_by=["exact_match", "chrf"])
-    assert text.startswith("Recommended: the best baseline, the calibrated default (trial c): no finalist of the "
-                           "search is measurably better than it")  # fmt: skip
+    assert text.startswith(
+        "Recommended: the best baseline, the calibrated default (trial c): no finalist of the "
+        "search is measurably better than it"
+    )
     assert "The search's best finalist, trial a, against it: +1.7 points of held-out exact match" in text
     assert "McNemar p=0.062" in text and "without a measurable gain" in text
 
@@ -240,9 +298,17 @@ def test_without_a_baseline_the_recommendation_says_so() -> None:
 
 
 def test_the_baseline_trials_are_always_finalists() -> None:
-    results = results_table([("a", "completed", 1.0), ("b", "completed", 1.01), ("c", "completed", 1.02),
-                             ("q", "stopped", 1.5), ("k", "completed", 1.6), ("x", "error", math.nan)],
-                            baselines={"q": "qlora", "k": "calibrated"})  # fmt: skip
+    results = results_table(
+        [
+            ("a", "completed", 1.0),
+            ("b", "completed", 1.01),
+            ("c", "completed", 1.02),
+            ("q", "stopped", 1.5),
+            ("k", "completed", 1.6),
+            ("x", "error", math.nan),
+        ],
+        baselines={"q": "qlora", "k": "calibrated"},
+    )
     assert [c.name for c in select_finalists(results, top_k=2)] == ["base", "a", "b", "q", "k"]
     assert [c.name for c in select_finalists(results, top_k=4)] == ["base", "a", "b", "c", "q", "k"]
     failed = results.assign(status=["completed", "completed", "completed", "error", "error", "error"])
@@ -253,9 +319,16 @@ def test_candidates_are_usable_trials_with_adapters_by_loss() -> None:
     from analysis.rank import choose_candidates
 
     table = results_table(
-        [("e", "error", 0.5), ("c", "completed", 1.2), ("s", "stopped", 1.1), ("f", "failed", math.nan),
-         ("o", "oom", 0.9), ("b", "completed", 1.1), ("n", "completed", 1.0)]
-    )  # fmt: skip
+        [
+            ("e", "error", 0.5),
+            ("c", "completed", 1.2),
+            ("s", "stopped", 1.1),
+            ("f", "failed", math.nan),
+            ("o", "oom", 0.9),
+            ("b", "completed", 1.1),
+            ("n", "completed", 1.0),
+        ]
+    )
     table["adapter_path"] = [f"/adapters/{t}" if t != "n" else None for t in table["trial_id"]]
     assert list(choose_candidates(table, top_k=3)["trial_id"]) == ["b", "s", "c"]  # ties by trial id
     assert list(choose_candidates(table, top_k=1)["trial_id"]) == ["b"]

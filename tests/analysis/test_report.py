@@ -117,8 +117,16 @@ def test_a_copied_experiment_reports_with_overrides_and_a_judge(
     results.to_parquet(copy / "results.parquet")
     for name in ("leaderboard.parquet", "generations.parquet", "report.html"):
         (copy / name).unlink()
-    done = run_module("analysis.report", str(copy / "results.parquet"), "--top-k", "1", "report.eval_prompts=2",
-                      "prompts=[]", f"judge={tiny_llama}", "rank_by=[judge, exact_match]")  # fmt: skip
+    done = run_module(
+        "analysis.report",
+        str(copy / "results.parquet"),
+        "--top-k",
+        "1",
+        "report.eval_prompts=2",
+        "prompts=[]",
+        f"judge={tiny_llama}",
+        "rank_by=[judge, exact_match]",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "report:" in done.stdout
     assert "Recommended: trial " in done.stdout or "Recommended: the best baseline, " in done.stdout
@@ -139,8 +147,14 @@ def test_remote_storage_is_fetched_and_outputs_put_back(tiny_sweep: Path, tmp_pa
     remote = tmp_path / "bucket" / "tiny"
     shutil.copytree(tiny_sweep, remote)
     (remote / "report.html").unlink()
-    done = run_module("analysis.report", f"file://{remote}", "eval_prompts=1", "prompts=[]", "top_k=1",
-                      env={"QLORA_SWEEPS_CACHE": str(tmp_path / "cache")})  # fmt: skip
+    done = run_module(
+        "analysis.report",
+        f"file://{remote}",
+        "eval_prompts=1",
+        "prompts=[]",
+        "top_k=1",
+        env={"QLORA_SWEEPS_CACHE": str(tmp_path / "cache")},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (remote / "report.html").is_file()
     # The copy's folder holds a hash of the URI (one experiment name in two storages), then the name.

@@ -169,10 +169,16 @@ def test_the_trivial_baseline_answers_the_most_common_training_answer() -> None:
     )
     assert answers == {None: "even", "even_odd": "even", "add": "5"}
     prompts = pd.DataFrame(
-        {"prompt_id": ["e1", "e2", "x1", "u1"], "task": ["even_odd", "even_odd", "unseen", None],
-         "check": ["exact", "exact", "exact", None], "question": ["4", "7", "?", "poem"],
-         "reference": ["even", "odd", "even", None], "candidate": ["base"] * 4, "answer": ["", "", "", ""]}
-    )  # fmt: skip
+        {
+            "prompt_id": ["e1", "e2", "x1", "u1"],
+            "task": ["even_odd", "even_odd", "unseen", None],
+            "check": ["exact", "exact", "exact", None],
+            "question": ["4", "7", "?", "poem"],
+            "reference": ["even", "odd", "even", None],
+            "candidate": ["base"] * 4,
+            "answer": ["", "", "", ""],
+        }
+    )
     baseline = baseline_generations(prompts, answers)
     assert list(baseline["candidate"].unique()) == [MOST_COMMON]
     assert list(baseline["answer"]) == ["even", "even", "even"]  # the unseen task gets the overall answer
@@ -187,8 +193,17 @@ def test_compare_candidates_is_paired_per_prompt() -> None:
         reference = str(i)
         # t1 right on all, t2 right on the first 30, base right on none.
         for candidate, right in (("t1", True), ("t2", i < 30), ("base", False)):
-            rows.append({"prompt_id": f"p{i}", "task": "add", "check": "exact", "question": "?",
-                         "reference": reference, "candidate": candidate, "answer": reference if right else "x"})  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": f"p{i}",
+                    "task": "add",
+                    "check": "exact",
+                    "question": "?",
+                    "reference": reference,
+                    "candidate": candidate,
+                    "answer": reference if right else "x",
+                }
+            )
     pairs = compare_candidates(score_generations(pd.DataFrame(rows)), ["t1", "t2", "base"])
     exact = pairs[pairs["metric"] == "exact_match"].set_index(["candidate", "other"])
     assert exact.loc[("t1", "t2"), "verdict"] == "better" and exact.loc[("t2", "t1"), "verdict"] == "worse"

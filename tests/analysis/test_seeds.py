@@ -16,23 +16,43 @@ def results_table(rows: list[tuple[str, str, str, int, str, float]]) -> pd.DataF
     """(trial_id, config_id, origin, seed, status, best_eval_loss) rows, as collect_results writes them."""
     return pd.DataFrame(
         [
-            {"trial_id": t, "config_id": c, "origin": o, "seed": seed, "status": s, "r": 8 if c == "a" else 16,
-             "lora_alpha": 16, "target_modules": "qv", "lora_dropout": 0.0, "bias": "none", "learning_rate": 1e-4,
-             "best_eval_loss": loss, "base_eval_loss": 2.0, "adapter_path": f"/x/{t}", "error": None}
+            {
+                "trial_id": t,
+                "config_id": c,
+                "origin": o,
+                "seed": seed,
+                "status": s,
+                "r": 8 if c == "a" else 16,
+                "lora_alpha": 16,
+                "target_modules": "qv",
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "learning_rate": 1e-4,
+                "best_eval_loss": loss,
+                "base_eval_loss": 2.0,
+                "adapter_path": f"/x/{t}",
+                "error": None,
+            }
             for t, c, o, seed, s, loss in rows
         ]
-    )  # fmt: skip
+    )
 
 
 # a: lucky first seed (0.990), re-checked at 1.010 and 1.020: mean 1.0067. b: 1.000, 1.002, 1.004: mean
 # 1.002, the better configuration although a's single best run is lower. c: one seed, never re-checked.
 # a's third re-check ran out of memory and is left out of its mean.
-RESULTS = results_table([
-    ("a", "a", "search", 42, "completed", 0.990), ("b", "b", "initial", 42, "completed", 1.000),
-    ("c", "c", "search", 42, "completed", 1.050), ("a2", "a", "recheck", 43, "completed", 1.010),
-    ("a3", "a", "recheck", 44, "completed", 1.020), ("a4", "a", "recheck", 45, "oom", math.nan),
-    ("b2", "b", "recheck", 43, "completed", 1.002), ("b3", "b", "recheck", 44, "completed", 1.004),
-])  # fmt: skip
+RESULTS = results_table(
+    [
+        ("a", "a", "search", 42, "completed", 0.990),
+        ("b", "b", "initial", 42, "completed", 1.000),
+        ("c", "c", "search", 42, "completed", 1.050),
+        ("a2", "a", "recheck", 43, "completed", 1.010),
+        ("a3", "a", "recheck", 44, "completed", 1.020),
+        ("a4", "a", "recheck", 45, "oom", math.nan),
+        ("b2", "b", "recheck", 43, "completed", 1.002),
+        ("b3", "b", "recheck", 44, "completed", 1.004),
+    ]
+)
 
 
 def test_configurations_are_pooled_over_their_seeds() -> None:

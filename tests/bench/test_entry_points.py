@@ -73,8 +73,16 @@ def test_make_model_writes_a_tiny_checkpoint_with_the_default_models_tokenizer_o
     from transformers import AutoConfig, AutoTokenizer
 
     out = tmp_path / "tiny"
-    run_main("bench.make_model", "--shape", "tiny", "--tokenizer", "smollm2", "--out", str(out),
-             monkeypatch=monkeypatch)  # fmt: skip
+    run_main(
+        "bench.make_model",
+        "--shape",
+        "tiny",
+        "--tokenizer",
+        "smollm2",
+        "--out",
+        str(out),
+        monkeypatch=monkeypatch,
+    )
     config = AutoConfig.from_pretrained(out)
     assert (config.hidden_size, config.num_hidden_layers) == (64, 2)  # bench.recipes.SHAPES["tiny"]
     assert (
@@ -84,8 +92,16 @@ def test_make_model_writes_a_tiny_checkpoint_with_the_default_models_tokenizer_o
     )
     weights = out / "model.safetensors"
     written = weights.stat().st_mtime_ns
-    run_main("bench.make_model", "--shape", "tiny", "--tokenizer", "smollm2", "--out", str(out),
-             monkeypatch=monkeypatch)  # fmt: skip
+    run_main(
+        "bench.make_model",
+        "--shape",
+        "tiny",
+        "--tokenizer",
+        "smollm2",
+        "--out",
+        str(out),
+        monkeypatch=monkeypatch,
+    )
     assert weights.stat().st_mtime_ns == written  # kept, not made again
 
 
@@ -94,15 +110,25 @@ def finished_trial(
 ) -> TrialResult:
     """A finished trial as the driver leaves it: Tune's result.json (the trial's reports, with Tune's
     timestamp and time_total_s) and its row of results.parquet."""
-    report = TrialReport(eval_loss=0.5, step=40, base_eval_loss=2.0, tokens_per_s=1000.0, peak_memory_gib=0.5,
-                         cuda_visible_devices=device, visible_gpus=1, gpu_ids=device, worker_trial=1,
-                         **dict.fromkeys(START_PARTS, 0.4))  # fmt: skip
+    report = TrialReport(
+        eval_loss=0.5,
+        step=40,
+        base_eval_loss=2.0,
+        tokens_per_s=1000.0,
+        peak_memory_gib=0.5,
+        cuda_visible_devices=device,
+        visible_gpus=1,
+        gpu_ids=device,
+        worker_trial=1,
+        **dict.fromkeys(START_PARTS, 0.4),
+    )
     folder = experiment / f"train_trial_{trial_id}"
     folder.mkdir(parents=True)
     last = {**report.to_tune(), "trial_id": trial_id, "timestamp": start + seconds, "time_total_s": seconds}
     (folder / "result.json").write_text(json.dumps({**last, "step": 20}) + "\n" + json.dumps(last) + "\n")
-    return trial_result(trial_id, 0.5, r=16, learning_rate=1e-3, wall_time_s=seconds, trial_path=str(folder),
-                        last=report)  # fmt: skip
+    return trial_result(
+        trial_id, 0.5, r=16, learning_rate=1e-3, wall_time_s=seconds, trial_path=str(folder), last=report
+    )
 
 
 def test_sweep_summary_records_each_trials_gpu_and_how_many_ran_at_once(
@@ -110,13 +136,24 @@ def test_sweep_summary_records_each_trials_gpu_and_how_many_ran_at_once(
 ) -> None:
     experiment = tmp_path / "two-at-a-time"
     # a and b overlap on GPUs 0 and 1; c starts on GPU 0 after a ended: at most 2 at once.
-    rows = [finished_trial(experiment, "a", device="0", start=100.0, seconds=20.0),
-            finished_trial(experiment, "b", device="1", start=105.0, seconds=20.0),
-            finished_trial(experiment, "c", device="0", start=121.0, seconds=20.0)]  # fmt: skip
+    rows = [
+        finished_trial(experiment, "a", device="0", start=100.0, seconds=20.0),
+        finished_trial(experiment, "b", device="1", start=105.0, seconds=20.0),
+        finished_trial(experiment, "c", device="0", start=121.0, seconds=20.0),
+    ]
     write_table(results_table(rows), experiment, RESULTS)
     out = tmp_path / "out"
-    run_main("bench.sweep.summary", str(experiment), "--label", "two", "--wall-s", "50.5", "--out", str(out),
-             monkeypatch=monkeypatch)  # fmt: skip
+    run_main(
+        "bench.sweep.summary",
+        str(experiment),
+        "--label",
+        "two",
+        "--wall-s",
+        "50.5",
+        "--out",
+        str(out),
+        monkeypatch=monkeypatch,
+    )
     (record,) = [json.loads(line) for line in (out / "sweeps.jsonl").read_text().splitlines()]
     assert (record["label"], record["experiment"], record["sweep_wall_s"]) == ("two", "two-at-a-time", 50.5)
     assert record["trials"] == 3 and record["most_trials_at_once"] == 2

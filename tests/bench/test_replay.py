@@ -163,11 +163,24 @@ def test_replay_command_writes_the_table_summaries_and_plot(table: Table, replay
 
 def test_table_from_an_experiment_keeps_completed_trials(tmp_path: Path) -> None:
     write_summary(tmp_path, sweep_summary({"model": {"name_or_path": "smollm2"}, "search": {"space": SPACE}}))
-    rows = [trial_result("a", 1.5, r=8, lora_alpha=16, learning_rate=1e-4, eval_history=[2.0, 1.5], gpu_seconds=40.0),
-            trial_result("b", math.nan, status="oom", r=64, lora_alpha=16, learning_rate=2e-4, eval_history=[],
-                         gpu_seconds=3.0),
-            trial_result("c", 0.5, r=64, lora_alpha=16, learning_rate=7e-4, eval_history=[1.0, 0.5],
-                         gpu_seconds=60.0)]  # fmt: skip
+    rows = [
+        trial_result(
+            "a", 1.5, r=8, lora_alpha=16, learning_rate=1e-4, eval_history=[2.0, 1.5], gpu_seconds=40.0
+        ),
+        trial_result(
+            "b",
+            math.nan,
+            status="oom",
+            r=64,
+            lora_alpha=16,
+            learning_rate=2e-4,
+            eval_history=[],
+            gpu_seconds=3.0,
+        ),
+        trial_result(
+            "c", 0.5, r=64, lora_alpha=16, learning_rate=7e-4, eval_history=[1.0, 0.5], gpu_seconds=60.0
+        ),
+    ]
     write_table(schema_table(rows).sort_values("trial_id"), tmp_path, RESULTS)
     table = table_from_experiment(tmp_path)
     assert [row.hyperparameters for row in table.rows] == [

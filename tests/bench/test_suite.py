@@ -14,8 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def suite(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(REPO / "bench/suite.sh"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        ["bash", str(REPO / "bench/suite.sh"), *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,20 @@ def record(
     case: str, label: str, repeat: int, tokens_per_s: float, step_s: float, **extra: Any
 ) -> dict[str, Any]:
     recipe = "textbook" if label == "textbook" else "project"
-    return {"case": case, "label": label, "recipe": recipe, "repeat": repeat, "tokens_per_s": tokens_per_s,
-            "step_s_median": step_s, "targets": "all", "batches": "4x1024", "steps": 8, "peak_gib": 6.0,
-            "mfu": 0.2, **extra}  # fmt: skip
+    return {
+        "case": case,
+        "label": label,
+        "recipe": recipe,
+        "repeat": repeat,
+        "tokens_per_s": tokens_per_s,
+        "step_s_median": step_s,
+        "targets": "all",
+        "batches": "4x1024",
+        "steps": 8,
+        "peak_gib": 6.0,
+        "mfu": 0.2,
+        **extra,
+    }
 
 
 def test_spread_is_median_and_range() -> None:
@@ -33,11 +44,15 @@ def test_ratio_pairs_each_repeat_with_its_own_textbook() -> None:
     # A slow host in repeat 1 slows both sides: per-repeat ratios are 1.5, 1.5, 3.0. Dividing medians of
     # tokens/s (300 / 100 = 3.0) would credit the project with the textbook's bad luck.
     records = [
-        record("fixed", "textbook", 0, 100, 0.70), record("fixed", "project", 0, 150, 0.46),
-        record("fixed", "textbook", 1, 200, 0.35), record("fixed", "project", 1, 300, 0.23),
-        record("fixed", "textbook", 2, 100, 0.70), record("fixed", "project", 2, 300, 0.23),
-        record("realistic", "textbook", 0, 1000, 1.2), record("realistic", "project", 0, 4000, 0.3),
-    ]  # fmt: skip
+        record("fixed", "textbook", 0, 100, 0.70),
+        record("fixed", "project", 0, 150, 0.46),
+        record("fixed", "textbook", 1, 200, 0.35),
+        record("fixed", "project", 1, 300, 0.23),
+        record("fixed", "textbook", 2, 100, 0.70),
+        record("fixed", "project", 2, 300, 0.23),
+        record("realistic", "textbook", 0, 1000, 1.2),
+        record("realistic", "project", 0, 4000, 0.3),
+    ]
     summary = {(s["case"], s["label"]): s for s in summarize(records)}
     project = summary["fixed", "project"]
     assert project["repeats"] == 3
@@ -54,9 +69,11 @@ def test_a_variant_without_its_textbook_has_no_ratio() -> None:
 
 
 def test_unchecked_layers_get_the_memory_the_textbook_peak_leaves() -> None:
-    records = [record("memory", "textbook", 0, 5870, 0.7, peak_gib=8.38),
-               record("memory", "project", 0, 9000, 0.45, peak_gib=6.36),
-               record("fixed", "textbook", 0, 5870, 0.7, peak_gib=20.0)]  # fmt: skip
+    records = [
+        record("memory", "textbook", 0, 5870, 0.7, peak_gib=8.38),
+        record("memory", "project", 0, 9000, 0.45, peak_gib=6.36),
+        record("fixed", "textbook", 0, 5870, 0.7, peak_gib=20.0),
+    ]
     peaks = peaks_of(records, "memory")
     assert peaks == {"textbook": 8.38, "project": 6.36}  # another case's textbook is not this one's
     assert memory_left_under_textbook(peaks, case="memory") == 1.77  # 8.38 - 6.36 - 0.25 margin

@@ -24,11 +24,23 @@ def test_config_loads_with_four_fixed_trials() -> None:
 def test_summary_splits_new_and_reused_workers() -> None:
     def trial(mode: str, worker_trial: int, startup: float) -> dict[str, object]:
         parts = dict.fromkeys(START_PARTS, startup / len(START_PARTS))
-        return {"kind": "trial", "mode": mode, "worker_trial": worker_trial, "startup_s": startup, **parts,
-                "startup_share": 0.5}  # fmt: skip
+        return {
+            "kind": "trial",
+            "mode": mode,
+            "worker_trial": worker_trial,
+            "startup_s": startup,
+            **parts,
+            "startup_share": 0.5,
+        }
 
-    rows = [trial("reuse", 1, 10.0), trial("reuse", 2, 2.0), trial("reuse", 2, 4.0), trial("no-reuse", 1, 9.0),
-            {"kind": "sweep", "mode": "reuse", "wall_s": 30.0}, {"kind": "sweep", "mode": "no-reuse", "wall_s": 40.0}]  # fmt: skip
+    rows = [
+        trial("reuse", 1, 10.0),
+        trial("reuse", 2, 2.0),
+        trial("reuse", 2, 4.0),
+        trial("no-reuse", 1, 9.0),
+        {"kind": "sweep", "mode": "reuse", "wall_s": 30.0},
+        {"kind": "sweep", "mode": "no-reuse", "wall_s": 40.0},
+    ]
     text = summarize(rows)
     assert "| reuse | reused worker, n=2 | 3.00 [2.00-4.00] |" in text
     assert "| reuse | new worker, n=1 | 10.00 [10.00-10.00] |" in text

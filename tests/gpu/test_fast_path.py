@@ -192,9 +192,15 @@ def test_a_copy_of_the_kept_base_computes_and_trains_as_the_loaded_one(
 
     monkeypatch.setenv("QLORA_SWEEPS_CACHE", str(tmp_path))
     monkeypatch.setattr(worker, "WORKER", worker.WorkerProcess(started_at=0.0))
-    settings = TrialSettings(model_path=str(small_llama), model=ModelSettings(name_or_path=str(small_llama)),
-                             train=None, default_hparams=Hyperparameters(), train_data={},  # type: ignore[arg-type]
-                             eval_data={}, reused_worker=True)  # fmt: skip
+    settings = TrialSettings(
+        model_path=str(small_llama),
+        model=ModelSettings(name_or_path=str(small_llama)),
+        train=None,
+        default_hparams=Hyperparameters(),
+        train_data={},  # type: ignore[arg-type]
+        eval_data={},
+        reused_worker=True,
+    )
     loaded, copied = worker.base_for_trial(settings, device="cuda", keep=True)
     assert not copied and worker.WORKER.base is not None
     weights = sum(t.numel() * t.element_size() for t in worker.WORKER.base.model.state_dict().values())
@@ -210,8 +216,12 @@ def test_a_copy_of_the_kept_base_computes_and_trains_as_the_loaded_one(
 
     def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        lora = init_lora(build_lora_model(model, Hyperparameters(r=8, target_modules="all-linear"),
-                                          gradient_checkpointing=True), b_std=0.02)  # fmt: skip
+        lora = init_lora(
+            build_lora_model(
+                model, Hyperparameters(r=8, target_modules="all-linear"), gradient_checkpointing=True
+            ),
+            b_std=0.02,
+        )
         with torch.autocast("cuda", dtype=torch.bfloat16):
             lora(input_ids=ids, labels=ids).loss.backward()
         return lora_grads(lora)

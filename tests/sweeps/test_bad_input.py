@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sweeps.run import main
+from tests.conftest import bad_config
 
 RAISING_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
@@ -151,14 +151,7 @@ def test_bad_input_is_named_before_ray_starts(
     import ray
 
     make_overrides, named = CASES[case]
-    config = {
-        "name": "bad",
-        "storage_path": str(tmp_path / "experiments"),
-        "model": {"name_or_path": str(tiny_llama)},
-        "search": {"initial_points": [], "baselines": []},
-    }
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = bad_config(tmp_path, tiny_llama)
     assert main(["--config", str(path), *make_overrides(tmp_path, tiny_llama)]) == 2
     error = capsys.readouterr().err
     assert named in error, error
@@ -191,10 +184,19 @@ def test_a_model_that_cannot_be_found_is_one_line_from_the_cli(
     """Offline (no network here; HF_HUB_OFFLINE as on an air-gapped cluster) the hub client's OSError and
     traceback become one line naming the key and what to do."""
     done = subprocess.run(
-        [sys.executable, "-m", "sweeps.run", f"model.name_or_path={name_or_path}",
-         f"storage_path={tmp_path / 'experiments'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sweeps.run",
+            f"model.name_or_path={name_or_path}",
+            f"storage_path={tmp_path / 'experiments'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"model.name_or_path={name_or_path!r}" in lines[0] and named in lines[0], (

@@ -32,9 +32,16 @@ def tiny_model(path: Path, tokenizer_path: Path, hidden_size: int) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -48,9 +55,14 @@ def test_the_plan_calibrates_to_each_models_width(tmp_path: Path, tokenizer_path
 
     for hidden_size in (64, 256):
         model = tiny_model(tmp_path / f"llama-{hidden_size}", tokenizer_path, hidden_size)
-        overrides = [f"model.name_or_path={model}", "data.max_train_examples=16", "data.max_eval_examples=2",
-                     "search.num_samples=4", "search.baselines=[qlora, calibrated]",
-                     "search.space.learning_rate.loguniform=[1e-4, calibrated * 10]"]  # fmt: skip
+        overrides = [
+            f"model.name_or_path={model}",
+            "data.max_train_examples=16",
+            "data.max_eval_examples=2",
+            "search.num_samples=4",
+            "search.baselines=[qlora, calibrated]",
+            "search.space.learning_rate.loguniform=[1e-4, calibrated * 10]",
+        ]
         plan = plan_sweep(load_config("local", overrides))
         rate = calibrated_learning_rate(hidden_size)
         assert plan.summary.calibrated_learning_rate == rate
@@ -67,22 +79,40 @@ def test_asha_never_stops_a_baseline() -> None:
 
     from sweeps.search import ASHAWithBaselines
 
-    scheduler = ASHAWithBaselines(baselines=[QLORA_RECIPE], time_attr="training_iteration", max_t=4,
-                                  grace_period=1, reduction_factor=2, metric="eval_loss", mode="min")  # fmt: skip
+    scheduler = ASHAWithBaselines(
+        baselines=[QLORA_RECIPE],
+        time_attr="training_iteration",
+        max_t=4,
+        grace_period=1,
+        reduction_factor=2,
+        metric="eval_loss",
+        mode="min",
+    )
     configs = [QLORA_RECIPE, {**QLORA_RECIPE, "r": 8}, {**QLORA_RECIPE, "r": 16}, dict(QLORA_RECIPE)]
     trials = [Trial("stand-in", config=dict(c), stub=True) for c in configs]
     for trial in trials:
         scheduler.on_trial_add(None, trial)
-    decisions = [scheduler.on_trial_result(None, trial, {"training_iteration": 1, "eval_loss": loss})
-                 for trial, loss in zip(trials, [5.0, 1.0, 0.9, 5.0], strict=True)]  # fmt: skip
-    assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE, TrialScheduler.CONTINUE,
-                         TrialScheduler.STOP]  # fmt: skip
+    decisions = [
+        scheduler.on_trial_result(None, trial, {"training_iteration": 1, "eval_loss": loss})
+        for trial, loss in zip(trials, [5.0, 1.0, 0.9, 5.0], strict=True)
+    ]
+    assert decisions == [
+        TrialScheduler.CONTINUE,
+        TrialScheduler.CONTINUE,
+        TrialScheduler.CONTINUE,
+        TrialScheduler.STOP,
+    ]
 
 
 def driver(config: Path, *extra: str, cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "sweeps.run", "--config", str(config), *extra], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "sweeps.run", "--config", str(config), *extra],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_baselines_run_first_in_full_and_a_resumed_sweep_keeps_them(tmp_path: Path, tiny_llama: Path) -> None:

@@ -79,8 +79,9 @@ def test_the_wait_ends_when_a_node_joins_and_says_why_it_waited() -> None:
     views = iter([ClusterView((HEAD,), "autoscaler", activity="launching 1 gpu_spot")] * 3)
     joined = ClusterView((HEAD, Node(cpus=8, gpus=1)), "autoscaler")
     said: list[str] = []
-    waited = wait_for_capacity(GPU_TRIAL, limit_s=30, look=lambda: next(views, joined), say=said.append,
-                               poll_s=0.01, say_every_s=30)  # fmt: skip
+    waited = wait_for_capacity(
+        GPU_TRIAL, limit_s=30, look=lambda: next(views, joined), say=said.append, poll_s=0.01, say_every_s=30
+    )
     assert waited < 5
     assert len(said) == 2, said  # when it began waiting (not at every look), and when the node came
     assert said[0].startswith("resources: waiting for a node with 4 CPUs and 1 GPU for the trials")
@@ -117,10 +118,14 @@ def write_config(tmp_path: Path, model: Path) -> Path:
         "model": {"name_or_path": str(model), "gradient_checkpointing": False},
         "data": {"max_length": 128, "max_train_examples": 32, "max_eval_examples": 4},
         "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2},
-        "search": {"num_samples": 1, "scheduler": "none", "start_with_qlora_recipe": False,
-                   "space": {"r": {"choice": [4, 8]}}},
+        "search": {
+            "num_samples": 1,
+            "scheduler": "none",
+            "start_with_qlora_recipe": False,
+            "space": {"r": {"choice": [4, 8]}},
+        },
         "report": {"enabled": False},
-    }  # fmt: skip
+    }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -38,15 +38,27 @@ def test_trials_run_one_per_node_and_gpu_at_the_same_time_and_the_report_on_a_gp
         "data": {"max_length": 128, "max_train_examples": 64, "max_eval_examples": 4},
         "train": {"max_steps": 6, "batch_size": 4, "eval_every": 2},
         "lora": {"target_modules": "qv"},
-        "search": {"num_samples": 2, "cpus_per_trial": 1, "gpus_per_trial": 1, "scheduler": "none",
-                   "baselines": [], "space": {"r": {"choice": [4, 8]}}},
+        "search": {
+            "num_samples": 2,
+            "cpus_per_trial": 1,
+            "gpus_per_trial": 1,
+            "scheduler": "none",
+            "baselines": [],
+            "space": {"r": {"choice": [4, 8]}},
+        },
         "report": {"top_k": 1, "eval_prompts": 2, "prompts": ["Hi"], "generation": {"max_new_tokens": 4}},
-    }  # fmt: skip
+    }
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_ADDRESS": two_node_cluster.address}
-    done = subprocess.run([sys.executable, "-m", "sweeps.run", "--config", str(path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeps.run", "--config", str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     table = pd.read_parquet(storage / "two-nodes" / "results.parquet")
     assert len(table) == 2 and set(table["status"]) == {"completed"}
@@ -82,9 +94,12 @@ def gpu_worker_cluster():
 
 
 def test_a_trial_no_node_of_a_gpu_cluster_holds_is_refused_without_waiting(
-    gpu_worker_cluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama: Path,
+    gpu_worker_cluster,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tiny_llama: Path,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     from sweeps.run import main
 
     monkeypatch.setenv("RAY_ADDRESS", gpu_worker_cluster.address)
@@ -94,9 +109,13 @@ def test_a_trial_no_node_of_a_gpu_cluster_holds_is_refused_without_waiting(
         "model": {"name_or_path": str(tiny_llama), "gradient_checkpointing": False},
         "data": {"max_length": 128, "max_train_examples": 32, "max_eval_examples": 4},
         "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2},
-        "search": {"num_samples": 1, "scheduler": "none", "start_with_qlora_recipe": False,
-                   "space": {"r": {"choice": [4, 8]}}},
-    }  # fmt: skip
+        "search": {
+            "num_samples": 1,
+            "scheduler": "none",
+            "start_with_qlora_recipe": False,
+            "space": {"r": {"choice": [4, 8]}},
+        },
+    }
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     nodes = "this cluster has 2 nodes: 2 CPUs, 0 GPUs; 1 CPU, 1 GPU, and no autoscaler that could add a node"

@@ -160,8 +160,11 @@ def test_a_baseline_outside_the_space_is_named_as_the_baseline() -> None:
     ):
         load_config("local", ["search.baselines=[qlora]", "search.space.r.choice=[8, 16]"])
     narrow = load_config("local", ["search.space.learning_rate.loguniform=[1e-4, 1e-3]"])  # 1.32e-3 outside
-    with pytest.raises(ConfigError, match=r"search\.baselines: calibrated \(the calibrated default's "
-                       r"learning_rate\): 0\.00132 lies outside search\.space\.learning_rate"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"search\.baselines: calibrated \(the calibrated default's "
+        r"learning_rate\): 0\.00132 lies outside search\.space\.learning_rate",
+    ):
         calibrated(narrow)
     with pytest.raises(ConfigError, match=r"search\.start_with_qlora_recipe: replaced by search\.baselines"):
         load_config("local", ["search.start_with_qlora_recipe=false"])
@@ -169,8 +172,11 @@ def test_a_baseline_outside_the_space_is_named_as_the_baseline() -> None:
 
 def test_points_that_cannot_all_run_are_an_error_not_dropped() -> None:
     both = ["search.baselines=[qlora, calibrated]", "search.num_samples=1"]
-    with pytest.raises(ConfigError, match=r"search.initial_points: 2 baseline\(s\) and 0 point\(s\) need "
-                       r"search.num_samples >= 2, got 1; .* \(or baselines\)"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"search.initial_points: 2 baseline\(s\) and 0 point\(s\) need "
+        r"search.num_samples >= 2, got 1; .* \(or baselines\)",
+    ):
         load_config("local", both)
     config = load_config("local", [*both[:1], "search.num_samples=2"])
     assert points(config) == [QLORA_RECIPE, calibrated_point(LR)]
@@ -194,9 +200,13 @@ def test_lora_options_are_searchable_and_checked() -> None:
     space = "search.space.{}={}"
     config = load_config(
         "local",
-        [space.format("use_dora", "{choice: [false, true]}"), space.format("use_rslora", "{choice: [true]}"), "lora.use_rslora=true",
-         space.format("loraplus_lr_ratio", "{loguniform: [1, 16]}")],
-    )  # fmt: skip
+        [
+            space.format("use_dora", "{choice: [false, true]}"),
+            space.format("use_rslora", "{choice: [true]}"),
+            "lora.use_rslora=true",
+            space.format("loraplus_lr_ratio", "{loguniform: [1, 16]}"),
+        ],
+    )
     assert set(to_tune_space(calibrated(config).search.space)) >= {
         "use_dora",
         "use_rslora",
@@ -216,14 +226,28 @@ def test_a_point_that_leaves_out_searched_keys_takes_the_lora_sections_values() 
     from sweeps.search import build_searcher
 
     dora = "search.space.use_dora={choice: [false, true]}"
-    config = load_config("local", ["search.num_samples=3", dora, "lora.use_dora=true",
-                                   "search.initial_points=[{r: 8}]", "search.baselines=[qlora]"])  # fmt: skip
+    config = load_config(
+        "local",
+        [
+            "search.num_samples=3",
+            dora,
+            "lora.use_dora=true",
+            "search.initial_points=[{r: 8}]",
+            "search.baselines=[qlora]",
+        ],
+    )
     config = calibrated(config)
     recipe, point = points(config)
     assert recipe == {**{k: v for k, v in QLORA_RECIPE.items() if k in config.search.space}, "use_dora": True}
     lora = config.lora
-    assert point == {"r": 8, "learning_rate": lora.learning_rate, "lora_alpha": lora.lora_alpha,
-                     "target_modules": lora.target_modules, "lora_dropout": lora.lora_dropout, "use_dora": True}  # fmt: skip
+    assert point == {
+        "r": 8,
+        "learning_rate": lora.learning_rate,
+        "lora_alpha": lora.lora_alpha,
+        "target_modules": lora.target_modules,
+        "lora_dropout": lora.lora_dropout,
+        "use_dora": True,
+    }
     searcher = build_searcher(config.search, points(config))
     searcher.set_search_properties("eval_loss", "min", to_tune_space(config.search.space))
     assert [searcher.suggest(f"t{i}") for i in range(2)] == [recipe, point]

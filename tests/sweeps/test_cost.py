@@ -46,8 +46,14 @@ def write_config(tmp_path: Path, model: Path, **search: Any) -> Path:
 def run_driver(
     config: Path, *, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", "sweeps.run", "--config", str(config)], cwd=cwd,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeps.run", "--config", str(config)],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -66,8 +72,14 @@ def one_gpu_node():
 def test_two_trials_share_one_gpu_when_trials_per_gpu_says_so(
     one_gpu_node, tmp_path: Path, tiny_llama: Path
 ) -> None:
-    config = write_config(tmp_path, tiny_llama, num_samples=2, trials_per_gpu=2, price_per_gpu_hour=3.0,
-                          initial_points=[SMALL, {"r": 4, "target_modules": "all-linear"}])  # fmt: skip
+    config = write_config(
+        tmp_path,
+        tiny_llama,
+        num_samples=2,
+        trials_per_gpu=2,
+        price_per_gpu_hour=3.0,
+        initial_points=[SMALL, {"r": 4, "target_modules": "all-linear"}],
+    )
     done = run_driver(config, cwd=tmp_path, env={"RAY_ADDRESS": one_gpu_node.address})
     assert "2 trial(s) per GPU, 2 at once" in done.stdout
     table = pd.read_parquet(tmp_path / "experiments" / "cost-test" / "results.parquet")
@@ -108,9 +120,16 @@ def test_a_config_predicted_not_to_fit_is_skipped_and_the_budget_stops_the_sweep
     card = (small + big) / 2
     num_samples = 20  # far more than the budget allows, however fast a trial is
     # 5 trial-seconds (a CPU sweep counts its trials' wall time): a few trials, far fewer than num_samples.
-    config = write_config(tmp_path, tiny_llama, num_samples=num_samples, max_concurrent_trials=2,
-                          trials_per_gpu=1, gpu_memory_gib=card, budget_gpu_hours=5 / 3600,
-                          initial_points=[BIG, SMALL])  # fmt: skip
+    config = write_config(
+        tmp_path,
+        tiny_llama,
+        num_samples=num_samples,
+        max_concurrent_trials=2,
+        trials_per_gpu=1,
+        gpu_memory_gib=card,
+        budget_gpu_hours=5 / 3600,
+        initial_points=[BIG, SMALL],
+    )
     done = run_driver(config, cwd=tmp_path)
     experiment = tmp_path / "experiments" / "cost-test"
     table = pd.read_parquet(experiment / "results.parquet")

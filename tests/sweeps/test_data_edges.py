@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from sweeps.run import main
+from tests.conftest import bad_config
 
 SUPPORTED = (
     "qlora-sweeps trains text-only supervised fine-tuning formats: alpaca, chat, sharegpt, prompt_completion, "
@@ -180,18 +181,6 @@ CASES: dict[str, Callable[[Path], tuple[Path, str]]] = {
     "a CSV row's line counts the header": csv_position,
     "a JSON record's line is where it starts": json_position,
 }
-
-
-def bad_config(tmp_path: Path, tiny_llama: Path) -> Path:
-    config = {
-        "name": "bad",
-        "storage_path": str(tmp_path / "experiments"),
-        "model": {"name_or_path": str(tiny_llama)},
-        "search": {"initial_points": [], "baselines": []},
-    }
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -57,8 +57,14 @@ def test_a_reused_worker_runs_trial_after_trial_and_trains_as_a_new_one(
     }
     path = tmp_path / "reuse.yaml"
     path.write_text(yaml.safe_dump(config))
-    done = subprocess.run([sys.executable, "-m", "sweeps.run", "--config", str(path)], cwd=tmp_path,
-                          env=dict(os.environ), capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeps.run", "--config", str(path)],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "workers reused between trials" in done.stdout
     table = pd.read_parquet(tmp_path / "experiments" / "reuse-test" / "results.parquet")
@@ -83,18 +89,45 @@ def test_a_reused_worker_runs_trial_after_trial_and_trains_as_a_new_one(
     assert curves[1][-1] < curves[0][-1]  # A learns faster, as the schedule above assumes
 
 
-SMOLLM2_135M = ModelShape(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                          num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)  # fmt: skip
-LLAMA_7B = ModelShape(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, head_dim=128, vocab_size=32000, tie_word_embeddings=False)  # fmt: skip
+SMOLLM2_135M = ModelShape(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
+LLAMA_7B = ModelShape(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=128,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+)
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def memory_plan(shape: ModelShape, optimizer: str = "paged_adamw_32bit") -> TrialMemory:
-    return TrialMemory(model=shape, linear_modules=LINEAR, batch_size=8, longest=256, largest_batch_tokens=None,
-                       quantization="nf4", double_quant=True, compute_dtype="bfloat16",
-                       gradient_checkpointing=False, activation_memory_gib=0.0,
-                       optimizer=optimizer, card_gib=80.0, share=1.0)  # type: ignore[arg-type]  # fmt: skip
+    return TrialMemory(
+        model=shape,
+        linear_modules=LINEAR,
+        batch_size=8,
+        longest=256,
+        largest_batch_tokens=None,
+        quantization="nf4",
+        double_quant=True,
+        compute_dtype="bfloat16",
+        gradient_checkpointing=False,
+        activation_memory_gib=0.0,
+        optimizer=optimizer,
+        card_gib=80.0,
+        share=1.0,
+    )  # type: ignore[arg-type]
 
 
 def test_reuse_is_off_where_paged_optimizer_states_would_pile_up() -> None:
@@ -133,9 +166,17 @@ def test_a_reused_gpu_worker_keeps_a_base_copy_only_where_the_trial_leaves_room_
 
     def settings(card_gib: float, *, reused: bool = True) -> TrialSettings:
         memory = dataclasses.replace(plan, card_gib=card_gib, share=0.5)
-        return TrialSettings(model_path="m", model=None, train=None, default_hparams=hparams,  # type: ignore[arg-type]
-                             train_data={}, eval_data={}, gpu_share=0.5, memory=memory,
-                             reused_worker=reused)  # fmt: skip
+        return TrialSettings(
+            model_path="m",
+            model=None,
+            train=None,
+            default_hparams=hparams,  # type: ignore[arg-type]
+            train_data={},
+            eval_data={},
+            gpu_share=0.5,
+            memory=memory,
+            reused_worker=reused,
+        )
 
     roomy = 2 * (estimate.total_gib + copy_gib) + 0.01  # half of it holds the trial and the copy
     tight = 2 * (estimate.total_gib + copy_gib / 2)  # half of it holds the trial, not the copy

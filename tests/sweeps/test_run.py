@@ -145,8 +145,14 @@ def test_console_shows_one_line_per_evaluation_and_no_library_noise(tiny_sweep: 
     for trial, step, _ in found:
         steps.setdefault(trial, []).append(int(step))
     assert steps == {trial: [2, 4, 6, 8] for trial in table["trial_id"]}, found
-    for noise in ("Loading weights", "FutureWarning", "{'eval_loss'", "Checkpoint successfully created",
-                  "Failed to load CPU gemm_4bit_forward", "SystemExit"):  # fmt: skip
+    for noise in (
+        "Loading weights",
+        "FutureWarning",
+        "{'eval_loss'",
+        "Checkpoint successfully created",
+        "Failed to load CPU gemm_4bit_forward",
+        "SystemExit",
+    ):
         assert noise not in output, noise
     environment = json.loads((experiment / "sweep.json").read_text())["environment"]
     assert environment["packages"]["torch"] and environment["compute_dtype"] in ("float32", "bfloat16")
@@ -162,8 +168,13 @@ def test_console_says_where_the_drivers_start_went(tiny_sweep: tuple[Path, str])
     assert line, output[-3000:]
     parts = re.findall(r"([A-Za-z][A-Za-z ]*?) ([\d.]+) s", line[2])
     assert [name for name, _ in parts] == [
-        "imports", "plan", "Ray", "resources", "base model eval", "searcher and Tune"
-    ]  # fmt: skip
+        "imports",
+        "plan",
+        "Ray",
+        "resources",
+        "base model eval",
+        "searcher and Tune",
+    ]
     seconds = {name: float(value) for name, value in parts}
     assert abs(sum(seconds.values()) - int(line[1])) <= 1
     assert seconds["imports"] > 0.5 and seconds["Ray"] > 0.5  # torch and Ray take seconds to load and start

@@ -102,9 +102,15 @@ def remote_sweep(
 
     # The first driver, killed (with Ray, its process group) once the first trial has ended, which the
     # study in storage shows, and before results.parquet exists.
-    first = subprocess.Popen(command, cwd=workdir, env=command_env(s3_server, first_home),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)  # fmt: skip
+    first = subprocess.Popen(
+        command,
+        cwd=workdir,
+        env=command_env(s3_server, first_home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     killed = False
     deadline = time.time() + 600
     while first.poll() is None and time.time() < deadline:
@@ -116,14 +122,25 @@ def remote_sweep(
         time.sleep(0.5)
     outputs["first"] = first.communicate(timeout=60)[0]
 
-    resumed = subprocess.run([*command, "--resume"], cwd=workdir, env=command_env(s3_server, other_home),
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        [*command, "--resume"],
+        cwd=workdir,
+        env=command_env(s3_server, other_home),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     outputs["resume"] = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, outputs["resume"][-4000:]
     for name, module in (("report", "analysis.report"), ("export", "analysis.export")):
-        done = subprocess.run([sys.executable, "-m", module, URI], cwd=workdir,
-                              env=command_env(s3_server, other_home), capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", module, URI],
+            cwd=workdir,
+            env=command_env(s3_server, other_home),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         outputs[name] = done.stdout + done.stderr
         assert done.returncode == 0, outputs[name][-4000:]
     return RemoteSweep(s3_server, workdir, (first_home, other_home), killed, outputs)

@@ -68,9 +68,12 @@ def test_loraplus_gives_b_ratio_times_the_learning_rate(prepared: PreparedTrial,
     assert all(lr == 1e-3 for n, lr in lr_of.items() if "lora_A" in n)
     assert all(lr == pytest.approx(16e-3) for n, lr in lr_of.items() if "lora_B" in n)
     plain = setup_trial(
-        Hyperparameters(r=4, learning_rate=1e-3), prepared.settings, output_dir=str(tmp_path), device="cpu",
+        Hyperparameters(r=4, learning_rate=1e-3),
+        prepared.settings,
+        output_dir=str(tmp_path),
+        device="cpu",
         callbacks=[],
-    )  # fmt: skip
+    )
     assert plain.optimizer is None  # ratio 1: the trainer builds its usual optimizer
 
 

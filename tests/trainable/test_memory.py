@@ -22,8 +22,16 @@ from trainable.memory import (
 )
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-LLAMA_7B = ModelShape(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, head_dim=128, vocab_size=LLAMA2_VOCAB, tie_word_embeddings=False)  # fmt: skip
+LLAMA_7B = ModelShape(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=128,
+    vocab_size=LLAMA2_VOCAB,
+    tie_word_embeddings=False,
+)
 
 
 def recorded_project_steps() -> list[dict[str, Any]]:
@@ -56,10 +64,16 @@ def inputs_of(row: dict[str, Any]) -> MemoryInputs:
     # The fast path leaves layers unchecked only when it is told the batch's tokens (train.build_trainer is).
     budget = options.get("activation_memory_gib", 0.0) if options.get("tokens_per_batch") else 0.0
     return MemoryInputs(
-        model=LLAMA_7B, r=row["r"], target_modules=ALL_LINEAR if row["targets"] == "all" else QV,
-        batch_size=int(batch_size), longest=longest, largest_batch_tokens=tokens, lora_dropout=0.05,
-        gradient_checkpointing=options.get("gradient_checkpointing", True), activation_memory_gib=budget,
-    )  # fmt: skip
+        model=LLAMA_7B,
+        r=row["r"],
+        target_modules=ALL_LINEAR if row["targets"] == "all" else QV,
+        batch_size=int(batch_size),
+        longest=longest,
+        largest_batch_tokens=tokens,
+        lora_dropout=0.05,
+        gradient_checkpointing=options.get("gradient_checkpointing", True),
+        activation_memory_gib=budget,
+    )
 
 
 ROWS = recorded_project_steps()
@@ -86,12 +100,23 @@ def test_estimate_bounds_the_recorded_7b_trial() -> None:
     # bench/sweep/llama7b-shape.yaml under Tune: the 7B shape with SmolLM2's tokenizer (49,152 tokens), QLoRA's
     # r=64 all-linear dropout 0.1, batches of 4 bundled examples cut to 512 tokens. Its batches were not
     # recorded, so the estimate is taken at their bound (4 x 512 tokens): not below the peak, within 10%.
-    trial = next(json.loads(line) for line in (BENCH / "sweep" / "results" / "sweeps-2026-11-30.jsonl").read_text().splitlines()
-                 if json.loads(line)["label"] == "llama7b")["per_trial"][0]  # fmt: skip
+    trial = next(
+        json.loads(line)
+        for line in (BENCH / "sweep" / "results" / "sweeps-2026-11-30.jsonl").read_text().splitlines()
+        if json.loads(line)["label"] == "llama7b"
+    )["per_trial"][0]
     hparams = trial["hparams"]
     model = dataclasses.replace(LLAMA_7B, vocab_size=49152)
-    estimate = estimate_memory(MemoryInputs(model=model, r=hparams["r"], target_modules=ALL_LINEAR, batch_size=4,
-                                            longest=512, lora_dropout=hparams["lora_dropout"]))  # fmt: skip
+    estimate = estimate_memory(
+        MemoryInputs(
+            model=model,
+            r=hparams["r"],
+            target_modules=ALL_LINEAR,
+            batch_size=4,
+            longest=512,
+            lora_dropout=hparams["lora_dropout"],
+        )
+    )
     assert trial["peak_memory_gib"] <= estimate.allocated_gib <= 1.10 * trial["peak_memory_gib"]
 
 
@@ -125,8 +150,16 @@ def test_padding_free_batch_is_estimated_at_its_real_tokens() -> None:
 
 def test_as_dict_sums_to_the_allocated_peak() -> None:
     terms = base(activation_memory_gib=2.0).as_dict()
-    inside = ("base_weights", "dequant_scales", "embeddings", "lora", "optimizer_states", "checkpointed_inputs",
-              "backward", "workspace")  # fmt: skip
+    inside = (
+        "base_weights",
+        "dequant_scales",
+        "embeddings",
+        "lora",
+        "optimizer_states",
+        "checkpointed_inputs",
+        "backward",
+        "workspace",
+    )
     assert sum(terms[k] for k in inside) == pytest.approx(terms["allocated_gib"], abs=0.01)
     outside = ("paged_optimizer_states", "cuda_context", "allocator_slack")
     assert terms["allocated_gib"] + sum(terms[k] for k in outside) == pytest.approx(
@@ -141,15 +174,25 @@ def test_unchecked_layers_are_counted_as_the_fast_path_counts_them(tiny_llama: P
 
     settings = ModelSettings(name_or_path=str(tiny_llama), quantization="none", compute_dtype="float32")
     lora = Hyperparameters(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1)
-    model = build_lora_model(load_base_model(str(tiny_llama), settings, device="cpu"), lora,
-                             gradient_checkpointing=True)  # fmt: skip
+    model = build_lora_model(
+        load_base_model(str(tiny_llama), settings, device="cpu"), lora, gradient_checkpointing=True
+    )
     shape = load_model_shape(tiny_llama)
     tokens = 4 * 300
     one_layer_gib = 2 * (8 * 64 + 3 * 128 + 6 * 64 + 128) * tokens / 2**30  # fast.activation_bytes_per_token
     budget = 1.5 * one_layer_gib
     counted = uncheckpoint_layers(model.get_base_model(), budget_gib=budget, tokens_per_batch=tokens)
-    estimate = estimate_memory(MemoryInputs(model=shape, r=4, target_modules=ALL_LINEAR, batch_size=4,
-                                            longest=300, lora_dropout=0.1, activation_memory_gib=budget))  # fmt: skip
+    estimate = estimate_memory(
+        MemoryInputs(
+            model=shape,
+            r=4,
+            target_modules=ALL_LINEAR,
+            batch_size=4,
+            longest=300,
+            lora_dropout=0.1,
+            activation_memory_gib=budget,
+        )
+    )
     assert counted == estimate.unchecked_layer_count == 1
 
 
@@ -158,8 +201,14 @@ def test_model_shape_comes_from_config_json(tiny_llama: Path, tmp_path: Path) ->
     assert (shape.hidden_size, shape.num_hidden_layers, shape.num_key_value_heads) == (64, 2, 2)
     assert shape.tie_word_embeddings and shape.head_dim == 16
     # The parameter count the estimate uses is the model's own (tied: embeddings counted once).
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(config)
     shape = ModelShape.from_config(model.config.to_dict())
     linear = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight"))

@@ -25,8 +25,13 @@ def test_a_row_has_a_column_for_every_report_field_and_hyperparameter() -> None:
 
 
 def test_the_table_ranks_usable_trials_first_then_by_best_eval_loss() -> None:
-    rows = [trial_result("slow", 0.9), trial_result("crashed", 0.1, status="error"), trial_result("none", math.nan),
-            trial_result("best", 0.5), trial_result("stopped", 0.7, status="stopped")]  # fmt: skip
+    rows = [
+        trial_result("slow", 0.9),
+        trial_result("crashed", 0.1, status="error"),
+        trial_result("none", math.nan),
+        trial_result("best", 0.5),
+        trial_result("stopped", 0.7, status="stopped"),
+    ]
     table = results_table(rows)
     assert list(table["trial_id"]) == ["best", "stopped", "slow", "crashed", "none"]
     assert list(table["rank"]) == [1, 2, 3, 4, 5]
@@ -51,14 +56,21 @@ def test_sweep_json_round_trips_and_names_what_it_lacks() -> None:
     older = {k: v for k, v in summary.to_json().items() if k != "base_eval_loss"}  # before it was measured
     assert SweepSummary.from_json(older, source="s").base_eval_loss is None
     with pytest.raises(ValueError, match=r"^exp/sweep\.json: no fingerprint, environment; "):
-        SweepSummary.from_json({k: v for k, v in older.items() if k not in ("fingerprint", "environment")},
-                               source="exp/sweep.json")  # fmt: skip
+        SweepSummary.from_json(
+            {k: v for k, v in older.items() if k not in ("fingerprint", "environment")},
+            source="exp/sweep.json",
+        )
 
 
 def test_the_cost_in_words() -> None:
-    gpu = results_table([trial_result("a", gpu_seconds=1800.0, wall_time_s=3600.0, last=TrialReport(gpu_share=0.5)),
-                         trial_result("b", gpu_seconds=1800.0, wall_time_s=3600.0, cost_usd=2.0,
-                                      last=TrialReport(gpu_share=0.5))])  # fmt: skip
+    gpu = results_table(
+        [
+            trial_result("a", gpu_seconds=1800.0, wall_time_s=3600.0, last=TrialReport(gpu_share=0.5)),
+            trial_result(
+                "b", gpu_seconds=1800.0, wall_time_s=3600.0, cost_usd=2.0, last=TrialReport(gpu_share=0.5)
+            ),
+        ]
+    )
     assert describe_cost(gpu) == "1 GPU-hours over 2 trial-hours, $2.00"
     cpu = results_table([trial_result("a", wall_time_s=1800.0)])
     assert describe_cost(cpu) == "CPU trials: 0 GPU-hours, 0.5 trial-hours"
