@@ -57,6 +57,8 @@ TEST_NAMES = {"mcnemar": "McNemar", "paired_bootstrap": "paired bootstrap"}
 
 def baseline_trials(results: pd.DataFrame) -> dict[str, str]:
     """{trial id: the baseline's name (sweeps.baselines)} of the sweep's baseline trials."""
+    if ORIGIN not in results or BASELINE_NAME not in results:  # a table of the trials alone, as in a test
+        return {}
     rows = results[results[ORIGIN] == BASELINE]
     return {str(t): str(name) for t, name in zip(rows[TRIAL_ID], rows[BASELINE_NAME], strict=True)}
 

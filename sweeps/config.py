@@ -51,8 +51,9 @@ class SearchSettings:
     space: dict[str, dict[str, list[Any]]] = field(default_factory=lambda: dict(DEFAULT_SPACE))
     # The trials a sweep has to beat, run first, never stopped early, always among the report's finalists
     # (sweeps/baselines.py): QLoRA's recipe and the calibrated default, each restricted to the searched keys
-    # (the others take the `lora` section's values). [] for none.
-    baselines: list[BaselineName] = field(default_factory=lambda: list(BASELINES))
+    # (the others take the `lora` section's values). auto: both, or for a single-trial sweep the calibrated
+    # default alone (the one trial is then the default a user would train). [] for none.
+    baselines: Literal["auto"] | list[BaselineName] = "auto"
     # More hand-picked first trials, after the baselines; each must fit in num_samples.
     initial_points: list[dict[str, Any]] = field(default_factory=list)
     # Optuna's TPE sampler: the same seed (and results) give the same suggestions; another seed, another sweep.
@@ -119,13 +120,20 @@ class SweepConfig:
     search: SearchSettings = field(default_factory=SearchSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
 
+    @property
+    def baseline_names(self) -> list[BaselineName]:
+        """search.baselines, with "auto" resolved for this sweep's size."""
+        if self.search.baselines != "auto":
+            return list(self.search.baselines)
+        return list(BASELINES) if self.search.num_samples > 1 else ["calibrated"]
+
     def starting_points(self, calibrated_lr: float | None) -> list[StartingPoint]:
         """The trials the searcher runs before it samples: the baselines (each restricted to the searched
         keys; one that sets none of them is left out), then search.initial_points, each completed with the
         `lora` section's values. `calibrated_lr`: the model's calibrated learning rate (sweeps.baselines);
         None before the model is known (the calibrated baseline's learning rate is then NaN)."""
         points = []
-        for name in self.search.baselines:
+        for name in self.baseline_names:
             values = QLORA_RECIPE if name == "qlora" else calibrated_point(calibrated_lr or math.nan)
             searched = {k: v for k, v in values.items() if k in self.search.space}
             if searched:
@@ -197,7 +205,7 @@ def validate_config(
                 origin,
                 [
                     "search.start_with_qlora_recipe: replaced by search.baselines, the trials a sweep has to beat "
-                    f"(default [{', '.join(BASELINES)}]); write search.baselines=[qlora] for the QLoRA recipe alone, "
+                    f"(default auto: [{', '.join(BASELINES)}]); write search.baselines=[qlora] for the QLoRA recipe alone, "
                     "search.baselines=[] for none"
                 ],
             )

@@ -155,7 +155,8 @@ def configuration_estimates(config: SweepConfig, memory: TrialMemory) -> list[Me
     (trainable.settings.MEMORY_COSTS) at the largest value the space allows, or at each of its choices; one
     estimate per combination of the latter (target_modules: one per value). Those not searched take the
     `lora` section's value."""
-    dimensions = parse_space(config.search.space)
+    space = config.search.space
+    dimensions = parse_space({name: space[name] for name in MEMORY_COSTS if name in space})
     largest: dict[str, Any] = {}
     each: dict[str, list[Any]] = {}
     for name, cost in MEMORY_COSTS.items():

@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
     import ray
 
-    from sweeps.config import SearchSettings
+    from sweeps.config import SearchSettings, SweepConfig
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per replay's new study
     settings = parse_settings(args.search)
@@ -714,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             "startup_trials": search.startup_trials,
             "grace_period": search.grace_period,
             "reduction_factor": search.reduction_factor,
-            "baselines": search.baselines,
+            "baselines": SweepConfig(name="replay", search=search).baseline_names,
         },
     }
     lines = [header, *({"kind": "curve", **dataclasses.asdict(c)} for c in curves), *summary]

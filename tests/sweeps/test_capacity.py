@@ -121,7 +121,7 @@ def write_config(tmp_path: Path, model: Path) -> Path:
         "search": {
             "num_samples": 1,
             "scheduler": "none",
-            "start_with_qlora_recipe": False,
+            "baselines": [],
             "space": {"r": {"choice": [4, 8]}},
         },
         "report": {"enabled": False},

@@ -112,7 +112,7 @@ def test_a_trial_no_node_of_a_gpu_cluster_holds_is_refused_without_waiting(
         "search": {
             "num_samples": 1,
             "scheduler": "none",
-            "start_with_qlora_recipe": False,
+            "baselines": [],
             "space": {"r": {"choice": [4, 8]}},
         },
     }

@@ -258,3 +258,17 @@ def test_a_point_that_leaves_out_searched_keys_takes_the_lora_sections_values() 
         "search.initial_points[0].lora_alpha: left out, so lora.lora_alpha (64), which lies outside "
         "search.space.lora_alpha; give lora_alpha in the point or set lora.lora_alpha" in str(err.value)
     )
+
+
+def test_auto_baselines_are_both_for_a_sweep_and_the_calibrated_default_for_one_trial() -> None:
+    """A config that sets nothing validates: a single trial is the calibrated default, a sweep of several
+    runs both baselines first; an explicit list is taken as given."""
+    assert validate_config({"name": "x"}).baseline_names == ["calibrated"]
+    assert points(validate_config({"name": "x"})) == [calibrated_point(LR)]
+    assert validate_config({"name": "x", "search": {"num_samples": 2}}).baseline_names == [
+        "qlora",
+        "calibrated",
+    ]
+    assert validate_config(
+        {"name": "x", "search": {"baselines": ["qlora"], "num_samples": 3}}
+    ).baseline_names == ["qlora"]

@@ -168,7 +168,7 @@ def test_rechecks_train_the_best_configuration_with_new_seeds(resumed_sweep: dic
     assert set(search["seed"]) == {42} and sorted(rechecks["seed"]) == [43, 44]  # train.seed + 1, + 2
     for row in rechecks.itertuples():
         assert {k: getattr(row, k) for k in HYPERPARAMETERS} == {k: best[k] for k in HYPERPARAMETERS}
-        assert row.config_id == best["trial_id"] and row.steps == TRAIN["max_steps"]
+        assert row.config_id == best["trial_id"] and row.step == TRAIN["max_steps"]
     assert list(search["config_id"]) == list(search["trial_id"])
     # New seeds train differently: three runs of one configuration, three different eval curves.
     curves = {tuple(h) for h in table[table["config_id"] == best["trial_id"]]["eval_history"]}
