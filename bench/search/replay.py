@@ -156,8 +156,9 @@ def table_from_experiment(path: str | Path) -> Table:
     rows = []
     for _, trial in done.iterrows():
         history = [float(x) for x in trial["eval_history"]]
-        # GPU-seconds of the trial, spread evenly over its evaluations: the table has no finer timing.
-        seconds = float(trial["gpu_seconds"])
+        # GPU-seconds of the trial, spread evenly over its evaluations: the table has no finer timing. A table
+        # recorded on CPUs (no GPU-seconds) takes each trial's wall time, its cost on the same machine.
+        seconds = float(trial["gpu_seconds"]) or float(trial["wall_time_s"])
         rows.append(
             TableRow(
                 hyperparameters={name: _plain(trial[name]) for name in space},
