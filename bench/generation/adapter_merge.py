@@ -15,45 +15,29 @@ ms per forward pass of each model.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault(
-    "OMP_WAIT_POLICY", "PASSIVE"
-)  # as python -m analysis.report sets it (its main says why)
-
-import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from analysis import report
-from analysis.experiment import load_experiment
 from analysis.generate import BASE, Candidate, Prompt
 from analysis.score import score_generations
-from analysis.seeds import pool_seeds
-from analysis.settings import GenerationSettings, load_report_settings
+from analysis.settings import GenerationSettings
+from bench.generation.cpu_case import load_case
 from bench.records import append_jsonl, spread
 from trainable.hardware import describe_cpu
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    experiment = load_experiment(args.experiment)
-    settings = load_report_settings(experiment, ())
-    candidates = report.select_finalists(pool_seeds(experiment.results), settings.top_k)
-    prompts = report.build_prompt_set(experiment, settings).prompts
+    case = load_case(__doc__.split("\n\n")[0], argv)
+    experiment, settings, candidates, prompts = case.experiment, case.settings, case.candidates, case.prompts
     # Untimed: the first load of the model and libraries in this process, which would count against one mode.
     report.generate_answers(experiment, candidates, prompts[:1], settings, device="cpu", merge_adapters=True)
     runs: list[dict[str, Any]] = []
     answers: dict[bool, list[list[str]]] = {False: [], True: []}
-    for repeat in range(args.repeats):
+    for repeat in range(case.repeats):
         for merge in (False, True):
             start = time.perf_counter()
             generations, timing = report.generate_answers(
@@ -127,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         "answers": len(reference),
         "cpu": describe_cpu(),
     }
-    fixed = fixed_length_runs(experiment, candidates, prompts, settings.generation, repeats=args.repeats)
+    fixed = fixed_length_runs(experiment, candidates, prompts, settings.generation, repeats=case.repeats)
     for name in ("base", "attached", "merged"):
         summary[f"fixed_length_{name}_ms_per_step"] = spread(
             [r["ms_per_step"] for r in fixed if r["model"] == name]
         )
     print(json.dumps(summary), flush=True)
-    append_jsonl(args.out, [*runs, *fixed, summary])
+    append_jsonl(case.out, [*runs, *fixed, summary])
     return 0
 
 

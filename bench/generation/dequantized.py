@@ -12,41 +12,24 @@ pairs, and whether every answer was the same in both modes.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault(
-    "OMP_WAIT_POLICY", "PASSIVE"
-)  # as python -m analysis.report sets it (its main says why)
-
-import argparse
 import contextlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
 from analysis import report
-from analysis.experiment import load_experiment
-from analysis.seeds import pool_seeds
-from analysis.settings import load_report_settings
+from bench.generation.cpu_case import load_case
 from bench.records import append_jsonl, spread
 from trainable.hardware import describe_cpu
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    experiment = load_experiment(args.experiment)
-    settings = load_report_settings(experiment, ())
-    candidates = report.select_finalists(pool_seeds(experiment.results), settings.top_k)
-    prompts = report.build_prompt_set(experiment, settings).prompts
+    case = load_case(__doc__.split("\n\n")[0], argv)
+    experiment, settings, candidates, prompts = case.experiment, case.settings, case.candidates, case.prompts
     runs: list[dict[str, Any]] = []
     answers: dict[bool, list[list[str]]] = {False: [], True: []}
-    for repeat in range(args.repeats):
+    for repeat in range(case.repeats):
         for dequantize in (False, True):
             # The 4-bit run: the report's code with its dequantizing step left out.
             keep_4bit = mock.patch.object(
@@ -82,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": describe_cpu(),
     }
     print(json.dumps(summary), flush=True)
-    append_jsonl(args.out, [*runs, summary])
+    append_jsonl(case.out, [*runs, summary])
     return 0
 
 
