@@ -12,10 +12,14 @@ every file it lists is there with that size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray.tune import Checkpoint
 
 TRIAL_STATE = "trial_state.json"
 TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: global_step and the log
@@ -100,3 +104,48 @@ def find_stored_checkpoints(
         if whole and state.files and "step" in state.report:
             complete.append(StoredCheckpoint(index=stored_index(name), path=path, state=state))
     return max(map(stored_index, sizes), default=-1), complete
+
+
+def catch_up_with_storage(trial_id: str) -> Checkpoint | None:
+    """In a trial Tune runs: the checkpoint to resume from (None for a new trial): the one Tune restores, or a newer complete one the trial saved in storage, which Tune never
+    recorded (the driver was killed first, or this trial's process between the copy and the report). Those
+    are reported to Tune again first, each as it was sent, with a copy of its folder, so that Tune's history,
+    its best checkpoint and the searcher see the trial as if nothing had stopped; the trial then continues
+    from the newest, training no step twice."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    storage = tune.get_context().get_storage()  # the trial's folder in storage, and Tune's next number in it
+    # Checkpoints the trial saved after the one Tune restores it from: Tune never recorded them (the driver
+    # was killed first, or this trial's process between the copy and the report).
+    known = stored_index(checkpoint.path) if checkpoint is not None else -1
+    highest, unrecorded = find_stored_checkpoints(
+        storage.storage_filesystem, storage.trial_fs_path, after=known
+    )
+    # Tune numbers a trial's checkpoint folders on from its saved state: number on from the highest folder
+    # the trial has, so that no folder is written into twice (one cut short by the kill included).
+    storage.current_checkpoint_index = max(storage.current_checkpoint_index, highest)
+    if unrecorded:
+        steps = ", ".join(str(c.step) for c in unrecorded)
+        print(
+            f"trial {trial_id}: continues from its step-{unrecorded[-1].step} checkpoint, which Tune had not "
+            f"recorded; the reports of steps {steps} are sent again",
+            flush=True,
+        )
+    for missed in unrecorded:
+        checkpoint = tune.Checkpoint(missed.path, filesystem=storage.storage_filesystem)
+        tune.report(missed.state.report, checkpoint=checkpoint)
+    return checkpoint
+
+
+def keep_adapter_dtypes_on_resume(model: Any) -> None:
+    """Have the trainer load a checkpoint's adapter into the dtypes it trains in, as it saved them.
+
+    trl casts the LoRA weights on a quantized base to bf16 (QLoRA's recipe); transformers resumes by
+    calling peft's load_adapter, which upcasts a bf16 or fp16 adapter to float32 unless told not to. A
+    resumed trial then trained in float32 where an uninterrupted one trains in bf16, and from the first
+    step after the resume its losses drifted away from the uninterrupted run's. With the weights in bf16
+    the optimizer's state loads as it was saved too: torch's AdamW casts it to the weights' dtype, the one
+    it was saved in; bitsandbytes' 32-bit optimizers keep theirs in float32 whatever the weights'.
+    """
+    model.load_adapter = functools.partial(model.load_adapter, autocast_adapter_dtype=False)

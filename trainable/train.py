@@ -14,7 +14,7 @@ in a TorchTrainer without changing it.
 
 A trial here is set up, its trainer built, run, and its evaluations reported. Beside it: the process it runs
 in, which Tune may reuse (trainable/worker.py), the callback that reports to Tune (trainable/reporter.py),
-the checkpoint folder and the checkpoints a restarted trial finds in storage (trainable/checkpoint.py), and
+the checkpoint folder and what a restarted trial resumes from (trainable/checkpoint.py), and
 the faults a test may inject (trainable/inject_faults.py).
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import shutil
@@ -35,7 +34,12 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, set_seed
 
-from trainable.checkpoint import checkpoint_step, find_stored_checkpoints, load_trial_state, stored_index
+from trainable.checkpoint import (
+    catch_up_with_storage,
+    checkpoint_step,
+    keep_adapter_dtypes_on_resume,
+    load_trial_state,
+)
 from trainable.evaluate import evaluate_base
 from trainable.hardware import resolve_compute_dtype
 from trainable.inject_faults import InjectFaults
@@ -202,19 +206,6 @@ def setup_trial(
     return trainer
 
 
-def keep_adapter_dtypes_on_resume(model: Any) -> None:
-    """Have the trainer load a checkpoint's adapter into the dtypes it trains in, as it saved them.
-
-    trl casts the LoRA weights on a quantized base to bf16 (QLoRA's recipe); transformers resumes by
-    calling peft's load_adapter, which upcasts a bf16 or fp16 adapter to float32 unless told not to. A
-    resumed trial then trained in float32 where an uninterrupted one trains in bf16, and from the first
-    step after the resume its losses drifted away from the uninterrupted run's. With the weights in bf16
-    the optimizer's state loads as it was saved too: torch's AdamW casts it to the weights' dtype, the one
-    it was saved in; bitsandbytes' 32-bit optimizers keep theirs in float32 whatever the weights'.
-    """
-    model.load_adapter = functools.partial(model.load_adapter, autocast_adapter_dtype=False)
-
-
 def run_trial(
     searched: dict[str, Any], settings: TrialSettings, *, send: ReportSink, resume_from: str | None = None
 ) -> None:
@@ -327,30 +318,7 @@ def train_trial(hparams: dict[str, Any], *, settings: TrialSettings) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
 
-    checkpoint = tune.get_checkpoint()
-    storage = tune.get_context().get_storage()  # the trial's folder in storage, and Tune's next number in it
-    # Checkpoints the trial saved after the one Tune restores it from: Tune never recorded them (the driver
-    # was killed first, or this trial's process between the copy and the report).
-    known = stored_index(checkpoint.path) if checkpoint is not None else -1
-    highest, unrecorded = find_stored_checkpoints(
-        storage.storage_filesystem, storage.trial_fs_path, after=known
-    )
-    # Tune numbers a trial's checkpoint folders on from its saved state: number on from the highest folder
-    # the trial has, so that no folder is written into twice (one cut short by the kill included).
-    storage.current_checkpoint_index = max(storage.current_checkpoint_index, highest)
-    if unrecorded:
-        steps = ", ".join(str(c.step) for c in unrecorded)
-        print(
-            f"trial {trial_id}: continues from its step-{unrecorded[-1].step} checkpoint, which Tune had not "
-            f"recorded; the reports of steps {steps} are sent again",
-            flush=True,
-        )
-    # Each is reported again as it was sent, with a copy of its folder, so that Tune's history, its best
-    # checkpoint and the searcher see the trial as if nothing had stopped; the trial continues from the
-    # newest, training no step twice.
-    for missed in unrecorded:
-        checkpoint = tune.Checkpoint(missed.path, filesystem=storage.storage_filesystem)
-        tune.report(missed.state.report, checkpoint=checkpoint)
+    checkpoint = catch_up_with_storage(trial_id)
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None) as resume_from:
         run_trial(hparams, settings, send=report, resume_from=resume_from)
 
