@@ -345,6 +345,8 @@ def recommend(board: pd.DataFrame, paired: pd.DataFrame | None, *, rank_by: Sequ
             f"Recommended: trial {name} (#1). No baseline finished to compare with ({statuses}); the search "
             f"cost {cost}."
         ]
+    elif name == best and len(trials) == len(baselines):
+        text = [f"Recommended: {baseline(best)}. The sweep trained its baselines only (no search ran)."]
     elif name == best:
         text = [
             f"Recommended: the best baseline, {baseline(best)}: no finalist of the search is measurably "

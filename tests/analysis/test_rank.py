@@ -297,6 +297,18 @@ def test_without_a_baseline_the_recommendation_says_so() -> None:
     assert "Against the base model: +30.0 points" in text
 
 
+def test_a_sweep_of_its_baseline_alone_recommends_it_without_a_search_cost() -> None:
+    # The local sweep: one trial, the calibrated default.
+    results = results_table([("c", "completed", 1.0)], baselines={"c": "calibrated"})
+    board, paired = board_for(results, held_out_answers({"c": 100, "base": 10}))
+    text = recommend(board, paired, rank_by=["exact_match"])
+    assert text.startswith(
+        "Recommended: the calibrated default (trial c). The sweep trained its baselines only (no search "
+        "ran). Against the base model: +30.0 points"
+    )
+    assert "search cost" not in text
+
+
 def test_the_baseline_trials_are_always_finalists() -> None:
     results = results_table(
         [
