@@ -20,7 +20,7 @@ echo "wall time of 'make sweep' from a fresh clone: $((end - start)) s (setup, m
 import sys
 import pandas as pd
 row = pd.read_parquet(sys.argv[1]).iloc[0]
-print(f"status {row.status}, steps {row.steps}, base eval loss {row.base_eval_loss:.3f}, "
+print(f"status {row.status}, steps {row.step}, base eval loss {row.base_eval_loss:.3f}, "
       f"best eval loss {row.best_eval_loss:.3f} (margin {row.base_eval_loss - row.best_eval_loss:.3f}), "
       f"train tokens/s {row.tokens_per_s:.0f}, peak memory {row.peak_memory_gib:.2f} GiB, "
       f"trial wall time {row.wall_time_s:.0f} s")
