@@ -80,6 +80,28 @@ def bad_config(tmp_path: Path, tiny_llama: Path) -> Path:
     return path
 
 
+def tiny_sweep(tmp_path: Path, tiny_llama: Path, name: str) -> Path:
+    """One trial of two steps on the tiny model (no baselines, no scheduler, no report): the smallest sweep
+    that runs end to end, as tmp_path/<name>.yaml."""
+    config = {
+        "name": name,
+        "storage_path": str(tmp_path / "experiments"),
+        "model": {"name_or_path": str(tiny_llama), "gradient_checkpointing": False},
+        "data": {"max_length": 128, "max_train_examples": 32, "max_eval_examples": 4},
+        "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2},
+        "search": {
+            "num_samples": 1,
+            "scheduler": "none",
+            "baselines": [],
+            "space": {"r": {"choice": [4, 8]}},
+        },
+        "report": {"enabled": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def assert_resumed_from_checkpoints(progress: pd.DataFrame, history: pd.DataFrame, *, max_steps: int) -> None:
     """A trial's progress.csv rows and its history as the analysis reads it (analysis.experiment
     .load_histories), after crashes or driver kills: every restart (a row whose retries went up) began at

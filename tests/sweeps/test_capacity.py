@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from sweeps.capacity import ClusterView, Node, TrialRequest, describe_nodes, judge_capacity, wait_for_capacity
 from sweeps.config import ConfigError
 from sweeps.run import main
+from tests.conftest import tiny_sweep
 
 GPU_TRIAL = TrialRequest(cpus=4, gpus=1, gpus_setting=1)
 HEAD = Node(cpus=4, gpus=0)  # a CPU head, as cluster.yaml's
@@ -111,26 +111,6 @@ def cpu_only_ray():
     ray.shutdown()
 
 
-def write_config(tmp_path: Path, model: Path) -> Path:
-    config = {
-        "name": "tiny",
-        "storage_path": str(tmp_path / "experiments"),
-        "model": {"name_or_path": str(model), "gradient_checkpointing": False},
-        "data": {"max_length": 128, "max_train_examples": 32, "max_eval_examples": 4},
-        "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2},
-        "search": {
-            "num_samples": 1,
-            "scheduler": "none",
-            "baselines": [],
-            "space": {"r": {"choice": [4, 8]}},
-        },
-        "report": {"enabled": False},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 CPU_ONLY_CASES = {
     "a GPU": (
         ["search.gpus_per_trial=1"],
@@ -160,7 +140,7 @@ def test_a_trial_a_cpu_only_cluster_cannot_hold_is_refused_without_waiting(
 ) -> None:
     overrides, message = CPU_ONLY_CASES[case]
     start = time.monotonic()
-    assert main(["--config", str(write_config(tmp_path, tiny_llama)), *overrides]) == 2
+    assert main(["--config", str(tiny_sweep(tmp_path, tiny_llama, "tiny")), *overrides]) == 2
     seconds = time.monotonic() - start
     out, err = capsys.readouterr()
     assert err.strip().splitlines()[-1] == f"error: {message}"
@@ -175,7 +155,7 @@ def test_a_trial_a_cpu_only_cluster_cannot_hold_is_refused_without_waiting(
 def test_a_refused_sweep_resumes_once_the_key_is_fixed(
     cpu_only_ray: None, tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = str(write_config(tmp_path, tiny_llama))
+    config = str(tiny_sweep(tmp_path, tiny_llama, "tiny"))
     assert main(["--config", config, "search.gpus_per_trial=1"]) == 2
     assert "error: search.gpus_per_trial=1:" in capsys.readouterr().err
     (experiment,) = (tmp_path / "experiments").iterdir()

@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.conftest import tiny_sweep
+
 
 @pytest.fixture
 def two_node_cluster():
@@ -103,21 +105,7 @@ def test_a_trial_no_node_of_a_gpu_cluster_holds_is_refused_without_waiting(
     from sweeps.run import main
 
     monkeypatch.setenv("RAY_ADDRESS", gpu_worker_cluster.address)
-    config = {
-        "name": "cluster",
-        "storage_path": str(tmp_path / "experiments"),
-        "model": {"name_or_path": str(tiny_llama), "gradient_checkpointing": False},
-        "data": {"max_length": 128, "max_train_examples": 32, "max_eval_examples": 4},
-        "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2},
-        "search": {
-            "num_samples": 1,
-            "scheduler": "none",
-            "baselines": [],
-            "space": {"r": {"choice": [4, 8]}},
-        },
-    }
-    path = tmp_path / "cluster.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = tiny_sweep(tmp_path, tiny_llama, "cluster")
     nodes = "this cluster has 2 nodes: 2 CPUs, 0 GPUs; 1 CPU, 1 GPU, and no autoscaler that could add a node"
     cases = {
         # Each node has 2 CPUs or a GPU, none both.
