@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from bench.recipes import LLAMA2_VOCAB, SHAPES
 from sweeps.config import validate_config
 from sweeps.resources import worker_reuse_problem
 from trainable.memory import ModelShape, TrialMemory
@@ -99,16 +100,7 @@ SMOLLM2_135M = ModelShape(
     vocab_size=49152,
     tie_word_embeddings=True,
 )
-LLAMA_7B = ModelShape(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    head_dim=128,
-    vocab_size=32000,
-    tie_word_embeddings=False,
-)
+LLAMA_7B = ModelShape.from_config(SHAPES["7b"].config(vocab_size=LLAMA2_VOCAB).to_dict())
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
