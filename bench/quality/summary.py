@@ -1,12 +1,13 @@
 """The quality benchmark's table: for each finished sweep of bench/quality/quality.yaml, what its report found.
 
-    python -m bench.quality.summary experiments/quality-bundled-* experiments/quality-sst2-* \
+    python -m bench.quality.summary experiments/quality-bundled-* experiments/quality-dm_math-* \
         --out bench/quality/results/quality-<date>.jsonl
 
 One JSON line per experiment, and the Markdown table docs/report.md shows: the held-out test prompts scored,
-exact match (95% interval) of the base model, each baseline, the #1 and the most accurate trial of the sweep,
-the #1 against the best baseline (difference, 95% interval, McNemar p), and the GPU-hours of the baselines
-and of the search beyond them. Everything is read from the experiment folder (leaderboard.parquet,
+exact match (95% interval) of the base model, each baseline, the #1 and the most accurate finalist (only
+finalists are scored), the calibrated default against QLoRA's recipe and the search's best finalist against
+the best baseline (difference, 95% interval, McNemar p), and the GPU-hours of the baselines and of the
+search beyond them. Everything is read from the experiment folder (leaderboard.parquet,
 paired_tests.parquet, results.parquet) as the report wrote it.
 """
 
