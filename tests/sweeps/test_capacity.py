@@ -75,30 +75,55 @@ def test_nodes_are_described_by_their_cpus_and_gpus_alike_ones_counted() -> None
     assert describe_nodes(()) == "no live node"
 
 
-def test_the_wait_ends_when_a_node_joins_and_says_why_it_waited() -> None:
+class FakeClock:
+    """time.monotonic and time.sleep for sweeps.capacity: sleeping moves the clock on, nothing waits."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr("sweeps.capacity.time.monotonic", fake.monotonic)
+    monkeypatch.setattr("sweeps.capacity.time.sleep", fake.sleep)
+    return fake
+
+
+def test_the_wait_ends_when_a_node_joins_and_says_why_it_waited(clock: FakeClock) -> None:
     views = iter([ClusterView((HEAD,), "autoscaler", activity="launching 1 gpu_spot")] * 3)
     joined = ClusterView((HEAD, Node(cpus=8, gpus=1)), "autoscaler")
     said: list[str] = []
     waited = wait_for_capacity(
-        GPU_TRIAL, limit_s=30, look=lambda: next(views, joined), say=said.append, poll_s=0.01, say_every_s=30
+        GPU_TRIAL, limit_s=30, look=lambda: next(views, joined), say=said.append, poll_s=10, say_every_s=60
     )
-    assert waited < 5
-    assert len(said) == 2, said  # when it began waiting (not at every look), and when the node came
-    assert said[0].startswith("resources: waiting for a node with 4 CPUs and 1 GPU for the trials")
-    assert said[1].startswith("resources: a node for the trials is there after")
+    assert waited == 30  # three looks without the node, a poll after each, then the node
+    assert said == [
+        "resources: waiting for a node with 4 CPUs and 1 GPU for the trials: no node has a GPU (this cluster "
+        "has 1 node: 4 CPUs, 0 GPUs); the autoscaler may add one (launching 1 gpu_spot); 0 s of 30 s "
+        "(search.resource_wait_s)",
+        "resources: a node for the trials is there after 30 s",
+    ]  # when it began waiting (not at every look), and when the node came
 
 
-def test_the_wait_gives_up_after_the_limit_saying_so_at_every_interval() -> None:
+def test_the_wait_gives_up_after_the_limit_saying_so_at_every_interval(clock: FakeClock) -> None:
     view = ClusterView((HEAD,), "autoscaler", activity="launching 1 gpu_spot")
     said: list[str] = []
-    start = time.monotonic()
-    with pytest.raises(ConfigError, match=r"the autoscaler added none in 1 s \(search.resource_wait_s\)"):
+    looks = iter([view] * 100)  # a wait that never gives up ends here, on StopIteration
+    with pytest.raises(ConfigError, match=r"the autoscaler added none in 100 s \(search.resource_wait_s\)"):
         wait_for_capacity(
-            GPU_TRIAL, limit_s=1, look=lambda: view, say=said.append, poll_s=0.05, say_every_s=0.3
+            GPU_TRIAL, limit_s=100, look=lambda: next(looks), say=said.append, poll_s=5, say_every_s=30
         )
-    assert 1 <= time.monotonic() - start < 5
-    assert 3 <= len(said) <= 5, said  # at 0 s, then about every 0.3 s
-    assert all("waiting for a node" in line for line in said)
+    assert clock.now == 100  # the look at 100 s refuses, none later
+    assert [line.split("; ")[-1] for line in said] == [
+        f"{t} s of 100 s (search.resource_wait_s)" for t in (0, 30, 60, 90)
+    ]
 
 
 @pytest.fixture(scope="module")
