@@ -73,16 +73,8 @@ def test_make_model_writes_a_tiny_checkpoint_with_the_default_models_tokenizer_o
     from transformers import AutoConfig, AutoTokenizer
 
     out = tmp_path / "tiny"
-    run_main(
-        "bench.make_model",
-        "--shape",
-        "tiny",
-        "--tokenizer",
-        "smollm2",
-        "--out",
-        str(out),
-        monkeypatch=monkeypatch,
-    )
+    args = ("--shape", "tiny", "--tokenizer", "smollm2", "--out", str(out))
+    run_main("bench.make_model", *args, monkeypatch=monkeypatch)
     config = AutoConfig.from_pretrained(out)
     assert (config.hidden_size, config.num_hidden_layers) == (64, 2)  # bench.recipes.SHAPES["tiny"]
     assert (
@@ -92,16 +84,7 @@ def test_make_model_writes_a_tiny_checkpoint_with_the_default_models_tokenizer_o
     )
     weights = out / "model.safetensors"
     written = weights.stat().st_mtime_ns
-    run_main(
-        "bench.make_model",
-        "--shape",
-        "tiny",
-        "--tokenizer",
-        "smollm2",
-        "--out",
-        str(out),
-        monkeypatch=monkeypatch,
-    )
+    run_main("bench.make_model", *args, monkeypatch=monkeypatch)
     assert weights.stat().st_mtime_ns == written  # kept, not made again
 
 
