@@ -1,6 +1,7 @@
 """The baselines a sweep has to beat: what a user would train without it, each trained in full.
 
-    search: {baselines: [qlora, calibrated]}    # the default; [] for none
+    search: {baselines: [qlora, calibrated]}    # what the default, auto, runs in a sweep of several trials
+    search: {baselines: []}                     # none; a single trial's auto is [calibrated]
 
 - `qlora`: the QLoRA paper's recipe for 7B-13B models (Dettmers et al. 2023, arXiv:2305.14314, sec. 4 and
   appendix B): r 64, alpha 16, every linear layer, learning rate 2e-4, dropout 0.1.
